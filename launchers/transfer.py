@@ -1,0 +1,7 @@
+"""Run a SemAlign transfer: python launchers/transfer.py --config launchers/configs/tiny.yaml --output-dir DIR"""
+import sys
+
+from semalign_ds.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

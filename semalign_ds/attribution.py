@@ -1,0 +1,30 @@
+"""Layer attribution on the source: layer gradient x activation (METHOD.md, section 1).
+
+score(l) = mean over examples of | sum over loss positions and channels of h^(l) * dL/dh^(l) |, where L is the
+example's mean cross-entropy on its loss positions. Only activation gradients are taken; parameters stay frozen.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def batch_scores(adapter, ids, attn, loss_mask, head_weight, runner=None):
+    """Per-example scores [B, L] for one right-padded batch; head_weight: [V, d] (padding rows trimmed)."""
+    states = adapter.hidden_states(ids, attn, grad=True, runner=runner)[1:]
+    h = states[-1]
+    x = adapter.norm(h)[loss_mask]
+    targets = ids[:, 1:][loss_mask[:, :-1]]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    logits = (x @ head_weight.T).to(acc)
+    # the softmax tail of real LM logits is denormal floats, several times slower in the matmul of the backward
+    logits.register_hook(lambda g: g.masked_fill(g.abs() < 1e-30, 0.0))
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    rows = loss_mask.nonzero()[:, 0]
+    counts = loss_mask.sum(1).clamp(min=1)
+    # the sum over examples of their mean CE: each example's gradient is its own mean's gradient
+    loss = (ce / counts[rows]).sum()
+    grads = torch.autograd.grad(loss, states)
+    mask = loss_mask.unsqueeze(-1)
+    scores = [((h.to(acc) * g.to(acc)) * mask).sum(dim=(1, 2)).abs() for h, g in zip(states, grads)]
+    return torch.stack(scores, dim=1).detach()

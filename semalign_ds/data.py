@@ -1,0 +1,155 @@
+"""The transfer set: (prompt, response) rows, tokenised once with the shared tokenizer.
+
+A sequence is prompt ids + response ids. Loss positions are the positions whose next token is scored: response
+tokens by default (`loss_on: response`), every token with `loss_on: all`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from semalign_ds.config import ConfigError
+
+
+def read_rows(spec, prompt_field="prompt", response_field="response", split="train", seed=0):
+    """Rows as dicts with "prompt" and "response" from a jsonl/json file, a `datasets` folder, a hub id or
+    "embedded:NAME"."""
+    if spec.startswith("embedded:"):
+        from semalign_ds import embedded
+        return embedded.rows(spec.split(":", 1)[1], seed)
+    if os.path.isfile(spec) and spec.endswith((".jsonl", ".json")):
+        with open(spec) as f:
+            if spec.endswith(".jsonl"):
+                raw = [json.loads(line) for line in f if line.strip()]
+            else:
+                raw = json.load(f)
+                raw = raw.get(split, raw.get("data", raw)) if isinstance(raw, dict) else raw
+    else:
+        raw = _read_dataset(spec, split)
+    if not raw:
+        raise ConfigError(f"data set {spec!r} is empty")
+    columns = set(raw[0]) if isinstance(raw[0], dict) else set()
+    missing = [f for f in (prompt_field, response_field) if f not in columns]
+    if missing:
+        raise ConfigError(f"data set {spec!r} has no field(s) {missing}; its fields are {sorted(columns)}. "
+                          f"Set prompt_field/response_field to the right names")
+    return [{"prompt": r[prompt_field], "response": r[response_field]} for r in raw]
+
+
+def _read_dataset(spec, split):
+    import datasets
+    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "dataset_info.json")):
+        ds = datasets.load_from_disk(spec)  # a Dataset saved with save_to_disk
+    elif os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "dataset_dict.json")):
+        ds = datasets.load_from_disk(spec)
+    elif os.path.exists(spec) or "/" in spec:
+        try:
+            ds = datasets.load_dataset(spec, split=split)
+        except Exception as err:  # datasets raises many types; the message is what helps
+            raise ConfigError(f"could not read data set {spec!r} (split {split!r}): {err}") from err
+    else:
+        raise ConfigError(f"data not found: {spec!r} (a .jsonl/.json file, a datasets folder, a hub id, or "
+                          f"'embedded:stdlib')")
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ConfigError(f"data set {spec!r} has no split {split!r}; splits: {list(ds)}")
+        ds = ds[split]
+    return list(ds)
+
+
+def check_data_path(spec, role="data"):
+    if spec.startswith("embedded:"):
+        return
+    if spec.startswith((".", "/", "~")) and not os.path.exists(spec):
+        raise ConfigError(f"{role} not found: {spec!r}")
+
+
+@dataclass
+class TokenizedSet:
+    """Sequences stored flat: ids [total], loss [total] bool (position t scores token t+1), offsets [n+1]."""
+    ids: torch.Tensor
+    loss: torch.Tensor
+    offsets: torch.Tensor
+
+    def __len__(self):
+        return self.offsets.numel() - 1
+
+    @property
+    def lengths(self):
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def loss_counts(self):
+        """Loss positions per sequence."""
+        return torch.segment_reduce(self.loss.float(), "sum", offsets=self.offsets).long()
+
+    def batch(self, indices, pad_id):
+        """Right-padded ids [B, T], attention mask [B, T] and loss mask [B, T] for the given sequences."""
+        spans = [(int(self.offsets[i]), int(self.offsets[i + 1])) for i in indices]
+        length = max(b - a for a, b in spans)
+        ids = torch.full((len(spans), length), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(spans), length), dtype=torch.long)
+        loss = torch.zeros((len(spans), length), dtype=torch.bool)
+        for row, (a, b) in enumerate(spans):
+            ids[row, :b - a] = self.ids[a:b]
+            attn[row, :b - a] = 1
+            loss[row, :b - a] = self.loss[a:b]
+        return ids, attn, loss
+
+    def save(self, path):
+        save_file({"ids": self.ids, "loss": self.loss.to(torch.uint8), "offsets": self.offsets}, path)
+
+    @classmethod
+    def load(cls, path):
+        t = load_file(path)
+        return cls(t["ids"], t["loss"].bool(), t["offsets"])
+
+
+def tokenize(rows, tokenizer, max_seq_len, loss_on="response", chat_template="auto", max_examples=None,
+             origin="data"):
+    """A TokenizedSet of the usable rows; refuses a set with none, saying how many were dropped and why."""
+    use_template = chat_template == "on" or (chat_template == "auto" and tokenizer.chat_template is not None)
+    if chat_template == "on" and tokenizer.chat_template is None:
+        raise ConfigError("chat_template: on, but the tokenizer has no chat template; use auto or off")
+    dropped = Counter()
+    seqs, masks = [], []
+    for row in rows:
+        if max_examples is not None and len(seqs) >= max_examples:
+            break
+        prompt, response = row.get("prompt"), row.get("response")
+        if not isinstance(prompt, str) or not isinstance(response, str) or not response.strip():
+            dropped["empty or non-text prompt/response"] += 1
+            continue
+        if use_template:
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                   add_generation_prompt=True)
+            response = response + (tokenizer.eos_token or "")
+        p_ids = tokenizer(prompt, add_special_tokens=not use_template)["input_ids"]
+        r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        ids = (p_ids + r_ids)[:max_seq_len]
+        if len(p_ids) >= len(ids) and loss_on == "response":
+            dropped[f"prompt fills max_seq_len={max_seq_len}"] += 1
+            continue
+        if len(ids) < 2:
+            dropped["fewer than 2 tokens"] += 1
+            continue
+        # position t predicts token t+1: it counts when token t+1 is a response token (or always, loss_on=all)
+        first = 0 if loss_on == "all" else max(len(p_ids) - 1, 0)
+        mask = [first <= t < len(ids) - 1 for t in range(len(ids))]
+        seqs.append(ids)
+        masks.append(mask)
+    if not seqs:
+        why = "; ".join(f"{n} {reason}" for reason, n in dropped.items()) or "the data set is empty"
+        raise ConfigError(f"{origin}: no usable rows ({sum(dropped.values())} dropped: {why})")
+    offsets = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
+    return TokenizedSet(torch.tensor([t for s in seqs for t in s], dtype=torch.long),
+                        torch.tensor([m for ms in masks for m in ms], dtype=torch.bool), offsets), dropped
+
+
+def pad_id(tokenizer):
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)

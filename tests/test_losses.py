@@ -1,0 +1,202 @@
+"""semalign_ds.losses, naive and chunked back ends, against exact float64 references written here.
+
+References (independent of the implementation's formulas):
+  Fisher: the explicit quadratic form tau^2/2 * delta^T (diag(p*) - p* p*^T) delta, the Fisher matrix built per row.
+  KL: tau^2 * torch.nn.functional.kl_div on float64 log-softmaxes.
+Gradients of the reference come from autograd in float64 on the same (rounded) inputs.
+
+Tolerances, as the relative norm error ||out - ref|| / ||ref|| of the loss, the input gradient and the weight
+gradient. The back ends form logits in the input dtype and accumulate in float32 (float64 for float64 inputs):
+  float64: 1e-12   float32: 1e-5    bfloat16: 2e-2 (logits rounded to 8 bits before delta = z - z* is formed)
+(seen: float64 ~1e-15, float32 ~1e-6, bfloat16 ~1e-2 on the weight gradient of the Fisher loss)
+"""
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from semalign_ds.losses import fisher_quadratic_loss, linear_kl_loss
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+N, D, D_S, V = 37, 72, 56, 1000  # odd sizes: nothing is a multiple of a block or chunk
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# references
+
+def fisher_reference(x, y, w, tau):
+    """Per-row loss as the explicit quadratic form delta^T F delta, F = diag(p*) - p* p*^T built per row. F depends
+    on the target only (a constant), so the value is delta^T F delta and the gradient 2 F delta: written so that
+    autograd does not keep 37 V x V matrices alive. Gradient flows to x and to w through W x only."""
+    z = x @ w.T
+    with torch.no_grad():
+        z_star = y @ w.T
+        p = torch.softmax(z_star / tau, dim=-1)
+    delta = (z - z_star) / tau
+    rows = []
+    for n in range(x.shape[0]):
+        with torch.no_grad():
+            fisher = torch.outer(p[n], -p[n])
+            fisher.diagonal().add_(p[n])
+            f_delta = fisher @ delta[n].detach()
+        rows.append(2 * delta[n] @ f_delta - delta[n].detach() @ f_delta)
+    return tau * tau / 2 * torch.stack(rows)
+
+
+def kl_reference(x_t, w_t, x_s, w_s, tau):
+    log_ps = torch.log_softmax(x_s @ w_s.T / tau, dim=-1)
+    log_pt = torch.log_softmax(x_t @ w_t.T / tau, dim=-1)
+    return tau * tau * F.kl_div(log_pt, log_ps, log_target=True, reduction="none").sum(-1)
+
+
+def reduce(per_row, mask, reduction):
+    per_row = per_row * mask
+    if reduction == "none":
+        return per_row
+    return per_row.sum() if reduction == "sum" else per_row.sum() / max(int(mask.sum()), 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+def make_inputs(loss, dtype, seed, train_weight=False):
+    """Fresh random inputs (logits of order one, target near the input) and the float64 leaves of the reference."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g)
+    w = torch.randn(V, D, generator=g) / D ** 0.5
+    if loss == "fisher":
+        other = (x + 0.5 * torch.randn(N, D, generator=g),)
+    else:
+        other = (torch.randn(N, D_S, generator=g), torch.randn(V, D_S, generator=g) / D_S ** 0.5)
+    mask = torch.rand(N, generator=g) > 0.3
+    x, w = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_(train_weight)
+    other = tuple(t.to(dtype) for t in other)
+    ref = (x.detach().double().requires_grad_(), w.detach().double().requires_grad_(train_weight),
+           *(t.double() for t in other))
+    return x, w, other, mask, ref
+
+
+def run(loss, backend, x, w, other, tau, mask, reduction, **kw):
+    if loss == "fisher":
+        return fisher_quadratic_loss(x, other[0], w, tau, mask, reduction, backend=backend, **kw)
+    return linear_kl_loss(x, w, other[0], other[1], tau, mask, reduction, backend=backend, **kw)
+
+
+def run_reference(loss, ref, tau, mask, reduction):
+    x, w, *other = ref
+    per_row = fisher_reference(x, other[0], w, tau) if loss == "fisher" else kl_reference(x, w, *other, tau)
+    return reduce(per_row, mask, reduction)
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().double(), ref.detach().double()
+    assert torch.isfinite(out).all(), "non-finite values"
+    return float((out - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+def check(loss, backend, dtype, tau, reduction, seed, train_weight, **kw):
+    x, w, other, mask, ref = make_inputs(loss, dtype, seed, train_weight)
+    out = run(loss, backend, x, w, other, tau, mask, reduction, **kw)
+    expect = run_reference(loss, ref, tau, mask, reduction)
+    upstream = torch.rand(out.shape, generator=torch.Generator().manual_seed(seed + 1)) + 0.5
+    (out * upstream.to(out.dtype)).sum().backward()
+    (expect * upstream.double()).sum().backward()
+    tol = TOL[dtype]
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert rel_err(out, expect) < tol
+    assert x.grad.dtype == dtype and rel_err(x.grad, ref[0].grad) < tol
+    if reduction == "none":
+        assert (out[~mask] == 0).all() and (x.grad[~mask] == 0).all()
+    if train_weight:
+        assert w.grad.dtype == dtype and rel_err(w.grad, ref[1].grad) < tol
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tests
+
+@pytest.mark.parametrize("loss", ["fisher", "kl"])
+@pytest.mark.parametrize("backend", ["naive", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tau", [1.0, 2.5])
+def test_matches_reference_with_trainable_weight(loss, backend, dtype, tau):
+    seed = zlib.crc32(f"{loss}{backend}{dtype}{tau}".encode())
+    check(loss, backend, dtype, tau, "mean", seed, train_weight=True, chunk_size=5 if backend == "chunked" else None)
+
+
+@pytest.mark.parametrize("loss", ["fisher", "kl"])
+@pytest.mark.parametrize("backend", ["naive", "chunked"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_reductions(loss, backend, reduction):
+    # a trainable weight with reduction="none" is refused by the chunked back end (tested below)
+    check(loss, backend, torch.float32, 2.0, reduction, seed=7, train_weight=(reduction != "none"),
+          chunk_size=8 if backend == "chunked" else None)
+
+
+@pytest.mark.parametrize("loss", ["fisher", "kl"])
+def test_chunk_size_does_not_change_results(loss):
+    x, w, other, mask, _ = make_inputs(loss, torch.float64, seed=11)
+    base = run(loss, "naive", x, w, other, 1.5, mask, "none")
+    for chunk in (1, 7, 36, 1000):
+        out = run(loss, "chunked", x, w, other, 1.5, mask, "none", chunk_size=chunk)
+        assert rel_err(out, base) < 1e-12
+
+
+@pytest.mark.parametrize("loss", ["fisher", "kl"])
+@pytest.mark.parametrize("backend", ["naive", "chunked"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_all_masked_gives_zero_and_zero_gradients(loss, backend, reduction):
+    x, w, other, _, _ = make_inputs(loss, torch.float32, seed=3, train_weight=(reduction != "none"))
+    mask = torch.zeros(N, dtype=torch.bool)
+    out = run(loss, backend, x, w, other, 2.0, mask, reduction)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and (out == 0).all()
+    assert x.grad is not None and (x.grad == 0).all()
+    if w.requires_grad:
+        assert (w.grad == 0).all()
+
+
+def test_chunked_refuses_per_row_loss_with_trainable_weight():
+    x, w, other, mask, _ = make_inputs("fisher", torch.float32, seed=5, train_weight=True)
+    out = run("fisher", "chunked", x, w, other, 1.0, mask, "none")
+    with pytest.raises(RuntimeError, match="reduction='none'"):
+        out.sum().backward()
+
+
+def test_auto_is_chunked_on_cpu():
+    x, w, other, mask, _ = make_inputs("kl", torch.float32, seed=9)
+    a = run("kl", "auto", x, w, other, 1.0, mask, "none")
+    b = run("kl", "chunked", x, w, other, 1.0, mask, "none")
+    assert torch.equal(a, b)
+
+
+def test_errors():
+    x, w, (y,), mask, _ = make_inputs("fisher", torch.float32, seed=1)
+    with pytest.raises(ValueError, match="reduction"):
+        fisher_quadratic_loss(x, y, w, reduction="avg")
+    with pytest.raises(ValueError, match="backend"):
+        fisher_quadratic_loss(x, y, w, backend="cuda")
+    with pytest.raises(ValueError, match="temperature"):
+        fisher_quadratic_loss(x, y, w, temperature=0.0)
+    with pytest.raises(ValueError, match="2-D"):
+        fisher_quadratic_loss(x[None], y[None], w)
+    with pytest.raises(ValueError, match="width"):
+        fisher_quadratic_loss(x[:, :-1], y, w)
+    with pytest.raises(ValueError, match="rows"):
+        fisher_quadratic_loss(x, y[:-1], w)
+    with pytest.raises(ValueError, match="mask"):
+        fisher_quadratic_loss(x, y, w, mask=mask[:-1])
+    with pytest.raises(ValueError, match="chunk_size"):
+        fisher_quadratic_loss(x, y, w, backend="chunked", chunk_size=0)
+    x_t, w_t, (x_s, w_s), _, _ = make_inputs("kl", torch.float32, seed=2)
+    with pytest.raises(ValueError, match="vocabularies"):
+        linear_kl_loss(x_t, w_t, x_s, w_s[:-1])
+    with pytest.raises(ValueError, match="width of the target side"):
+        linear_kl_loss(x_t, w_t, x_s[:, :-1], w_s)
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, w, (y,), mask, _ = make_inputs("fisher", torch.float32, seed=1)
+    with pytest.raises(ValueError, match="CUDA"):
+        fisher_quadratic_loss(x, y, w, backend="triton")

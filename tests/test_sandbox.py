@@ -1,0 +1,125 @@
+"""The sandbox stops what generated code can do wrong, each within its limit, and runs nothing unless enabled."""
+import os
+import socket
+import textwrap
+import time
+
+import pytest
+
+from semalign_ds import sandbox
+from semalign_ds.sandbox import Limits, run_program
+
+
+def run(code, **limits):
+    return run_program(textwrap.dedent(code), Limits(**limits), allow=True)
+
+
+def test_refused_unless_enabled(monkeypatch):
+    monkeypatch.delenv(sandbox.ENV_FLAG, raising=False)
+    with pytest.raises(sandbox.ExecutionNotAllowed, match=f"--allow-code-execution.*{sandbox.ENV_FLAG}=1"):
+        run_program("print(1)")
+    monkeypatch.setenv(sandbox.ENV_FLAG, "1")
+    assert run_program("print(1)").passed
+
+
+def test_exit_status_and_output():
+    ok = run("print('hello')")
+    assert ok.passed and ok.stdout == "hello\n" and ok.returncode == 0
+    bad = run("assert 1 == 2, 'wrong'")
+    assert bad.status == "failed" and bad.reason == "AssertionError: wrong"
+    assert run("import sys; sys.exit(3)").returncode == 3
+
+
+def test_runs_in_a_fresh_temporary_directory_removed_afterwards():
+    res = run("import os; open('scratch.txt', 'w').write('x'); print(os.getcwd())")
+    workdir = res.stdout.strip()
+    assert res.passed and os.path.basename(workdir).startswith("semalign-sandbox-")
+    assert workdir != os.getcwd() and not os.path.exists(workdir)
+
+
+def test_infinite_loop_times_out():
+    res = run("while True:\n    pass", timeout=1.0, cpu_seconds=30)
+    assert res.status == "timeout" and 1.0 <= res.seconds < 2.5
+
+
+def test_cpu_limit_kills_a_busy_program():
+    res = run("while True:\n    pass", timeout=20, cpu_seconds=1)
+    assert res.status == "failed" and res.reason in ("killed by SIGXCPU", "killed by SIGKILL")
+    assert res.seconds < 5
+
+
+def test_huge_allocation_fails_within_the_memory_limit():
+    res = run("x = bytearray(8 * 1024 ** 3)\nprint('allocated')", memory_mb=512, timeout=10)
+    assert res.status == "failed" and "MemoryError" in res.reason and res.seconds < 5
+    # growing step by step also stops at the limit
+    res = run("""
+        blocks = []
+        while True:
+            blocks.append(bytearray(32 * 1024 ** 2))
+        """, memory_mb=512, timeout=10)
+    assert res.status == "failed" and "MemoryError" in res.reason and res.seconds < 5
+
+
+def test_large_write_stops_at_the_file_size_limit():
+    res = run("""
+        import os
+        with open('big.bin', 'wb') as f:
+            for _ in range(64):
+                f.write(b'x' * 1024 ** 2)
+                f.flush()
+        """, file_size_mb=2, timeout=10)
+    assert res.status == "failed" and ("File too large" in res.reason or "SIGXFSZ" in res.reason)
+    assert res.seconds < 5
+
+
+CHILD = """
+    import subprocess, sys
+    code = "import time; time.sleep(1.5); open(" + repr({marker!r}) + ", 'w').write('alive')"
+    subprocess.Popen([sys.executable, '-c', code], start_new_session={escape})
+    """
+
+
+@pytest.mark.parametrize("then", ["loop", "exit"])
+def test_children_end_with_the_program(tmp_path, then):
+    """The program starts a child that would write a marker file 1.5 s later; the group kill ends it first."""
+    marker = str(tmp_path / "alive")
+    code = textwrap.dedent(CHILD.format(marker=marker, escape=False))
+    code += "while True:\n    pass\n" if then == "loop" else ""
+    res = run(code, timeout=0.8, cpu_seconds=30)
+    assert res.status == ("timeout" if then == "loop" else "passed"), res
+    time.sleep(2.0)
+    assert not os.path.exists(marker)
+
+
+@pytest.mark.skipif(not sandbox.namespace_prefix(), reason="no PID namespace: a setsid child can escape")
+def test_a_child_in_its_own_session_ends_too(tmp_path):
+    marker = str(tmp_path / "alive")
+    res = run(CHILD.format(marker=marker, escape=True), timeout=5)
+    assert res.passed
+    time.sleep(2.0)
+    assert not os.path.exists(marker)
+
+
+def test_no_network():
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    try:
+        res = run(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)")
+        assert res.status == "failed" and "network access is disabled" in res.reason
+        res = run(f"import socket\nsocket.socket(socket.AF_INET6, socket.SOCK_DGRAM)")
+        assert res.status == "failed" and "network access is disabled" in res.reason
+        # local pipes still work (asyncio needs socketpair)
+        assert run("import socket\na, b = socket.socketpair()\na.send(b'x')\nassert b.recv(1) == b'x'").passed
+        if sandbox.namespace_prefix():  # going around the patch through _socket meets an empty namespace
+            res = run(f"import _socket\ns = _socket.socket()\ns.settimeout(2)\ns.connect(('127.0.0.1', {port}))")
+            assert res.status == "failed" and "Errno" in res.reason
+    finally:
+        server.close()
+
+
+def test_many_programs_keep_their_order():
+    results = sandbox.run_many([f"import sys; sys.exit({i % 2})" for i in range(6)], Limits(timeout=10),
+                               allow=True, workers=3)
+    assert [r.passed for r in results] == [True, False] * 3
