@@ -31,13 +31,17 @@ class CorruptShard(RuntimeError):
     pass
 
 
-def batch_entries(adapter_s, ids, attn, loss_mask, pairs, m, normalize=True, runner=None):
-    """{"aligned.k": [n, d_t] for k = 1..L_t, "source_final": [n, d_s]} for the loss positions of one batch."""
+def batch_entries(adapter_s, ids, attn, loss_mask, pairs, m, normalize=True, runner=None, source_states=False):
+    """{"aligned.k": [n, d_t] for k = 1..L_t, "source_final": [n, d_s]} for the loss positions of one batch; with
+    source_states, also the unit source states "source.k" [n, d_s] themselves (for the layer-wise baseline)."""
     states = adapter_s.hidden_states(ids, attn, runner=runner)  # states[l] = h^(l)
     norm = adapter_s.norm if normalize else None
     out = {}
     for k, l in enumerate(pairs, start=1):
-        out[f"aligned.{k}"] = align(m, source_direction(states[l][loss_mask], norm))
+        u = source_direction(states[l][loss_mask], norm)
+        out[f"aligned.{k}"] = align(m, u)
+        if source_states:
+            out[f"source.{k}"] = u
     out["source_final"] = adapter_s.norm(states[-1][loss_mask]).float()
     return out
 

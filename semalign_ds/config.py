@@ -43,6 +43,8 @@ class Config:
     normalize_source: bool = True  # logit-lens normalise the source state before mapping
     basis_dtype: str = "float64"  # float64 | float32: dtype of pinv for the semantic bases
     # --- frontier training ---------------------------------------------------------------------------------
+    method: str = "semalign"  # semalign | layerwise (cosine to the source state through a learned projection,
+    #                           baseline) | output_kd (KL at the output only, all layers at once, baseline)
     stage_steps: int = 100  # optimizer steps per frontier stage
     batch_size: int = 8  # sequences per optimizer step (global)
     lr: float = 1e-4
@@ -92,6 +94,7 @@ class Config:
         _choice("loss_on", self.loss_on, ("response", "all"))
         _choice("chat_template", self.chat_template, ("auto", "on", "off"))
         _choice("pairing", self.pairing, ("attribution", "uniform"))
+        _choice("method", self.method, ("semalign", "layerwise", "output_kd"))
         _choice("basis_dtype", self.basis_dtype, ("float64", "float32"))
         _choice("loss_backend", self.loss_backend, ("auto", "naive", "chunked", "triton"))
         if (self.target is None) == (self.target_keep_layers is None):

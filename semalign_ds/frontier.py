@@ -78,29 +78,49 @@ def index_batches(n, batch_size):
     return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
 
 
-def stage_loss(adapter, k, n_layers, h_in, attn, loss_mask, targets, head_weight, cfg, ids=None, normalizer=None):
-    """The stage-k objective on one batch (k is 1-based): summed over the batch's loss positions and divided by
-    `normalizer` (default: their number; on several ranks, the count of the whole global batch). targets:
-    {"aligned": [n, d_t], optionally "source_final": [n, d_s] and "source_head": [V, d_s]} for the batch's loss
-    positions, in row-major order."""
+def stage_loss(adapter, k, n_layers, h_in, attn, loss_mask, targets, head_weight, cfg, ids=None, normalizer=None,
+               projection=None):
+    """The stage-k objective on one batch (k is 1-based): target layer k on the frontier h_in, then objective()."""
     ctx = adapter.context(h_in, attn)
     h_out = adapter.layer(k - 1, h_in, ctx)
     x = adapter.norm(h_out[loss_mask])
+    labels = ids[:, 1:][loss_mask[:, :-1]] if ids is not None else None
+    return objective(x, targets, k == n_layers, adapter.norm, head_weight, cfg, labels, normalizer, projection)
+
+
+def objective(x, targets, final, final_norm, head_weight, cfg, labels=None, normalizer=None, projection=None):
+    """Loss of normed target states x [n, d_t] at a batch's loss positions, summed and divided by `normalizer`
+    (default n; on several ranks, the count of the whole global batch).
+
+    targets (rows matching x): "aligned" [n, d_t] (SemAlign's a^(k)), or "source" [n, d_s] (the unit source state,
+    for the layer-wise baseline, through `projection`); at the output, "source_final" [n, d_s] and "source_head".
+    Layer stages: the Fisher-weighted quadratic loss on W_t x vs W_t n_t(a) (method semalign), or 1 - cos(P x, u)
+    (method layerwise). The output stage: KL to the source's output distribution, plus fisher_weight times the
+    layer objective and ce_weight times the label cross-entropy.
+    """
     tau, backend = cfg.temperature, cfg.loss_backend
-    norm = float(normalizer if normalizer is not None else max(int(loss_mask.sum()), 1))
+    norm = float(normalizer if normalizer is not None else max(x.shape[0], 1))
     parts = {}
-    if k < n_layers or cfg.fisher_weight > 0:
-        y = adapter.norm(targets["aligned"].to(h_out.dtype))
-        parts["fisher"] = fisher_quadratic_loss(x, y, head_weight, tau, reduction="sum", backend=backend) / norm
-    if k == n_layers:
-        parts["kl"] = linear_kl_loss(x, head_weight, targets["source_final"].to(x.dtype), targets["source_head"],
-                                     tau, reduction="sum", backend=backend) / norm
-        if cfg.ce_weight > 0:
-            labels = ids[:, 1:][loss_mask[:, :-1]]
-            logits = (x @ head_weight.T).float()
-            parts["ce"] = F.cross_entropy(logits, labels, reduction="sum") / norm
-    if k < n_layers:
-        loss = parts["fisher"]
-    else:
-        loss = parts["kl"] + cfg.fisher_weight * parts.get("fisher", 0.0) + cfg.ce_weight * parts.get("ce", 0.0)
-    return loss, {name: float(v.detach()) for name, v in parts.items()}
+    if not final or cfg.fisher_weight > 0:
+        if cfg.method == "layerwise":
+            cos = F.cosine_similarity(projection(x).float(), targets["source"].float(), dim=-1)
+            parts["cosine"] = (1 - cos).sum() / norm
+        else:
+            y = final_norm(targets["aligned"].to(x.dtype))
+            parts["fisher"] = fisher_quadratic_loss(x, y, head_weight, tau, reduction="sum", backend=backend) / norm
+    layer_term = parts.get("fisher", parts.get("cosine"))
+    if not final:
+        return layer_term, _floats(parts)
+    parts["kl"] = linear_kl_loss(x, head_weight, targets["source_final"].to(x.dtype), targets["source_head"], tau,
+                                 reduction="sum", backend=backend) / norm
+    loss = parts["kl"]
+    if cfg.fisher_weight > 0:
+        loss = loss + cfg.fisher_weight * layer_term
+    if cfg.ce_weight > 0:
+        parts["ce"] = F.cross_entropy((x @ head_weight.T).float(), labels, reduction="sum") / norm
+        loss = loss + cfg.ce_weight * parts["ce"]
+    return loss, _floats(parts)
+
+
+def _floats(parts):
+    return {name: float(v.detach()) for name, v in parts.items()}

@@ -32,7 +32,6 @@ import signal
 import time
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -40,7 +39,8 @@ from semalign_ds import alignment, attribution, config as config_mod, data as da
     models, pairing
 from semalign_ds.cache import ActivationCache, batch_entries
 from semalign_ds.config import Config, ConfigError
-from semalign_ds.frontier import Frontier, index_batches, stage_loss
+from semalign_ds.evaluate import batch_nll
+from semalign_ds.frontier import Frontier, index_batches, objective, stage_loss
 from semalign_ds.monitor import Monitor
 
 
@@ -272,7 +272,8 @@ class Run:
         header = {"source": cfg.source, "target": cfg.target or f"prune:{cfg.target_keep_layers}",
                   "pairs": plan["pairs"], "vocab": self.vocab, "data_tokens": int(self.data.offsets[-1]),
                   "tokenizer": type(self.tokenizer).__name__ + f":{len(self.tokenizer)}",
-                  "normalize_source": cfg.normalize_source, "dtype": cfg.dtype}
+                  "normalize_source": cfg.normalize_source, "dtype": cfg.dtype,
+                  "source_states": cfg.method == "layerwise"}
         if self.main:
             store.open(header)
             head_path = self.path("cache", "source_head.safetensors")
@@ -296,7 +297,7 @@ class Run:
             ids, attn, loss = (t.to(self.device) for t in self.data.batch(idx, self.pad_id))
             with torch.no_grad():
                 out = batch_entries(self.src, ids, attn, loss, plan["pairs"], m, cfg.normalize_source,
-                                    self.src_runner)
+                                    self.src_runner, source_states=cfg.method == "layerwise")
             if not real:
                 continue
             tokens += int(attn.sum())
@@ -320,13 +321,35 @@ class Run:
         return distributed.shard(len(self.data))
 
     def train(self):
+        """Frontier training, stage by stage (or the output-KD baseline); returns per-stage metrics."""
         cfg = self.cfg
         store = ActivationCache(self.path("cache"), len(self.data), cfg.cache_shard_examples)
-        counts = self.data.loss_counts
         mine = self.owned()
-        rows = _rows_of(mine, counts)  # cache rows of this rank's sequences, in order
-        frontier = None
+        rows = _rows_of(mine, self.data.loss_counts)  # cache rows of this rank's sequences, in order
+
+        def targets(k, final):
+            if cfg.method == "output_kd":
+                out = {}
+            elif cfg.method == "layerwise":
+                out = {"source": store.load(f"source.{k}")[rows]}
+            else:
+                out = {"aligned": store.load(f"aligned.{k}")[rows]}
+            if final:
+                out["source_final"] = store.load("source_final")[rows]
+                out["source_head"] = load_file(self.path("cache", "source_head.safetensors"))["weight"].to(
+                    self.device, self.dtype)
+            return out
+
         metrics = self.state.get("stage_metrics", {})
+        if cfg.method == "output_kd":
+            if not self.done("stage_output_kd"):
+                metrics["output_kd"] = self._train_output_kd(targets(self.n_target, True), mine)
+                self._save_trained(self.tgt.layers, self.path("stages", "layers.safetensors"))
+                self.state["stage_metrics"] = metrics
+                self.mark("stage_output_kd", metrics["output_kd"])
+            self.tgt.layers.load_state_dict(load_file(self.path("stages", "layers.safetensors")))
+            return metrics
+        frontier = None
         for k in range(1, self.n_target + 1):
             layer = self.tgt.layers[k - 1]
             weights_path = self.path("stages", f"layer-{k}.safetensors")
@@ -335,16 +358,8 @@ class Run:
                 continue
             if frontier is None:
                 frontier = self._frontier(k - 1, mine)
-            targets = {"aligned": store.load(f"aligned.{k}")[rows]}
-            if k == self.n_target:
-                targets["source_final"] = store.load("source_final")[rows]
-                targets["source_head"] = load_file(self.path("cache", "source_head.safetensors"))["weight"].to(
-                    self.device, self.dtype)
-            metrics[str(k)] = self._train_stage(k, frontier, targets, counts)
-            if self.main:
-                save_file({n: p.detach().cpu().contiguous() for n, p in layer.state_dict().items()},
-                          weights_path + ".tmp")
-                os.replace(weights_path + ".tmp", weights_path)
+            metrics[str(k)] = self._train_stage(k, frontier, targets(k, k == self.n_target))
+            self._save_trained(layer, weights_path)
             frontier = frontier.advance(lambda h, a: self.tgt.layer(k - 1, h, self.tgt.context(h, a)), self.data,
                                         self.pad_id, cfg.eval_batch_size, self.device)
             save_file({"states": frontier.states}, self._frontier_path(k))
@@ -354,6 +369,11 @@ class Run:
                 if os.path.exists(self._frontier_path(old)):
                     os.remove(self._frontier_path(old))
         return metrics
+
+    def _save_trained(self, module, path):
+        if self.main:
+            save_file({n: p.detach().cpu().contiguous() for n, p in module.state_dict().items()}, path + ".tmp")
+            os.replace(path + ".tmp", path)
 
     def _frontier_path(self, k):
         return self.path("frontier", f"frontier-{k}.rank{self.rank}of{self.world}.safetensors")
@@ -372,60 +392,95 @@ class Run:
         save_file({"states": frontier.states}, path)
         return frontier
 
-    def _train_stage(self, k, frontier, targets, counts):
+    def _train_stage(self, k, frontier, targets):
+        """Stage k: target layer k (and, for the layer-wise baseline, its projection) on the frontier."""
         cfg = self.cfg
         layer = self.tgt.layers[k - 1]
-        layer.requires_grad_(True)
+        module = layer
+        projection = None
+        if cfg.method == "layerwise" and (k < self.n_target or cfg.fisher_weight > 0):
+            with torch.random.fork_rng():
+                torch.manual_seed(cfg.seed + k)
+                projection = torch.nn.Linear(self.tgt.width, targets["source"].shape[1], bias=False)
+            projection.to(self.device, self.dtype)
+            module = torch.nn.ModuleDict({"layer": layer, "projection": projection})
+
+        def batch_loss(idx, ids, attn, loss_mask, batch_targets, normalizer):
+            h_in = frontier.batch(idx).to(self.device, self.dtype)
+            return stage_loss(self.tgt, k, self.n_target, h_in, attn, loss_mask, batch_targets, self.head_t, cfg,
+                              ids, normalizer, projection)
+
+        return self._fit(f"stage_{k}", f"stage {k}/{self.n_target}", module, cfg.stage_steps, k, targets,
+                         frontier.members, batch_loss)
+
+    def _train_output_kd(self, targets, mine):
+        """The output-KD baseline: every target layer trainable at once, KL at the output only, with the same
+        number of optimizer steps as all frontier stages together."""
+        cfg = self.cfg
+
+        def batch_loss(idx, ids, attn, loss_mask, batch_targets, normalizer):
+            h = self.tgt.hidden_states(ids, attn)[-1]
+            x = self.tgt.norm(h[loss_mask])
+            return objective(x, batch_targets, True, self.tgt.norm, self.head_t, cfg,
+                             ids[:, 1:][loss_mask[:, :-1]], normalizer)
+
+        return self._fit("output_kd", "output KD", self.tgt.layers, cfg.stage_steps * self.n_target, 0, targets,
+                         mine, batch_loss)
+
+    def _fit(self, tag, desc, module, steps, seed_stage, targets, members, batch_loss):
+        """The optimizer loop shared by every stage: seeded global batches, each rank computing the sequences it
+        owns, checkpoints every checkpoint_every steps (resumed from), metrics to TensorBoard and metrics.jsonl."""
+        cfg = self.cfg
+        module.requires_grad_(True)
         if self.use_zero_target:
             ds = engines.fill(self.ds_target, cfg.batch_size // self.world, self.world, cfg.dtype, cfg.grad_clip)
-            stage = engines.DeepSpeedStage(layer, cfg, ds)
+            stage = engines.DeepSpeedStage(module, cfg, ds)
         else:
-            stage = engines.TorchStage(layer, cfg)
-        params = [p for p in layer.parameters() if p.requires_grad]
-        ckpt_dir = self.path("stages", f"checkpoint-{k}")
+            stage = engines.TorchStage(module, cfg)
+        ckpt_dir = self.path("stages", f"checkpoint-{tag}")
         meta = stage.load(ckpt_dir, self.device) if os.path.isdir(ckpt_dir) else None
         start, history = (meta["step"], meta["history"]) if meta else (0, [])
         if meta and self.main:
-            print(f"stage {k}: resuming at step {start} of {cfg.stage_steps}")
-        order = batch_order(len(self.data), cfg.batch_size, cfg.stage_steps, cfg.seed, k)
+            print(f"{desc}: resuming at step {start} of {steps}")
+        counts = self.data.loss_counts
+        order = batch_order(len(self.data), cfg.batch_size, steps, cfg.seed, seed_stage)
+        owned = set(members)
         row_start = torch.zeros(len(self.data) + 1, dtype=torch.long)  # this rank's cache rows per sequence
         local_counts = torch.zeros(len(self.data), dtype=torch.long)
-        local_counts[frontier.members] = counts[frontier.members]
+        local_counts[members] = counts[members]
         row_start[1:] = local_counts.cumsum(0)
-        bar = self.bar(range(start, cfg.stage_steps), desc=f"stage {k}/{self.n_target}", initial=start,
-                       total=cfg.stage_steps)
+        bar = self.bar(range(start, steps), desc=desc, initial=start, total=steps)
         t0, tokens = time.time(), 0
         for step in bar:
             batch = order[step]
-            idx = [i for i in batch if frontier.owns(i)]
+            idx = [i for i in batch if i in owned]
             total = int(counts[batch].sum())  # loss positions in the whole global batch
             # a rank that owns none of this batch still runs the same graph (weighted 0): ZeRO-2 reduces
             # gradients in buckets as they become ready, which must happen in the same order on every rank
             weight = 1.0 if idx else 0.0
-            idx = idx or frontier.members[:1]
+            idx = idx or members[:1]
             ids, attn, loss_mask = (t.to(self.device) for t in self.data.batch(idx, self.pad_id))
             rows = torch.cat([torch.arange(row_start[i], row_start[i + 1]) for i in idx])
             batch_targets = {name: t if name == "source_head" else t[rows].to(self.device)
                              for name, t in targets.items()}
-            h_in = frontier.batch(idx).to(self.device, self.dtype)
-            loss, parts = stage_loss(self.tgt, k, self.n_target, h_in, attn, loss_mask, batch_targets, self.head_t,
-                                     cfg, ids, normalizer=total)
+            loss, parts = batch_loss(idx, ids, attn, loss_mask, batch_targets, total)
             loss, parts = loss * weight, {name: v * weight for name, v in parts.items()}
             tokens += int(loss_mask.sum()) if weight else 0
             # DeepSpeed averages gradients over ranks; the global mean needs their sum
             grad_norm = stage.step(loss * self.world if self.use_zero_target else loss)
-            report = distributed.all_reduce_sum(torch.tensor([float(loss.detach())] + [
-                parts.get(name, 0.0) for name in ("fisher", "kl", "ce")], dtype=torch.float64))
+            names = sorted(parts)
+            report = distributed.all_reduce_sum(torch.tensor([float(loss.detach())] + [parts[n] for n in names],
+                                                             dtype=torch.float64))
             history.append(float(report[0]))
             bar.set_postfix(loss=f"{history[-1]:.4f}")
-            if step % cfg.log_every == 0 or step == cfg.stage_steps - 1:
-                named = {name: float(v) for name, v in zip(("fisher", "kl", "ce"), report[1:]) if v}
-                self.monitor.log(f"stage_{k}", {"loss": history[-1], "grad_norm": grad_norm, "lr": cfg.lr,
-                                                "tokens_per_s_rank0": tokens / (time.time() - t0), **named}, step)
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.stage_steps:
+            if step % cfg.log_every == 0 or step == steps - 1:
+                self.monitor.log(tag, {"loss": history[-1], "grad_norm": grad_norm, "lr": cfg.lr,
+                                       "tokens_per_s_rank0": tokens / (time.time() - t0),
+                                       **{n: float(v) for n, v in zip(names, report[1:])}}, step)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
                 stage.save(ckpt_dir, {"step": step + 1, "history": history})
             fault_point("stage_step", self.rank)
-        layer.requires_grad_(False)
+        module.requires_grad_(False)
         distributed.barrier()
         if self.main and os.path.isdir(ckpt_dir):
             shutil.rmtree(ckpt_dir)
@@ -465,16 +520,6 @@ def fault_point(name, rank):
     _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
     if _FAULT_COUNTS[name] == int(parts[1]):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def batch_nll(adapter, ids, attn, loss, head=None, runner=None):
-    """(summed NLL, scored tokens) of one right-padded batch's loss positions."""
-    head = adapter.head.weight if head is None else head
-    h = adapter.hidden_states(ids, attn, runner=runner)[-1]
-    x = adapter.norm(h[loss])
-    labels = ids[:, 1:][loss[:, :-1]]
-    logits = (x @ head.T).float()
-    return float(F.cross_entropy(logits, labels, reduction="sum")), int(labels.numel())
 
 
 def run(cfg: Config, local_rank=None):

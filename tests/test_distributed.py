@@ -98,7 +98,7 @@ def test_killed_runs_resume_to_the_same_target(runs, tmp_path):
     assert proc.returncode != 0
     state = json.loads((out / "state.json").read_text())
     assert "cache" in state["done"] and "stage_1" in state["done"] and "stage_2" not in state["done"]
-    assert (out / "stages" / "checkpoint-2").is_dir()
+    assert (out / "stages" / "checkpoint-stage_2").is_dir()
     proc, _ = torchrun(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming at step 2" in proc.stdout + proc.stderr

@@ -83,7 +83,7 @@ def test_a_stage_changes_only_its_own_layer(tmp_path):
     before = {n: p.clone() for n, p in run.target.state_dict().items()}
     from semalign_ds.cache import ActivationCache
     store = ActivationCache(run.path("cache"), len(run.data), run.cfg.cache_shard_examples)
-    run._train_stage(2, frontier, {"aligned": store.load("aligned.2")}, run.data.loss_counts)
+    run._train_stage(2, frontier, {"aligned": store.load("aligned.2")})
     changed = [n for n, p in run.target.state_dict().items() if not torch.equal(p, before[n])]
     assert changed and all(n.startswith("model.layers.1.") for n in changed), changed
     run.monitor.close()
@@ -108,7 +108,7 @@ def test_resume_after_a_crash_gives_the_same_target(tmp_path, monkeypatch):
         pipeline.run(tiny_config(crashed, stage_steps=6, checkpoint_every=2))
     state = json.loads((crashed / "state.json").read_text())
     assert "stage_1" in state["done"] and "stage_2" not in state["done"]
-    assert (crashed / "stages" / "checkpoint-2" / "stage.pt").is_file()
+    assert (crashed / "stages" / "checkpoint-stage_2" / "stage.pt").is_file()
     monkeypatch.setattr(pipeline, "stage_loss", real)
     calls_before_resume = dict(state["done"])
     pipeline.run(tiny_config(crashed, stage_steps=6, checkpoint_every=2))
@@ -169,3 +169,26 @@ def test_missing_paths_and_empty_data(tmp_path):
 def test_changed_config_is_not_silently_resumed(tiny_run):
     with pytest.raises(ConfigError, match="different config \\(lr differ"):
         pipeline.run(tiny_config(tiny_run, lr=1.0))
+
+
+@pytest.mark.parametrize("method", ["layerwise", "output_kd"])
+def test_baselines_train_what_they_should(tmp_path, method):
+    """The baselines of the comparison: the layer-wise one trains every layer stage by stage on cached source
+    states; output KD trains all layers at once for as many steps as the stages together."""
+    out = tmp_path / method
+    pipeline.run(tiny_config(out, method=method, eval_data=None))
+    metrics = json.loads((out / "metrics.json").read_text())["stages"]
+    if method == "output_kd":
+        assert list(metrics) == ["output_kd"] and metrics["output_kd"]["steps"] == 3 * FAST["stage_steps"]
+        assert metrics["output_kd"]["last_loss"] < metrics["output_kd"]["first_loss"]
+    else:
+        assert sorted(metrics) == ["1", "2", "3"]
+        shard = load_file(out / "cache" / "shard-00000.safetensors")
+        assert {"source.1", "source.2", "source.3"} <= set(shard)
+        torch.testing.assert_close(shard["source.2"].norm(dim=-1), torch.ones(len(shard["source.2"])))
+    cfg = tiny_config(out, method=method, eval_data=None)
+    before = models.load_model(cfg.target, seed=cfg.seed + 1).state_dict()
+    from transformers import AutoModelForCausalLM
+    after = AutoModelForCausalLM.from_pretrained(out / "target").state_dict()
+    changed = {n for n, p in after.items() if not torch.equal(p, before[n])}
+    assert changed == {n for n in after if ".layers." in n}
