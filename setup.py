@@ -6,14 +6,15 @@ setup(
     description="SemAlign: cross-scale knowledge transfer between LLMs through latent semantic alignment, "
                 "distributed with DeepSpeed",
     python_requires=">=3.10",
-    packages=["semalign_ds", "semalign_ds.kernels"],
+    packages=["semalign_ds", "semalign_ds.kernels", "semalign_ds.ds_configs"],
     # kernels/ lives at the top of the repository but installs as semalign_ds.kernels: a top-level module named
     # `kernels` would shadow Hugging Face's package of that name.
-    package_dir={"semalign_ds": "semalign_ds", "semalign_ds.kernels": "kernels"},
+    package_dir={"semalign_ds": "semalign_ds", "semalign_ds.kernels": "kernels", "semalign_ds.ds_configs": "ds_configs"},
+    package_data={"semalign_ds.ds_configs": ["*.json"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",
-        "transformers>=4.56",
+        "transformers>=5.0",
         "datasets",
         "safetensors",
         "tensorboard",

@@ -1,18 +1,37 @@
 """Who this process is in a distributed run, and the few collectives the pipeline uses.
 
-This is the one module that reads launcher variables. It understands plain `python` (one process), torchrun and
-the deepspeed launcher (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), mpirun/mpiexec (Open MPI's
-OMPI_COMM_WORLD_*, MPICH/Intel MPI's PMI_*; the master address from MASTER_ADDR when given, else rank 0's host
-name broadcast with mpi4py) and srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the master from the first host of
-SLURM_JOB_NODELIST). Everything else asks this module.
+This is the one module that reads launcher variables; everything else asks it. `detect(env)` is a pure function
+of the environment and knows:
+
+- plain `python`: one process;
+- torchrun, one node or several (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; TORCHELASTIC_RUN_ID);
+- the deepspeed launcher: on one node and with --launcher pdsh it starts `deepspeed.launcher.launch` on each node,
+  which sets the torchrun variables and passes --local_rank; with --launcher mpich or impi it starts mpirun and
+  sets RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR next to MPI's own PMI_RANK/PMI_SIZE (the two agree: that is one
+  launcher, not two); with --launcher openmpi, mvapich or slurm it sets none of them and the MPI or srun variables
+  below apply;
+- mpirun/mpiexec: Open MPI (OMPI_COMM_WORLD_*), MPICH and Intel MPI (PMI_RANK, PMI_SIZE, MPI_LOCALRANKID),
+  MVAPICH (MV2_COMM_WORLD_*); the master address is MASTER_ADDR when given, else rank 0's host name, broadcast
+  with mpi4py in init();
+- srun: a task of a job step (SLURM_STEP_ID is set) with SLURM_PROCID, SLURM_STEP_NUM_TASKS (or SLURM_NTASKS),
+  SLURM_LOCALID; the master is MASTER_ADDR, else the first host of the step's node list. A batch script itself
+  also has SLURM_PROCID=0 and SLURM_NTASKS, but no step: `python` run there directly is one process.
+
+Launchers nest: torchrun is always the innermost (it starts the Python processes), so under torchrun its variables
+win over those of an srun or mpirun that started one torchrun per node; srun's variables give way to any other
+launcher's. Two launchers' variables that disagree otherwise (RANK=0 left in the shell of an `mpirun -n 2`) are an
+error that says which values clash.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import re
 import socket
-from dataclasses import dataclass
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -26,76 +45,195 @@ DEFAULT_PORT = 29500
 class Launch:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
-    master_addr: str = "127.0.0.1"
+    local_rank: int = 0  # -1: not told by the launcher (mpirun without a local-rank variable): found in init()
+    master_addr: str = "127.0.0.1"  # "": not told (mpirun without MASTER_ADDR): rank 0's host name, in init()
     master_port: int = DEFAULT_PORT
-    launcher: str = "single"
+    launcher: str = "single"  # single | torchrun | deepspeed | env | openmpi | mpich | mvapich | slurm
 
 
-_TORCH = ("RANK", "WORLD_SIZE")
-_OMPI = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")
-_PMI = ("PMI_RANK", "PMI_SIZE")
-_SLURM = ("SLURM_PROCID", "SLURM_NTASKS")
+# MPI flavours: (name, rank variable, size variable, local-rank variables). MVAPICH and Intel MPI also set PMI_*.
+_MPI = (("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", ("OMPI_COMM_WORLD_LOCAL_RANK",)),
+        ("mvapich", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", ("MV2_COMM_WORLD_LOCAL_RANK",)),
+        ("mpich", "PMI_RANK", "PMI_SIZE", ("MPI_LOCALRANKID", "PALS_LOCAL_RANKID", "PMI_LOCAL_RANK")))
+_MPI_LOCAL = tuple(v for _, _, _, local in _MPI for v in local)
 
 
 def detect(env=None, local_rank_arg=None) -> Launch:
     """The launch this process belongs to, from its environment (a pure function of `env`)."""
     env = os.environ if env is None else env
-    found = [name for name, keys in (("torch", _TORCH), ("openmpi", _OMPI), ("mpich", _PMI)) if keys[0] in env]
-    # srun sets SLURM_PROCID for every step, also around torchrun/deepspeed/mpirun: those take precedence.
-    if not found and _SLURM[0] in env and int(env.get(_SLURM[1], "1")) > 1:
-        found = ["slurm"]
-    if len(found) > 1:
-        raise ConfigError(f"launcher variables of several launchers are set ({', '.join(found)}): start the run "
-                          f"with one launcher, or unset the others' variables (e.g. RANK/WORLD_SIZE left over "
-                          f"from a torchrun shell inside mpirun)")
-    if not found:
+    found = OrderedDict()  # launcher family -> (rank, world), as its variables say
+    if "RANK" in env or "WORLD_SIZE" in env:
+        found["torch"] = (_int(env, "RANK", "the deepspeed launcher/torchrun"),
+                          _int(env, "WORLD_SIZE", "the deepspeed launcher/torchrun"))
+    for name, rank_var, size_var, _ in _MPI:
+        if rank_var in env:
+            found[name] = (_int(env, rank_var, "mpirun"), _int(env, size_var, "mpirun"))
+    if "torch" in found and env.get("TORCHELASTIC_RUN_ID"):
+        kind = "torch"  # torchrun started this process: any MPI variables belong to an outer launcher
+    else:
+        if len(set(found.values())) > 1:
+            said = "; ".join(f"{name}: rank {r} of {w}" for name, (r, w) in found.items())
+            raise ConfigError(
+                f"launcher variables of several launchers are set and disagree ({said}): start the run with one "
+                f"launcher, and unset the variables another one left behind (e.g. RANK/WORLD_SIZE exported in the "
+                f"shell that runs mpirun: `unset RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT`)")
+        kind = next(iter(found), None)  # torch first: the deepspeed launcher's MPI runners set both, in agreement
+    if kind is None and _srun_task(env):
+        tasks = _int(env, "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS", "srun")
+        if tasks > 1:
+            kind, found["slurm"] = "slurm", (_int(env, "SLURM_PROCID", "srun"), tasks)
+    if kind is None:
         return Launch(local_rank=int(local_rank_arg or 0))
-    kind = found[0]
-    port = int(env.get("MASTER_PORT", DEFAULT_PORT))
+    rank, world = found[kind]
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"rank {rank} of a world of {world} from the {kind} launcher variables: a rank must lie in "
+                          f"0..world-1; check how the job was started")
     if kind == "torch":
-        _require(env, ("WORLD_SIZE", "MASTER_ADDR"), "torchrun / the deepspeed launcher")
-        local = env.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0)
-        return Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(local), env["MASTER_ADDR"], port, "torch")
+        launcher = ("torchrun" if env.get("TORCHELASTIC_RUN_ID")
+                    else "deepspeed" if "CROSS_RANK" in env or "LOCAL_SIZE" in env else "env")
+        local = env.get("LOCAL_RANK")
+        if local is None:
+            local = local_rank_arg if local_rank_arg is not None else _first(env, _MPI_LOCAL, "0")
+    elif kind == "slurm":
+        launcher, local = "slurm", env.get("SLURM_LOCALID", "0")
+    else:
+        launcher = kind
+        local = _first(env, next(v for n, _, _, v in _MPI if n == kind), None)
+        local = _first(env, _MPI_LOCAL, "-1") if local is None else local
+    local = _int({"local rank": local}, "local rank", launcher)
+    if world == 1:
+        return Launch(local_rank=max(local, 0), launcher=launcher)
+    port = _port(env)
+    if kind == "torch":
+        if not env.get("MASTER_ADDR"):
+            raise ConfigError(
+                f"MASTER_ADDR is not set for rank {rank} of {world} ({launcher} variables): it is the address of "
+                f"the rank-0 node, reachable from every node; torchrun and the deepspeed launcher set it (torchrun "
+                f"--master_addr HOST or --rdzv_endpoint HOST:PORT, deepspeed --master_addr HOST), and when you set "
+                f"RANK/WORLD_SIZE yourself export MASTER_ADDR and MASTER_PORT too")
+        return Launch(rank, world, local, env["MASTER_ADDR"], port, launcher)
     if kind == "slurm":
-        addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", ""))
+        addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+                                                    or env.get("SLURM_NODELIST") or "")
         if not addr:
-            raise ConfigError("srun run without MASTER_ADDR or SLURM_JOB_NODELIST: export MASTER_ADDR (the first "
-                              "node of the job) in the batch script")
-        return Launch(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), addr,
-                      port, "slurm")
-    keys = _OMPI if kind == "openmpi" else _PMI
-    local = env.get("OMPI_COMM_WORLD_LOCAL_RANK") or env.get("MPI_LOCALRANKID") or env.get("PMI_LOCAL_RANK")
-    addr = env.get("MASTER_ADDR")
-    return Launch(int(env[keys[0]]), int(env[keys[1]]), int(local or 0), addr or "", port, "mpi")
+            raise ConfigError("srun task without MASTER_ADDR or a SLURM node list (SLURM_STEP_NODELIST, "
+                              "SLURM_JOB_NODELIST): export MASTER_ADDR, the first node of the job, in the batch "
+                              "script (`export MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | "
+                              "head -n 1)`)")
+        if "MASTER_PORT" not in env and env.get("SLURM_JOB_ID", "").isdigit():
+            # jobs that share a first node must not share a port: derive it from the job id
+            port = 20000 + int(env["SLURM_JOB_ID"]) % 20000
+        return Launch(rank, world, local, addr, port, "slurm")
+    return Launch(rank, world, local, env.get("MASTER_ADDR", ""), port, launcher)
 
 
-def _require(env, names, launcher):
-    missing = [n for n in names if not env.get(n)]
-    if missing:
-        raise ConfigError(f"{', '.join(missing)} not set for a {launcher} run: set them (MASTER_ADDR is the "
-                          f"address of the rank-0 node, reachable from every node)")
+def _srun_task(env):
+    """A task that srun started (a job step); the batch script's own process has SLURM_PROCID but no step."""
+    return "SLURM_PROCID" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env)
+
+
+def _first(env, names, default):
+    return next((env[n] for n in names if n in env), default)
+
+
+def _int(env, name, launcher):
+    value = env.get(name)
+    if value is None:
+        raise ConfigError(f"{name} is not set, but other {launcher} variables are: a partial launcher environment "
+                          f"(set both RANK and WORLD_SIZE, or neither; start MPI runs with mpirun/mpiexec)")
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not an integer ({launcher}): check the launch command or the "
+                          f"variables exported to it") from None
+
+
+def _port(env):
+    port = _int(env, "MASTER_PORT", "the launcher") if env.get("MASTER_PORT") else DEFAULT_PORT
+    if not 0 < port < 65536:
+        raise ConfigError(f"MASTER_PORT={port} is not a TCP port: use a free port in 1024..65535")
+    return port
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: 'gpu[03-05,9],cpu1' -> 'gpu03'."""
-    if not nodelist:
-        return ""
-    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
-    prefix, ranges = m.group(1), m.group(3)
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    """The first host of a SLURM node list: 'gpu[03-05,9],cpu1' -> 'gpu03', 'rack[2-3]-n[08-09]' -> 'rack2-n08'."""
+    nodelist = (nodelist or "").strip()
+    depth, end = 0, len(nodelist)
+    for i, c in enumerate(nodelist):
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            end = i
+            break
+    entry = nodelist[:end]
+    if entry.count("[") != entry.count("]") or "[]" in entry:
+        raise ConfigError(f"cannot read the SLURM node list {nodelist!r}: expected names like 'node07', "
+                          f"'node[07-09,12]' or 'a[1-2]-b[3-4]'; export MASTER_ADDR instead")
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,:]", m.group(1).strip())[0], entry)
 
 
-def _mpi_master(launch: Launch) -> Launch:
-    """mpirun gives no master address: rank 0 broadcasts its host name (unless MASTER_ADDR was given)."""
-    if launch.master_addr:
+def check_hostfile(path, batch_size=None) -> "OrderedDict[str, int]":
+    """Hosts and slots of a deepspeed-launcher hostfile (`HOST slots=N` per line, # comments), checked before a
+    multi-node launch with messages that say how to fix each line; with batch_size, also that the total number of
+    slots (the world size) divides it."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"hostfile {path} not found: write one line per node, `HOST slots=N` (N processes on "
+                          f"that node: its GPUs, or 1-2 per CPU socket), see launchers/slurm/hostfile.example")
+    pool = OrderedDict()
+    with open(path) as f:
+        for number, raw in enumerate(f, 1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            where = f"{path}, line {number} ({raw.strip()!r})"
+            words = line.split()
+            host = words[0]
+            m = re.fullmatch(r"([^\s:]+):(\d+)", host)
+            if m:
+                raise ConfigError(f"{where}: this is MPICH's `host:N` form; the deepspeed launcher reads "
+                                  f"`{m.group(1)} slots={m.group(2)}`")
+            slots = [w for w in words[1:] if w.startswith("slots=")]
+            if not slots:
+                raise ConfigError(f"{where}: host {host!r} names no slots; write `{host} slots=N`, N the number "
+                                  f"of processes to start there (its GPUs; on CPU nodes 1-2 per socket)")
+            value = slots[0][len("slots="):]
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"{where}: slots must be a whole number >= 1, got {value!r}")
+            if words[1] != slots[0]:
+                raise ConfigError(f"{where}: the deepspeed launcher wants `slots=N` right after the host name")
+            if host in pool:
+                raise ConfigError(f"{where}: host {host!r} is listed twice; give it one line with all its slots")
+            pool[host] = int(value)
+    if not pool:
+        raise ConfigError(f"hostfile {path} names no hosts: write one line per node, `HOST slots=N`")
+    world = sum(pool.values())
+    if batch_size is not None and batch_size % world:
+        raise ConfigError(f"hostfile {path} starts {world} processes ({', '.join(f'{h}: {s}' for h, s in pool.items())})"
+                          f", which does not divide batch_size {batch_size}: change the slots or set batch_size to "
+                          f"a multiple of {world}")
+    return pool
+
+
+def _mpi_fill(launch: Launch) -> Launch:
+    """What mpirun does not say: the master (rank 0's host name) and the local rank (ranks on the same host)."""
+    if launch.master_addr and launch.local_rank >= 0:
         return launch
     from mpi4py import MPI
-    addr = MPI.COMM_WORLD.bcast(socket.gethostname() if launch.rank == 0 else None, root=0)
-    return Launch(launch.rank, launch.world, launch.local_rank, addr, launch.master_port, launch.launcher)
+    comm = MPI.COMM_WORLD
+    addr = launch.master_addr or comm.bcast(socket.gethostname() if launch.rank == 0 else None, root=0)
+    local = launch.local_rank
+    if local < 0:
+        names = comm.allgather(MPI.Get_processor_name())
+        local = names[:launch.rank].count(names[launch.rank])
+    return replace(launch, master_addr=addr, local_rank=local)
+
+
+def _check_resolves(launch: Launch):
+    try:
+        socket.getaddrinfo(launch.master_addr, launch.master_port)
+    except socket.gaierror as err:
+        raise ConfigError(f"the master address {launch.master_addr!r} ({launch.launcher} launch) does not resolve "
+                          f"on this node ({err}): set MASTER_ADDR to a host name or IP address of the rank-0 node "
+                          f"that every node can reach") from None
 
 
 _launch = Launch()
@@ -105,11 +243,12 @@ def init(local_rank_arg=None, timeout_minutes=30) -> Launch:
     """Join the process group when there is more than one rank (gloo on CPU, nccl on CUDA)."""
     global _launch
     launch = detect(local_rank_arg=local_rank_arg)
-    if launch.launcher == "mpi":
-        launch = _mpi_master(launch)
+    if launch.world > 1 and launch.launcher in ("openmpi", "mpich", "mvapich"):
+        launch = _mpi_fill(launch)
     _launch = launch
     if launch.world == 1 or dist.is_initialized():
         return launch
+    _check_resolves(launch)
     os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world), LOCAL_RANK=str(launch.local_rank),
                       MASTER_ADDR=launch.master_addr, MASTER_PORT=str(launch.master_port))
     cuda = torch.cuda.is_available()
@@ -123,6 +262,9 @@ def init(local_rank_arg=None, timeout_minutes=30) -> Launch:
             compat["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    if launch.rank == 0:
+        print(f"distributed: {launch.world} ranks started by {launch.launcher}, master "
+              f"{launch.master_addr}:{launch.master_port}", flush=True)
     return launch
 
 
@@ -181,3 +323,30 @@ def shutdown():
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def main(argv=None):
+    """`python -m semalign_ds.distributed show` prints what this process's environment says (run it under the
+    launcher to check a rank mapping); `check-hostfile FILE [--batch-size N]` checks a deepspeed hostfile."""
+    p = argparse.ArgumentParser(prog="python -m semalign_ds.distributed")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("show")
+    hf = sub.add_parser("check-hostfile")
+    hf.add_argument("path")
+    hf.add_argument("--batch-size", type=int, default=None)
+    args = p.parse_args(argv)
+    try:
+        if args.command == "show":
+            print(detect())
+        else:
+            pool = check_hostfile(args.path, args.batch_size)
+            print(f"{args.path}: {len(pool)} hosts, {sum(pool.values())} processes: "
+                  + ", ".join(f"{h} ({s})" for h, s in pool.items()))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -102,17 +102,18 @@ def sharded_source(spec, gguf_file, dtype, seed, ds):
     from transformers.integrations import HfDeepSpeedConfig
 
     from semalign_ds import models
-    import transformers  # noqa: F401  model classes must be imported before zero.Init (PLATFORM.md)
     if models.resolve(spec, gguf_file)[0].endswith(".json"):
         # a random-init model must get the same weights as on one process: build it whole, partition it in
         # deepspeed.initialize (random-init models are small test models)
         model = models.load_model(spec, gguf_file, dtype, seed)
     else:
-        keep_alive = HfDeepSpeedConfig(ds)  # from_pretrained loads straight into partitions (zero.Init)
+        # while this object lives, from_pretrained loads straight into partitions (zero.Init); it is one global,
+        # dropped at once so that later models are built whole
+        zero3 = HfDeepSpeedConfig(ds)
         try:
             model = models.load_model(spec, gguf_file, dtype, seed)
         finally:
-            del keep_alive
+            del zero3
     engine, *_ = deepspeed.initialize(model=model, config=ds)
     engine.eval()
     return model, engine

@@ -18,7 +18,6 @@ Back ends:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 BACKENDS = ("auto", "naive", "chunked", "triton")
 REDUCTIONS = ("mean", "sum", "none")

@@ -172,15 +172,7 @@ class Run:
 
     # --- models --------------------------------------------------------------------------------------------
     def load_target(self):
-        """The target as it starts: loaded, or pruned from a fresh (unsharded) copy of the source."""
-        cfg = self.cfg
-        if cfg.target_keep_layers is not None:
-            source = models.load_model(cfg.source, cfg.source_gguf_file, cfg.dtype, cfg.seed)
-            target = models.prune_layers(source, cfg.target_keep_layers)
-            del source
-        else:
-            target = models.load_model(cfg.target, cfg.target_gguf_file, cfg.dtype, cfg.seed + 1)
-        self.target = target.to(self.device)
+        self.target = initial_target(self.cfg).to(self.device)
         self.tgt = models.Adapter(self.target)
         self.head_t = self.tgt.head.weight[:self.vocab]
 
@@ -503,6 +495,15 @@ class Run:
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
         distributed.barrier()
+
+
+def initial_target(cfg):
+    """The target as training starts: loaded (a random-init one seeded with seed + 1, so that it differs from a
+    random-init source), or pruned from a fresh, unsharded copy of the source."""
+    if cfg.target_keep_layers is None:
+        return models.load_model(cfg.target, cfg.target_gguf_file, cfg.dtype, cfg.seed + 1)
+    source = models.load_model(cfg.source, cfg.source_gguf_file, cfg.dtype, cfg.seed)
+    return models.prune_layers(source, cfg.target_keep_layers)
 
 
 _FAULT_COUNTS = {}

@@ -7,6 +7,8 @@ import zlib
 from decimal import Decimal
 
 import pytest
+
+from semalign_ds import report
 import torch
 
 from helpers import TINY
@@ -266,7 +268,7 @@ def test_png_encoder_round_trip(tmp_path):
     import numpy as np
     img = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
     path = tmp_path / "x.png"
-    path.write_bytes(ev.encode_png(img))
+    path.write_bytes(report.encode_png(img))
     width, height, raw = read_png(path)
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, 3 * width + 1)
     assert (width, height) == (5, 7) and (rows[:, 0] == 0).all()

@@ -49,7 +49,7 @@ def test_outputs(tiny_run):
 def test_only_layers_change_and_the_frontier_is_the_trained_prefix(tiny_run):
     from transformers import AutoModelForCausalLM
     cfg = tiny_config(tiny_run)
-    before = models.load_model(cfg.target, seed=cfg.seed + 1).state_dict()
+    before = pipeline.initial_target(cfg).state_dict()
     after = AutoModelForCausalLM.from_pretrained(tiny_run / "target")
     for name, p in after.state_dict().items():
         if ".layers." not in name:
@@ -187,7 +187,7 @@ def test_baselines_train_what_they_should(tmp_path, method):
         assert {"source.1", "source.2", "source.3"} <= set(shard)
         torch.testing.assert_close(shard["source.2"].norm(dim=-1), torch.ones(len(shard["source.2"])))
     cfg = tiny_config(out, method=method, eval_data=None)
-    before = models.load_model(cfg.target, seed=cfg.seed + 1).state_dict()
+    before = pipeline.initial_target(cfg).state_dict()
     from transformers import AutoModelForCausalLM
     after = AutoModelForCausalLM.from_pretrained(out / "target").state_dict()
     changed = {n for n, p in after.items() if not torch.equal(p, before[n])}
