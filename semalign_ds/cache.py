@@ -75,7 +75,8 @@ class ActivationCache:
         if os.path.isfile(path):
             with open(path) as f:
                 old = json.load(f)
-            diff = sorted(k for k in set(old) | set(header) if old.get(k) != header.get(k))
+            summary = ("shards", "tokens")  # written once the cache is complete
+            diff = sorted(k for k in (set(old) | set(header)) - set(summary) if old.get(k) != header.get(k))
             if diff:
                 raise CacheMismatch(f"the activation cache in {self.folder} was made for other inputs (differs "
                                     f"in: {', '.join(diff)}); delete that folder or use a new output_dir")

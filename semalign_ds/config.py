@@ -63,13 +63,14 @@ class Config:
     # --- distribution --------------------------------------------------------------------------------------
     ds_source_config: Optional[str] = None  # DeepSpeed JSON for the source (ZeRO-3 inference)
     ds_target_config: Optional[str] = None  # DeepSpeed JSON for the target (ZeRO-2 stages)
+    collective_timeout_minutes: float = 30.0  # a rank that waits longer on the others stops with an error
     # --- output --------------------------------------------------------------------------------------------
     output_dir: str = "runs/default"
     log_every: int = 10
 
     # keys that change nothing computed: a resumed run may differ in these
     RUN_ONLY_KEYS = ("output_dir", "log_every", "device", "eval_batch_size", "checkpoint_every", "loss_backend",
-                     "recompute_corrupt")
+                     "recompute_corrupt", "collective_timeout_minutes")
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -113,7 +114,7 @@ class Config:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ConfigError(f"{name} must be >= 1 or null, got {v}")
-        for name in ("lr", "temperature"):
+        for name in ("lr", "temperature", "collective_timeout_minutes"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("weight_decay", "grad_clip", "fisher_weight", "ce_weight", "pairing_lambda",

@@ -207,9 +207,9 @@ def check_hostfile(path, batch_size=None) -> "OrderedDict[str, int]":
         raise ConfigError(f"hostfile {path} names no hosts: write one line per node, `HOST slots=N`")
     world = sum(pool.values())
     if batch_size is not None and batch_size % world:
-        raise ConfigError(f"hostfile {path} starts {world} processes ({', '.join(f'{h}: {s}' for h, s in pool.items())})"
-                          f", which does not divide batch_size {batch_size}: change the slots or set batch_size to "
-                          f"a multiple of {world}")
+        hosts = ", ".join(f"{h}: {s}" for h, s in pool.items())
+        raise ConfigError(f"hostfile {path} starts {world} processes ({hosts}), which does not divide batch_size "
+                          f"{batch_size}: change the slots or set batch_size to a multiple of {world}")
     return pool
 
 

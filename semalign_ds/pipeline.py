@@ -525,7 +525,7 @@ def fault_point(name, rank):
 
 def run(cfg: Config, local_rank=None):
     """The whole pipeline; returns the report (or None without evaluation data)."""
-    distributed.init(local_rank)
+    distributed.init(local_rank, timeout_minutes=cfg.collective_timeout_minutes)
     try:
         return _run(cfg)
     finally:

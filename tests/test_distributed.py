@@ -23,10 +23,10 @@ def env():
     return e
 
 
-def torchrun(out, fault=None, timeout=300):
+def torchrun(out, fault=None, timeout=300, **extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "launchers", "transfer.py"), "--config", TINY_YAML, "--output-dir", str(out)]
-    cmd += [f"--set={k}={v}" for k, v in SETTINGS.items()]
+    cmd += [f"--set={k}={v}" for k, v in {**SETTINGS, **extra}.items()]
     e = env()
     if fault:
         e["SEMALIGN_DS_FAULT"] = fault
@@ -112,3 +112,12 @@ def test_a_dead_rank_ends_the_run(tmp_path):
     proc, seconds = torchrun(tmp_path / "dead", fault="stage_step:3:1", timeout=240)
     assert proc.returncode != 0
     assert seconds < 180
+
+
+def test_a_zero3_target_by_config(runs, tmp_path):
+    """A target too large for one rank can be sharded too: ZeRO-3 stages give the same target."""
+    proc, _ = torchrun(tmp_path / "z3", ds_target_config=os.path.join(ROOT, "ds_configs", "target_zero3.json"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = weights(runs[0]), weights(tmp_path / "z3")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5)

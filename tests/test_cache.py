@@ -1,0 +1,59 @@
+"""The activation cache refuses a cache made from other inputs, names damaged shards, and recomputes on request."""
+import json
+
+import pytest
+import torch
+
+from semalign_ds import pipeline
+from semalign_ds.cache import ActivationCache, CacheMismatch, CorruptShard
+from tests.test_pipeline import tiny_config
+
+
+def shard_tensors(seed, rows=5):
+    gen = torch.Generator().manual_seed(seed)
+    return {"aligned.1": torch.randn(rows, 7, generator=gen), "source_final": torch.randn(rows, 9, generator=gen)}
+
+
+def test_manifest_refuses_other_inputs(tmp_path):
+    store = ActivationCache(tmp_path, n_examples=10, shard_examples=4).open({"source": "a", "pairs": [2, 4]})
+    assert store.n_shards == 3 and store.shard_range(2) == (8, 10)
+    ActivationCache(tmp_path, 10, 4).open({"source": "a", "pairs": [2, 4]})  # the same inputs: reused
+    with pytest.raises(CacheMismatch, match=r"made for other inputs \(differs in: pairs\)"):
+        ActivationCache(tmp_path, 10, 4).open({"source": "a", "pairs": [3, 4]})
+    with pytest.raises(CacheMismatch, match="n_examples, shard_examples"):
+        ActivationCache(tmp_path, 12, 5).open({"source": "a", "pairs": [2, 4]})
+
+
+def test_shards_are_verified_and_recomputed_on_request(tmp_path):
+    store = ActivationCache(tmp_path, n_examples=10, shard_examples=4).open({"source": "a"})
+    assert store.pending() == [0, 1, 2]
+    for i in (0, 2):
+        store.write(i, shard_tensors(i))
+    assert store.pending() == [1]
+    entry = json.loads((tmp_path / "shard-00002.json").read_text())
+    assert entry["tokens"] == 5 and entry["shapes"]["aligned.1"] == [5, 7]
+    data = tmp_path / "shard-00002.safetensors"
+    raw = bytearray(data.read_bytes())
+    raw[-3] ^= 0xFF  # one flipped byte in the tensor data
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CorruptShard, match="shard-00002.safetensors fails its checksum.*recompute_corrupt=true"):
+        store.pending()
+    assert store.pending(recompute_corrupt=True) == [1, 2]
+    assert not data.exists()
+
+
+def test_a_run_recomputes_a_corrupt_shard_when_asked(tmp_path):
+    out = tmp_path / "run"
+    pipeline.run(tiny_config(out, eval_data=None, stage_steps=2))
+    shard = out / "cache" / "shard-00001.safetensors"
+    good = shard.read_bytes()
+    raw = bytearray(good)
+    raw[-5] ^= 0x55
+    shard.write_bytes(bytes(raw))
+    state = json.loads((out / "state.json").read_text())
+    del state["done"]["cache"]  # as if the run had stopped before its cache was complete
+    (out / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CorruptShard, match="shard-00001"):
+        pipeline.run(tiny_config(out, eval_data=None, stage_steps=2))
+    pipeline.run(tiny_config(out, eval_data=None, stage_steps=2, recompute_corrupt=True))
+    assert shard.read_bytes() == good

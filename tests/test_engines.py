@@ -1,0 +1,51 @@
+"""DeepSpeed configs: what cannot serve its role is refused with the reason; "auto" fields are filled."""
+import json
+
+import pytest
+
+from semalign_ds import engines
+from semalign_ds.config import ConfigError
+
+
+def write(tmp_path, name, value):
+    path = tmp_path / name
+    path.write_text(json.dumps(value))
+    return str(path)
+
+
+def test_shipped_configs_load():
+    for name, role in (("source_zero3", "source"), ("target_zero2", "target"), ("target_zero2_offload", "target"),
+                       ("target_zero3", "target")):
+        ds = engines.load_ds_config(engines.default_config_path(name), role)
+        clip = 0.5 if role == "target" else None
+        filled = engines.fill(ds, micro_batch=3, world=4, dtype="bfloat16", grad_clip=clip)
+        assert filled["train_batch_size"] == 12 and filled["train_micro_batch_size_per_gpu"] == 3
+        assert filled["bf16"]["enabled"] is True
+        assert filled["gradient_clipping"] == (clip or 0.0)
+        assert "auto" not in json.dumps(filled)
+
+
+def test_source_config_with_training_blocks_is_refused(tmp_path):
+    path = write(tmp_path, "s.json", {"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}})
+    with pytest.raises(ConfigError, match="never trained.*optimizer block"):
+        engines.load_ds_config(path, "source")
+    path = write(tmp_path, "s1.json", {"zero_optimization": {"stage": 1}})
+    with pytest.raises(ConfigError, match="stage 1 does not partition parameters"):
+        engines.load_ds_config(path, "source")
+    path = write(tmp_path, "t.json", {"optimizer": {"type": "Adam"}})
+    with pytest.raises(ConfigError, match="optimizer comes from the run config"):
+        engines.load_ds_config(path, "target")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        engines.load_ds_config(str(tmp_path / "missing.json"), "source")
+
+
+def test_a_source_that_does_not_fit_needs_zero3():
+    huge = 10 * engines.device_memory()
+    with pytest.raises(ConfigError, match="more than one rank has.*use ZeRO stage 3"):
+        engines.check_source_fits({"zero_optimization": {"stage": 0}}, huge, 1)
+    engines.check_source_fits({"zero_optimization": {"stage": 3}}, huge, 1)  # sharded: fine
+
+
+def test_inconsistent_batch_sizes_are_refused():
+    with pytest.raises(ConfigError, match="batch sizes disagree"):
+        engines.fill({"train_batch_size": 10, "train_micro_batch_size_per_gpu": 3}, 3, 2, "float32")
