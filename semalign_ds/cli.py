@@ -25,7 +25,8 @@ def parser():
 def main(argv=None):
     args = parser().parse_args(argv)
     try:
-        cfg = config_mod.from_args(args)
+        from semalign_ds.embedded import DEFAULT_RUN
+        cfg = config_mod.from_args(args, base=DEFAULT_RUN)
         from semalign_ds.pipeline import run
         run(cfg, local_rank=args.local_rank)
     except config_mod.ConfigError as err:

@@ -149,9 +149,9 @@ def from_dict(values: dict, origin="config") -> Config:
     return Config(**values).validate()
 
 
-def load(path: str | None = None, overrides: dict | None = None) -> Config:
-    """Config from a YAML/JSON file (or the defaults), with `overrides` applied on top, validated."""
-    values = {}
+def load(path: str | None = None, overrides: dict | None = None, base: dict | None = None) -> Config:
+    """Config from a YAML/JSON file (or `base`, or the defaults), with `overrides` applied on top, validated."""
+    values = dict(base or {})
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
@@ -188,7 +188,8 @@ def add_arguments(parser: argparse.ArgumentParser):
                         help="override one config key, YAML syntax (repeatable), e.g. --set stage_steps=20")
 
 
-def from_args(args) -> Config:
+def from_args(args, base: dict | None = None) -> Config:
+    """The config of a command line: --config FILE (else `base`), then --output-dir and --set overrides."""
     overrides = {}
     for item in args.set:
         if "=" not in item:
@@ -197,6 +198,6 @@ def from_args(args) -> Config:
         overrides[key.strip()] = parse_value(key.strip(), text)
     if args.output_dir:
         overrides["output_dir"] = args.output_dir
-    return load(args.config, overrides)
+    return load(args.config, overrides, base if args.config is None else None)
 
 

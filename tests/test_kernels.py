@@ -25,52 +25,17 @@ if not torch.cuda.is_available():
 import zlib  # noqa: E402
 
 import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
 
 from semalign_ds.kernels.fisher_quadratic import fused_fisher_quadratic  # noqa: E402
 from semalign_ds.kernels.linear_kl import fused_linear_kl  # noqa: E402
 from semalign_ds.losses import fisher_quadratic_loss, linear_kl_loss  # noqa: E402
+from tests.references import fisher_reference, kl_reference, reduce  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 5e-3), torch.bfloat16: (1e-2, 2e-2)}
 N, D, D_S, V = 37, 72, 56, 1000
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# references (float64, CPU)
-
-def fisher_reference(x, y, w, tau):
-    """Per-row loss as the explicit quadratic form delta^T F delta, F = diag(p*) - p* p*^T built per row. F depends
-    on the target only (a constant), so the value is delta^T F delta and the gradient 2 F delta: written so that
-    autograd does not keep 37 V x V matrices alive. Gradient flows to x and to w through W x only."""
-    z = x @ w.T
-    with torch.no_grad():
-        z_star = y @ w.T
-        p = torch.softmax(z_star / tau, dim=-1)
-    delta = (z - z_star) / tau
-    rows = []
-    for n in range(x.shape[0]):
-        with torch.no_grad():
-            fisher = torch.outer(p[n], -p[n])
-            fisher.diagonal().add_(p[n])
-            f_delta = fisher @ delta[n].detach()
-        rows.append(2 * delta[n] @ f_delta - delta[n].detach() @ f_delta)
-    return tau * tau / 2 * torch.stack(rows)
-
-
-def kl_reference(x_t, w_t, x_s, w_s, tau):
-    log_ps = torch.log_softmax(x_s @ w_s.T / tau, dim=-1)
-    log_pt = torch.log_softmax(x_t @ w_t.T / tau, dim=-1)
-    return tau * tau * F.kl_div(log_pt, log_ps, log_target=True, reduction="none").sum(-1)
-
-
-def reduce(per_row, mask, reduction):
-    per_row = per_row * mask
-    if reduction == "none":
-        return per_row
-    return per_row.sum() if reduction == "sum" else per_row.sum() / max(int(mask.sum()), 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

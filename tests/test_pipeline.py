@@ -192,3 +192,17 @@ def test_baselines_train_what_they_should(tmp_path, method):
     after = AutoModelForCausalLM.from_pretrained(out / "target").state_dict()
     changed = {n for n, p in after.items() if not torch.equal(p, before[n])}
     assert changed == {n for n in after if ".layers." in n}
+
+
+def test_the_default_run_is_the_committed_default_config():
+    """`semalign-ds` without --config and launchers/configs/default.yaml describe the same run."""
+    import yaml
+
+    from semalign_ds.embedded import DEFAULT_RUN
+    from tests.helpers import ROOT
+    with open(os.path.join(ROOT, "launchers", "configs", "default.yaml")) as f:
+        assert yaml.safe_load(f) == DEFAULT_RUN
+    import argparse
+    args = argparse.Namespace(config=None, set=["stage_steps=3"], output_dir=None)
+    cfg = config_mod.from_args(args, base=DEFAULT_RUN)
+    assert cfg.stage_steps == 3 and cfg.target_keep_layers == DEFAULT_RUN["target_keep_layers"]
