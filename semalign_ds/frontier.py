@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from semalign_ds.losses import fisher_quadratic_loss, linear_kl_loss
 
@@ -64,10 +65,11 @@ class Frontier:
             self.states[a:b] = padded[row, :b - a]
 
     @torch.no_grad()
-    def advance(self, fn, data, pad_id, batch_size, device):
+    def advance(self, fn, data, pad_id, batch_size, device, show=False):
         """The next frontier: fn(h [B, T, d], attention [B, T]) -> [B, T, d] over every member sequence."""
         new = Frontier(torch.empty_like(self.states), self.offsets, self.members)
-        for idx in index_batches(len(self.members), batch_size):
+        for idx in tqdm(index_batches(len(self.members), batch_size), desc="frontier", disable=not show,
+                        leave=False):
             idx = [self.members[j] for j in idx]
             _, attn, _ = data.batch(idx, pad_id)
             new.put(idx, fn(self.batch(idx).to(device), attn.to(device)))

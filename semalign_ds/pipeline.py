@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from semalign_ds import alignment, attribution, config as config_mod, data as data_mod, distributed, engines, \
-    models, pairing
+    models, pairing, summary
 from semalign_ds.cache import ActivationCache, batch_entries
 from semalign_ds.config import Config, ConfigError
 from semalign_ds.evaluate import batch_nll
@@ -232,7 +232,8 @@ class Run:
                 sums[:-1] += scores.sum(0).double().cpu()
                 sums[-1] += int(attn.sum())
         distributed.all_reduce_sum(sums)
-        self.monitor.log("attribution", {"tokens_per_s": float(sums[-1]) / (time.time() - t0)}, 0)
+        seconds = time.time() - t0
+        self.monitor.log("attribution", {"tokens_per_s": float(sums[-1]) / seconds, "seconds": seconds}, 0)
         return (sums[:-1] / n).tolist()
 
     def make_plan(self):
@@ -298,10 +299,11 @@ class Run:
                 store.write(shard, {k: torch.cat([p[k] for p in parts[shard]]) for k in parts[shard][0]})
                 del parts[shard]
                 fault_point("cache_shard", self.rank)
-        rate = torch.tensor([tokens, time.time() - t0], dtype=torch.float64)
-        self.monitor.log("cache", {"tokens_per_s_rank0": float(rate[0] / max(rate[1], 1e-9)),
-                                   "tokens_per_s_total": float(distributed.all_reduce_sum(rate.clone())[0])
-                                   / max(float(rate[1]), 1e-9)}, 0)
+        seconds = time.time() - t0
+        total = float(distributed.all_reduce_sum(torch.tensor([tokens], dtype=torch.float64))[0])
+        self.monitor.log("cache", {"tokens_per_s_rank0": tokens / max(seconds, 1e-9),
+                                   "tokens_per_s_total": total / max(seconds, 1e-9), "seconds": seconds,
+                                   **summary.memory_scalars(self.device)}, 0)
         distributed.barrier()
         if self.main:
             store.write_manifest_summary()
@@ -353,7 +355,7 @@ class Run:
             metrics[str(k)] = self._train_stage(k, frontier, targets(k, k == self.n_target))
             self._save_trained(layer, weights_path)
             frontier = frontier.advance(lambda h, a: self.tgt.layer(k - 1, h, self.tgt.context(h, a)), self.data,
-                                        self.pad_id, cfg.eval_batch_size, self.device)
+                                        self.pad_id, cfg.eval_batch_size, self.device, show=self.main)
             save_file({"states": frontier.states}, self._frontier_path(k))
             self.state["stage_metrics"] = metrics
             self.mark(f"stage_{k}", metrics[str(k)])
@@ -468,7 +470,8 @@ class Run:
             if step % cfg.log_every == 0 or step == steps - 1:
                 self.monitor.log(tag, {"loss": history[-1], "grad_norm": grad_norm, "lr": cfg.lr,
                                        "tokens_per_s_rank0": tokens / (time.time() - t0),
-                                       **{n: float(v) for n, v in zip(names, report[1:])}}, step)
+                                       **{n: float(v) for n, v in zip(names, report[1:])},
+                                       **summary.memory_scalars(self.device)}, step)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
                 stage.save(ckpt_dir, {"step": step + 1, "history": history})
             fault_point("stage_step", self.rank)
@@ -582,6 +585,8 @@ def _run(cfg):
             with open(r.path("report.md"), "w") as f:
                 f.write(report_markdown(report, cfg))
         r.monitor.print(report_markdown(report, cfg))
+    if r.main:
+        print(summary.summarize(r.out), flush=True)
     r.monitor.print(f"done in {time.time() - t_start:.0f} s; exported target: {r.path('target')}")
     r.monitor.close()
     return report or None
