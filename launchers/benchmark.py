@@ -61,6 +61,32 @@ def worker(argv):
     return main(argv)
 
 
+def plain_forward(run_dir):
+    """A plain single-process Hugging Face forward (all hidden states) over the run's transfer set, in the batches
+    the cache uses: the yardstick for the ZeRO-3 cache."""
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from semalign_ds import config as config_mod, models
+    from semalign_ds.data import TokenizedSet, pad_id
+    from semalign_ds.frontier import index_batches
+    from semalign_ds import summary
+    with open(os.path.join(run_dir, "config.json")) as f:
+        cfg = config_mod.from_dict(json.load(f))
+    model = models.load_model(cfg.source, cfg.source_gguf_file, cfg.dtype, cfg.seed)
+    data = TokenizedSet.load(os.path.join(run_dir, "data", "transfer.safetensors"))
+    pad = pad_id(models.load_tokenizer(cfg.source, cfg.source_gguf_file))
+    t0 = time.time()
+    with torch.no_grad():
+        for idx in index_batches(len(data), cfg.eval_batch_size):
+            ids, attn, _ = data.batch(idx, pad)
+            model(input_ids=ids, attention_mask=attn, output_hidden_states=True, use_cache=False)
+    seconds = time.time() - t0
+    tokens = int(data.offsets[-1])
+    print(json.dumps({"seconds": seconds, "tokens": tokens, "tokens_per_s_total": tokens / seconds,
+                      "memory": summary.memory_scalars()["rss_peak_mib"]}))
+
+
 # --- the driver ------------------------------------------------------------------------------------------------------
 def free_port():
     with socket.socket() as s:
@@ -114,7 +140,10 @@ def measure(run_dir, mem_dir, world, wall):
         with open(os.path.join(mem_dir, name)) as f:
             m = json.load(f)
         memory[m["rank"]] = m.get("cuda_peak_mib") or m.get("rss_peak_mib")
-    return {"phases": phases, "memory": [memory[r] for r in sorted(memory)]}
+    source_params = next((line.get("source_param_bytes_rank0") for line in summary.metric_lines(run_dir)
+                          if line.get("tag") == "memory"), None)
+    return {"phases": phases, "memory": [memory[r] for r in sorted(memory)],
+            "source_param_mib_rank0": source_params / 2**20 if source_params else None}
 
 
 # --- reporting -------------------------------------------------------------------------------------------------------
@@ -179,7 +208,9 @@ def table(results):
         lines.append(row)
     for r in results:
         mem = ", ".join(f"rank {i}: {m:.0f}" for i, m in enumerate(r["memory"]))
-        lines.append(f"world {r['world']} ({r['threads']} thread(s)/rank): peak memory MiB {mem}")
+        lines.append(f"world {r['world']} ({r['threads']} thread(s)/rank): peak memory MiB {mem}"
+                     + (f"; source parameters on rank 0 under ZeRO-3: {r['source_param_mib_rank0']:.0f} MiB"
+                        if r.get("source_param_mib_rank0") else ""))
         stages = {n: p["seconds"] for n, p in r["phases"].items() if n.startswith("stage_") and p.get("seconds")}
         if len(stages) > 1:
             ratio = max(stages.values()) / min(stages.values())
@@ -225,6 +256,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
         return worker(argv[1:])
+    if argv[:1] == ["--plain-worker"]:
+        return plain_forward(argv[1])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--config", default=os.path.join(ROOT, "launchers", "configs", "default.yaml"),
@@ -236,6 +269,9 @@ def main(argv=None):
     p.add_argument("--no-results", action="store_true", help="print the table only")
     p.add_argument("--workdir", default=None, help="where the runs go (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the run directories")
+    p.add_argument("--plain-forward", action="store_true",
+                   help="also time a plain single-process Hugging Face forward of the source over the same tokens "
+                        "with all cores (the yardstick for the ZeRO-3 cache); shown as phase hf_forward of world 1")
     args = p.parse_args(argv)
     if any(w < 1 for w in args.world):
         p.error("--world takes world sizes >= 1")
@@ -253,6 +289,14 @@ def main(argv=None):
         for world in args.world:
             threads = args.threads or max(1, cores // world)
             results.append(run_one(world, threads, args, workdir))
+        base = next((r for r in results if r["world"] == 1), None)
+        if args.plain_forward and base is not None:
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads * max(args.world) if args.threads else cores))
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--plain-worker", base["run_dir"]],
+                                  env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+            plain = json.loads(proc.stdout.strip().splitlines()[-1])
+            base["phases"]["hf_forward"] = plain
+            print(f"plain HF forward: {plain['tokens_per_s_total']:.0f} tokens/s, peak {plain['memory']:.0f} MiB")
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
