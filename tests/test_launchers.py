@@ -24,9 +24,6 @@ SETTINGS = {"max_examples": 16, "stage_steps": 3, "eval_max_examples": 4, "eval_
 TRANSFER = os.path.join(ROOT, "launchers", "transfer.py")
 BIN = os.path.dirname(sys.executable)
 SLURM = os.path.join(ROOT, "launchers", "slurm")
-# launch paths beyond the ones the issue names, ~20 s each: run with SEMALIGN_DS_ALL_LAUNCHERS=1
-EXTRA = pytest.mark.skipif(os.environ.get("SEMALIGN_DS_ALL_LAUNCHERS") != "1",
-                           reason="extra launch path (~20 s); SEMALIGN_DS_ALL_LAUNCHERS=1 runs it")
 
 
 # --- detect(): the variables each launcher sets -----------------------------------------------------------------------
@@ -317,7 +314,6 @@ def test_deepspeed_launcher_one_node(reference, tmp_path):
     assert_same_target(out, reference)
 
 
-@EXTRA
 def test_deepspeed_launcher_two_nodes_without_ssh(reference, tmp_path):
     """The multi-node path of the deepspeed launcher (a hostfile of two nodes), each "node" started by hand with
     --no_ssh --node_rank, as on clusters without passwordless ssh."""
@@ -370,7 +366,7 @@ exit $rc
 """
 
 
-@pytest.mark.parametrize("launcher", ["srun", pytest.param("torchrun", marks=EXTRA)])
+@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
 def test_sbatch_script_on_a_fake_two_node_allocation(reference, tmp_path, launcher):
     """transfer.sbatch run as the batch step of a 2-node job, with srun/scontrol stand-ins that start the tasks on
     this machine: LAUNCHER=srun (SLURM variables name the ranks) and LAUNCHER=torchrun (one torchrun per node, c10d
