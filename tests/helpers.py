@@ -16,6 +16,8 @@ ARCH_CONFIGS = {
                     num_key_value_heads=2, sliding_window=5, head_dim=10),
     "qwen2": dict(model_type="qwen2", hidden_size=40, intermediate_size=72, num_attention_heads=4,
                   num_key_value_heads=2, use_sliding_window=False),
+    "qwen3": dict(model_type="qwen3", hidden_size=40, intermediate_size=72, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=10),
     "gpt2": dict(model_type="gpt2", n_embd=40, n_head=4, n_positions=256),
 }
 

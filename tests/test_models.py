@@ -7,7 +7,7 @@ from semalign_ds.config import ConfigError
 from tests.helpers import random_model
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gpt2"])
 def test_layer_by_layer_matches_forward(arch):
     model = random_model(arch, layers=3, seed=1)
     ad = models.Adapter(model)
