@@ -41,9 +41,6 @@ class Frontier:
             frontier.put(idx, adapter.embed(ids.to(device)))
         return frontier
 
-    def owns(self, i):
-        return i in self.start
-
     def _span(self, i):
         a = self.start[i]
         return a, a + int(self.offsets[i + 1] - self.offsets[i])

@@ -262,11 +262,12 @@ class Run:
     def cache(self, plan, m):
         cfg = self.cfg
         store = ActivationCache(self.path("cache"), len(self.data), cfg.cache_shard_examples)
+        source_states = cfg.method == "layerwise"  # the layer-wise baseline trains on the unaligned states
         header = {"source": cfg.source, "target": cfg.target or f"prune:{cfg.target_keep_layers}",
                   "pairs": plan["pairs"], "vocab": self.vocab, "data_tokens": int(self.data.offsets[-1]),
                   "tokenizer": type(self.tokenizer).__name__ + f":{len(self.tokenizer)}",
                   "normalize_source": cfg.normalize_source, "dtype": cfg.dtype,
-                  "source_states": cfg.method == "layerwise"}
+                  "source_states": source_states}
         if self.main:
             store.open(header)
             head_path = self.path("cache", "source_head.safetensors")
@@ -290,7 +291,7 @@ class Run:
             ids, attn, loss = (t.to(self.device) for t in self.data.batch(idx, self.pad_id))
             with torch.no_grad():
                 out = batch_entries(self.src, ids, attn, loss, plan["pairs"], m, cfg.normalize_source,
-                                    self.src_runner, source_states=cfg.method == "layerwise")
+                                    self.src_runner, source_states)
             if not real:
                 continue
             tokens += int(attn.sum())
