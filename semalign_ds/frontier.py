@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from semalign_ds.data import index_batches
 from semalign_ds.losses import fisher_quadratic_loss, linear_kl_loss
 
 
@@ -71,10 +72,6 @@ class Frontier:
             _, attn, _ = data.batch(idx, pad_id)
             new.put(idx, fn(self.batch(idx).to(device), attn.to(device)))
         return new
-
-
-def index_batches(n, batch_size):
-    return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
 
 
 def stage_loss(adapter, k, n_layers, h_in, attn, loss_mask, targets, head_weight, cfg, ids=None, normalizer=None,

@@ -36,11 +36,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from semalign_ds import alignment, attribution, config as config_mod, data as data_mod, distributed, engines, \
-    models, pairing, summary
+    export, models, pairing, summary
 from semalign_ds.cache import ActivationCache, batch_entries
 from semalign_ds.config import Config, ConfigError
-from semalign_ds.evaluate import batch_nll
-from semalign_ds.frontier import Frontier, index_batches, objective, stage_loss
+from semalign_ds.nll import batch_nll
+from semalign_ds.data import index_batches
+from semalign_ds.frontier import Frontier, objective, stage_loss
 from semalign_ds.monitor import Monitor
 
 
@@ -196,14 +197,9 @@ class Run:
         self.head_s = engines.whole(self.src.head.weight)[:self.vocab]
 
     def lockstep(self, indices, batch_size):
-        """This rank's batches of `indices` as (batch, real) pairs, padded with repeats so that every rank runs as
-        many forwards as the busiest one: ZeRO-3 gathers parameters collectively."""
+        """This rank's batches of `indices`, padded so that every rank runs as many ZeRO-3 forwards."""
         batches = [[indices[j] for j in b] for b in index_batches(len(indices), batch_size)]
-        most = len(batches)
-        if self.use_zero_source and self.world > 1:
-            most = max(distributed.all_gather_object(len(batches)))
-        filler = batches[0] if batches else [0]
-        return [(b, True) for b in batches] + [(filler, False)] * (most - len(batches))
+        return distributed.lockstep(batches, collective=self.use_zero_source and self.world > 1)
 
     # --- phases --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -488,16 +484,9 @@ class Run:
     # --- export and report ---------------------------------------------------------------------------------
     def export(self, plan, metrics):
         if self.main:
-            folder = self.path("target")
-            tmp = folder + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.target.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            _atomic_json(os.path.join(tmp, "semalign_plan.json"), plan)
-            _atomic_json(os.path.join(tmp, "semalign_metrics.json"), metrics)
-            self.cfg.save(os.path.join(tmp, "semalign_config.json"))
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
+            export.save_hf(self.target, self.tokenizer, self.path("target"),
+                           {"semalign_plan.json": plan, "semalign_metrics.json": metrics,
+                            "semalign_config.json": self.cfg.to_dict()})
         distributed.barrier()
 
 
