@@ -41,3 +41,20 @@ def source_direction(h: torch.Tensor, final_norm=None) -> torch.Tensor:
 def align(m: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """a = M u for a batch of unit source states u [N, d_s] -> [N, d_t]."""
     return u @ m.T
+
+
+def phase(s, head_t, head_s):
+    """The alignment map of the run: alignment.safetensors when intact, else computed by rank 0 and saved."""
+    from semalign_ds import distributed, rundir
+    path = s.rd.path("alignment.safetensors")
+    try:
+        ok = rundir.verified(path)
+    except rundir.DamagedFile as err:
+        ok = False
+        if s.main:
+            print(f"{err}: recomputing it", flush=True)
+    if not ok and s.main:
+        dtype = torch.float64 if s.cfg.basis_dtype == "float64" else torch.float32
+        rundir.save_tensors(path, {"M": alignment_map(head_t.detach(), head_s, dtype)})
+    distributed.barrier()
+    return rundir.load_tensors(path)["M"].to(s.device)

@@ -28,3 +28,29 @@ def batch_scores(adapter, ids, attn, loss_mask, head_weight, runner=None):
     mask = loss_mask.unsqueeze(-1)
     scores = [((h.to(acc) * g.to(acc)) * mask).sum(dim=(1, 2)).abs() for h, g in zip(states, grads)]
     return torch.stack(scores, dim=1).detach()
+
+
+def phase(s, src, runner, head_s):
+    """Scores of every source layer over the first attribution_examples examples, data-parallel over ranks (every
+    rank returns the same scores)."""
+    import time
+
+    from semalign_ds import distributed
+    from semalign_ds.data import index_batches
+    cfg = s.cfg
+    n = len(s.data) if cfg.attribution_examples is None else min(cfg.attribution_examples, len(s.data))
+    mine = distributed.shard(n)
+    batches = [[mine[j] for j in b] for b in index_batches(len(mine), cfg.eval_batch_size)]
+    sums = torch.zeros(s.n_source + 1, dtype=torch.float64)  # scores per layer, and tokens
+    t0 = time.time()
+    for idx, real in s.bar(distributed.lockstep(batches, collective=runner is not None and s.world > 1),
+                           desc="attribution"):
+        ids, attn, loss = (t.to(s.device) for t in s.data.batch(idx, s.pad_id))
+        scores = batch_scores(src, ids, attn, loss, head_s, runner)
+        if real:
+            sums[:-1] += scores.sum(0).double().cpu()
+            sums[-1] += int(attn.sum())
+    distributed.all_reduce_sum(sums)
+    seconds = time.time() - t0
+    s.monitor.log("attribution", {"tokens_per_s": float(sums[-1]) / seconds, "seconds": seconds}, 0)
+    return (sums[:-1] / n).tolist()

@@ -6,21 +6,26 @@ target width) and the source's final normed state n_s(h^(L_s)) ("source_final", 
 Layout: shard i holds examples [i * E, (i + 1) * E) (E = shard_examples) in shard-0000i.safetensors, with a sidecar
 shard-0000i.json (token count, sha256) written after the file is complete. A shard whose sidecar is present and
 whose checksum matches is never recomputed, so a killed run resumes where it stopped, and the shard layout does not
-depend on how many ranks wrote it. manifest.json says what the cache was made from; a cache made from other models,
-plan, tokenizer or data is refused instead of being reused.
+depend on how many ranks wrote it. manifest.json says what the cache was made from (model weight fingerprints, the
+alignment map's and the tokenised data's checksums, the seed, the pairs); a cache made from anything else is
+refused instead of being reused. Every shard is verified against its checksum before training reads it, and each
+rank reads only the rows of its own sequences, shard by shard.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import time
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from semalign_ds import distributed, models, rundir, summary
 from semalign_ds.alignment import align, source_direction
 from semalign_ds.config import ConfigError
+from semalign_ds.data import index_batches
+from semalign_ds.faults import fault_point
 
 
 class CacheMismatch(ConfigError):
@@ -44,14 +49,6 @@ def batch_entries(adapter_s, ids, attn, loss_mask, pairs, m, normalize=True, run
             out[f"source.{k}"] = u
     out["source_final"] = adapter_s.norm(states[-1][loss_mask]).float()
     return out
-
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ActivationCache:
@@ -81,7 +78,7 @@ class ActivationCache:
                 raise CacheMismatch(f"the activation cache in {self.folder} was made for other inputs (differs "
                                     f"in: {', '.join(diff)}); delete that folder or use a new output_dir")
         else:
-            _atomic_json(path, header)
+            rundir.write_json(path, header)
         return self
 
     def write_manifest_summary(self):
@@ -91,7 +88,7 @@ class ActivationCache:
             manifest = json.load(f)
         manifest["shards"] = [self.entry(i) for i in range(self.n_shards)]
         manifest["tokens"] = sum(e["tokens"] for e in manifest["shards"])
-        _atomic_json(path, manifest)
+        rundir.write_json(path, manifest)
         return manifest
 
     # --- shards --------------------------------------------------------------------------------------------
@@ -107,9 +104,8 @@ class ActivationCache:
         entry = self.entry(i)
         if entry is None or not os.path.isfile(data):
             return False
-        if verify and sha256(data) != entry["sha256"]:
-            raise CorruptShard(f"cache shard {data} fails its checksum (file damaged or changed); rerun with "
-                               f"--set recompute_corrupt=true to recompute it, or delete it")
+        if verify and rundir.sha256(data) != entry["sha256"]:
+            raise CorruptShard(f"cache shard {data} fails its checksum (file damaged or changed)")
         return True
 
     def pending(self, verify=True, recompute_corrupt=False):
@@ -121,6 +117,7 @@ class ActivationCache:
             except CorruptShard:
                 if not recompute_corrupt:
                     raise
+                print(f"cache shard {self._paths(i)[0]} is damaged: recomputing it", flush=True)
                 for p in self._paths(i):
                     if os.path.exists(p):
                         os.remove(p)
@@ -135,22 +132,116 @@ class ActivationCache:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
         os.replace(tmp, data)
         tokens = int(tensors["source_final"].shape[0])
-        _atomic_json(side, {"file": os.path.basename(data), "examples": list(self.shard_range(i)),
-                            "tokens": tokens, "sha256": sha256(data),
+        rundir.write_json(side, {"file": os.path.basename(data), "examples": list(self.shard_range(i)),
+                            "tokens": tokens, "sha256": rundir.sha256(data),
                             "shapes": {k: list(v.shape) for k, v in tensors.items()},
                             "dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in tensors.items()}})
 
-    def load(self, key):
-        """Rows of `key` for all examples, in example order."""
-        parts = []
+    def damaged(self):
+        """Messages for the shards that are missing or fail their checksums (removed, so they are recomputed)."""
+        problems = []
         for i in range(self.n_shards):
+            try:
+                if not self.is_complete(i):
+                    problems.append(f"cache shard {self._paths(i)[0]} is missing")
+            except CorruptShard as err:
+                problems.append(str(err))
+                for p in self._paths(i):
+                    if os.path.exists(p):
+                        os.remove(p)
+        return problems
+
+    def verify(self):
+        """Refuse to train on a cache with a missing or damaged shard."""
+        for i in range(self.n_shards):
+            try:
+                complete = self.is_complete(i)
+            except CorruptShard as err:
+                raise CorruptShard(f"{err}: rerun the same command to recompute it") from None
+            if not complete:
+                raise CorruptShard(f"cache shard {self._paths(i)[0]} is missing: rerun the same command to "
+                                   f"recompute it")
+
+    def head_path(self):
+        return os.path.join(self.folder, "source_head.safetensors")
+
+    def rows(self, key, sequences, counts):
+        """Rows of `key` for the given sequences (increasing example indices), in that order; read shard by
+        shard, each sequence's rows as one slice: a rank never loads rows it does not own."""
+        starts = torch.zeros(len(counts) + 1, dtype=torch.long)
+        starts[1:] = counts.cumsum(0)
+        parts, wanted = [], sorted(sequences)
+        for i in range(self.n_shards):
+            first, last = self.shard_range(i)
+            mine = [j for j in wanted if first <= j < last]
+            if not mine:
+                continue
             with safe_open(self._paths(i)[0], framework="pt") as f:
-                parts.append(f.get_tensor(key))
+                sliced = f.get_slice(key)
+                for j in mine:
+                    a, b = int(starts[j] - starts[first]), int(starts[j + 1] - starts[first])
+                    parts.append(sliced[a:b])
+        if not parts:
+            with safe_open(self._paths(0)[0], framework="pt") as f:
+                return f.get_slice(key)[0:0]
         return torch.cat(parts)
 
 
-def _atomic_json(path, value):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(tmp, path)
+def phase(s, src, runner, head_s, plan, m):
+    """Run the source over the transfer set once and write the cache; shards already written and intact are
+    kept. Every rank writes its own shards and issues the same number of forwards (ZeRO-3 gathers collectively)."""
+    cfg = s.cfg
+    store = ActivationCache(s.rd.path("cache"), len(s.data), cfg.cache_shard_examples)
+    source_states = cfg.method == "layerwise"  # the layer-wise baseline trains on the unaligned states
+    header = {"source": cfg.source, "target": cfg.target or f"prune:{cfg.target_keep_layers}",
+              "source_weights": models.fingerprint(cfg.source, cfg.source_gguf_file, cfg.seed),
+              "target_weights": (models.fingerprint(cfg.target, cfg.target_gguf_file, cfg.seed + 1)
+                                 if cfg.target else "pruned from the source"),
+              "seed": cfg.seed, "pairs": plan["pairs"], "vocab": s.vocab,
+              "alignment_sha256": rundir.sha256(s.rd.path("alignment.safetensors")),
+              "data_sha256": rundir.sha256(s.rd.path("data", "transfer.safetensors")),
+              "tokenizer": type(s.tokenizer).__name__ + f":{len(s.tokenizer)}",
+              "normalize_source": cfg.normalize_source, "dtype": cfg.dtype, "source_states": source_states}
+    if s.main:
+        store.open(header)
+        if not _intact(store.head_path()):
+            rundir.save_tensors(store.head_path(), {"weight": head_s.float()})
+    distributed.barrier()
+    store.open(header)  # every rank checks the manifest
+    todo = store.pending(recompute_corrupt=s.main) if s.main else None
+    todo = distributed.broadcast_object(todo)
+    mine = todo[s.rank::s.world]
+    batches = [(i, b) for i in mine for b in index_batches(len(range(*store.shard_range(i))), cfg.eval_batch_size)]
+    jobs = distributed.lockstep(batches, collective=s.world > 1, filler=(0, [0]))
+    t0, tokens, parts = time.time(), 0, {}
+    for j, ((shard, local), real) in enumerate(s.bar(jobs, desc="activation cache")):
+        start = store.shard_range(shard)[0]
+        idx = [start + x for x in local]
+        ids, attn, loss = (t.to(s.device) for t in s.data.batch(idx, s.pad_id))
+        with torch.no_grad():
+            out = batch_entries(src, ids, attn, loss, plan["pairs"], m, cfg.normalize_source, runner,
+                                source_states)
+        if not real:
+            continue
+        tokens += int(attn.sum())
+        parts.setdefault(shard, []).append({k: v.cpu() for k, v in out.items()})
+        if j + 1 == len(batches) or batches[j + 1][0] != shard:  # the shard is complete
+            store.write(shard, {k: torch.cat([p[k] for p in parts[shard]]) for k in parts[shard][0]})
+            del parts[shard]
+            fault_point("cache_shard", s.rank)
+    seconds = time.time() - t0
+    total = float(distributed.all_reduce_sum(torch.tensor([tokens], dtype=torch.float64))[0])
+    s.monitor.log("cache", {"tokens_per_s_rank0": tokens / max(seconds, 1e-9),
+                            "tokens_per_s_total": total / max(seconds, 1e-9), "seconds": seconds,
+                            **summary.memory_scalars(s.device)}, 0)
+    distributed.barrier()
+    if s.main:
+        store.write_manifest_summary()
+    distributed.barrier()
+
+
+def _intact(path):
+    try:
+        return rundir.verified(path)
+    except rundir.DamagedFile:
+        return False

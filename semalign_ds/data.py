@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from semalign_ds.config import ConfigError
 
@@ -72,6 +72,16 @@ def read_records(spec, split="train", config_name=None, name="data"):
     return list(ds)
 
 
+def batch_order(n, batch_size, steps, seed, stage):
+    """Sequence indices of every step of a training stage, the same whatever the world size: seeded epochs of
+    random permutations, resumable at any step."""
+    gen = torch.Generator().manual_seed(seed * 1000003 + stage)
+    stream = []
+    while len(stream) < steps * batch_size:
+        stream += torch.randperm(n, generator=gen).tolist()
+    return [stream[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
+
+
 def index_batches(n, batch_size):
     """Positions 0..n-1 in consecutive batches of at most batch_size."""
     return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
@@ -116,13 +126,16 @@ class TokenizedSet:
             loss[row, :b - a] = self.loss[a:b]
         return ids, attn, loss
 
-    def save(self, path):
-        save_file({"ids": self.ids, "loss": self.loss.to(torch.uint8), "offsets": self.offsets}, path)
+    def tensors(self):
+        return {"ids": self.ids, "loss": self.loss.to(torch.uint8), "offsets": self.offsets}
+
+    @classmethod
+    def from_tensors(cls, t):
+        return cls(t["ids"], t["loss"].bool(), t["offsets"])
 
     @classmethod
     def load(cls, path):
-        t = load_file(path)
-        return cls(t["ids"], t["loss"].bool(), t["offsets"])
+        return cls.from_tensors(load_file(path))
 
 
 def tokenize(rows, tokenizer, max_seq_len, loss_on="response", chat_template="auto", max_examples=None,

@@ -28,6 +28,7 @@ import argparse
 import datetime
 import os
 import re
+import signal
 import socket
 import sys
 from collections import OrderedDict
@@ -239,6 +240,19 @@ def _check_resolves(launch: Launch):
 _launch = Launch()
 
 
+def _die_with_parent():
+    """Workers of torchrun and the deepspeed launcher end when their launcher does (a SIGKILLed agent would
+    otherwise leave them running, and a rerun would race them)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def init(local_rank_arg=None, timeout_minutes=30) -> Launch:
     """Join the process group when there is more than one rank (gloo on CPU, nccl on CUDA)."""
     global _launch
@@ -249,6 +263,8 @@ def init(local_rank_arg=None, timeout_minutes=30) -> Launch:
     if launch.world == 1 or dist.is_initialized():
         return launch
     _check_resolves(launch)
+    if launch.launcher in ("torchrun", "deepspeed", "env"):
+        _die_with_parent()
     os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world), LOCAL_RANK=str(launch.local_rank),
                       MASTER_ADDR=launch.master_addr, MASTER_PORT=str(launch.master_port))
     cuda = torch.cuda.is_available()
@@ -312,14 +328,14 @@ def broadcast_object(obj, src=0):
     return box[0]
 
 
-def lockstep(batches, collective=True):
+def lockstep(batches, collective=True, filler=None):
     """This rank's `batches` as (batch, real) pairs, padded with repeats of its first batch (real=False) so that
     every rank runs as many as the busiest one. The one place that knows the rule: under ZeRO-3 every forward
     gathers parameters collectively, and under ZeRO-2 every backward reduces gradients collectively, so a rank
-    that stops early hangs the others. A rank with no batch of its own repeats `[0]`."""
+    that stops early hangs the others. A rank with no batch of its own repeats `filler` (default `[0]`)."""
     batches = list(batches)
     most = max(all_gather_object(len(batches))) if collective else len(batches)
-    filler = batches[0] if batches else [0]
+    filler = batches[0] if batches else ([0] if filler is None else filler)
     return [(b, True) for b in batches] + [(filler, False)] * (most - len(batches))
 
 
@@ -334,6 +350,23 @@ def shutdown():
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def abort(err):
+    """End this rank at once after a failure, showing its error, so that the other ranks fail fast on the broken
+    connection (and their launcher stops them) instead of waiting in a collective until the timeout. On one
+    process the error simply propagates."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    import traceback
+    sys.stdout.flush()
+    if isinstance(err, ConfigError):
+        print(f"semalign-ds: error on rank {dist.get_rank()}: {err}", file=sys.stderr, flush=True)
+    elif not isinstance(err, KeyboardInterrupt):
+        print(f"semalign-ds: rank {dist.get_rank()} failed:", file=sys.stderr)
+        traceback.print_exception(err)
+    sys.stderr.flush()
+    os._exit(2 if isinstance(err, ConfigError) else 1)
 
 
 def main(argv=None):

@@ -47,14 +47,22 @@ def load_ds_config(path, role):
             raise ConfigError(f"{path}: ZeRO stage {stage} does not partition parameters, so it does nothing for a "
                               f"model that is not trained; use stage 3 (sharded source) or 0 (replicated)")
     elif "optimizer" in ds:
-        raise ConfigError(f"{path}: the target's optimizer comes from the run config (AdamW with lr, "
-                          f"weight_decay); remove the optimizer block from the DeepSpeed config")
+        params = ds["optimizer"].get("params", {})
+        fixed = [k for k in ("lr", "weight_decay") if params.get(k, "auto") != "auto"]
+        if fixed:
+            raise ConfigError(f"{path}: the optimizer's {' and '.join(fixed)} come from the run config (lr, "
+                              f"weight_decay); set them to \"auto\" in the optimizer block")
     return ds
 
 
-def fill(ds, micro_batch, world, dtype, grad_clip=None):
+def fill(ds, micro_batch, world, dtype, grad_clip=None, lr=None, weight_decay=None):
     """Resolve the "auto" fields a DeepSpeed config leaves to the run."""
     ds = copy.deepcopy(ds)
+    if "optimizer" in ds:
+        params = ds["optimizer"].setdefault("params", {})
+        for key, value in (("lr", lr), ("weight_decay", weight_decay)):
+            if params.get(key, "auto") == "auto":
+                params[key] = value
     auto = {"train_micro_batch_size_per_gpu": micro_batch, "train_batch_size": micro_batch * world,
             "gradient_clipping": grad_clip if grad_clip is not None else 0.0}
     for key, value in auto.items():
@@ -165,21 +173,14 @@ class TorchStage:
         self.optimizer.step()
         return float(norm)
 
-    def save(self, folder, meta):
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, "stage.pt")
-        torch.save({"layer": self.layer.state_dict(), "optimizer": self.optimizer.state_dict(), "meta": meta},
-                   path + ".tmp")
-        os.replace(path + ".tmp", path)
+    def save(self, folder, tag):
+        torch.save({"layer": self.layer.state_dict(), "optimizer": self.optimizer.state_dict()},
+                   os.path.join(folder, tag, "stage.pt"))
 
-    def load(self, folder, device):
-        path = os.path.join(folder, "stage.pt")
-        if not os.path.isfile(path):
-            return None
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+    def load(self, folder, tag, device):
+        ckpt = torch.load(os.path.join(folder, tag, "stage.pt"), map_location=device, weights_only=True)
         self.layer.load_state_dict(ckpt["layer"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        return ckpt["meta"]
 
 
 class DeepSpeedStage:
@@ -189,7 +190,10 @@ class DeepSpeedStage:
         import deepspeed
         self.layer = layer
         params = [p for p in layer.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # a config with an optimizer block (optimizer offload needs DeepSpeed's CPU Adam) builds its own;
+        # otherwise torch's AdamW, which needs no compiled op
+        optimizer = None if "optimizer" in ds else torch.optim.AdamW(params, lr=cfg.lr,
+                                                                       weight_decay=cfg.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=layer, optimizer=optimizer, model_parameters=params,
                                                config=ds)
 
@@ -199,12 +203,8 @@ class DeepSpeedStage:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def save(self, folder, meta):
-        self.engine.save_checkpoint(folder, tag="latest_step", client_state={"meta": meta})
-        distributed.barrier()
+    def save(self, folder, tag):
+        self.engine.save_checkpoint(folder, tag=tag, save_latest=False)
 
-    def load(self, folder, device):
-        if not os.path.isdir(os.path.join(folder, "latest_step")):
-            return None
-        _, client = self.engine.load_checkpoint(folder, tag="latest_step")
-        return client["meta"]
+    def load(self, folder, tag, device):
+        self.engine.load_checkpoint(folder, tag=tag)

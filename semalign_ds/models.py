@@ -251,3 +251,103 @@ def check_same_vocabulary(tok_s, tok_t, name_s, name_t, head_rows_s, head_rows_t
         raise ConfigError(f"source and target must share one tokenizer: {'; '.join(problems)}. Source tokenizer: "
                           f"{name_s} ({type(tok_s).__name__}); target tokenizer: {name_t} ({type(tok_t).__name__})")
     return v_s
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading models without building them whole
+
+def config_of(spec, gguf_file=None):
+    """The model config alone (nothing allocated)."""
+    from transformers import AutoConfig
+    path, gguf_file = resolve(spec, gguf_file)
+    try:
+        return AutoConfig.from_pretrained(path, gguf_file=gguf_file)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"could not read the model config of {spec!r}: {err}") from err
+
+
+def parameter_count(spec, gguf_file=None):
+    """Parameters of a model from its config alone (built on the meta device: nothing allocated)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config_of(spec, gguf_file))
+    return sum(p.numel() for p in model.parameters())
+
+
+_LAYER_KEY = re.compile(r"(^|\.)(layers|h)\.(\d+)\.")
+
+
+def load_pruned(spec, keep, gguf_file=None, dtype="float32", seed=0):
+    """The model `spec` with only its decoder layers `keep` (as prune_layers), reading just those layers'
+    tensors from its safetensors files: no process ever holds the whole model. A model without local safetensors
+    files (a random-init config, a GGUF file, a hub id) is loaded whole and pruned."""
+    import glob
+
+    from safetensors import safe_open
+    path, gguf = resolve(spec, gguf_file)
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) and not gguf else []
+    if not files:
+        return prune_layers(load_model(spec, gguf_file, dtype, seed), keep)
+    from transformers import AutoModelForCausalLM
+    config = config_of(spec, gguf_file)
+    if keep[-1] >= config.num_hidden_layers:
+        raise ConfigError(f"target_keep_layers {keep} names layer {keep[-1]}, but the source has only "
+                          f"{config.num_hidden_layers} layers (0..{config.num_hidden_layers - 1})")
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    config.num_hidden_layers = len(keep)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    new_index = {old: new for new, old in enumerate(keep)}
+    state = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                m = _LAYER_KEY.search(key)
+                if m is not None:
+                    if int(m.group(3)) not in new_index:
+                        continue
+                    key_new = f"{key[:m.start(3)]}{new_index[int(m.group(3))]}{key[m.end(3):]}"
+                else:
+                    key_new = key
+                state[key_new] = f.get_tensor(key).to(DTYPES[dtype])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
+    if set(missing) - tied or unexpected:
+        raise ConfigError(f"{spec}: its weight files do not match its config (missing {sorted(missing)[:5]}, "
+                          f"unexpected {sorted(unexpected)[:5]})")
+    model.tie_weights()
+    model.eval().requires_grad_(False)
+    Adapter(model)
+    return model
+
+
+def fingerprint(spec, gguf_file=None, seed=0):
+    """What identifies a model's weights, cheaply: for weight files, their names, sizes, headers and 64 blocks
+    of 64 KiB spread over each file (a changed checkpoint changes them); for a random-init config, the config and
+    the seed; for a hub id not on disk, the id (unverified)."""
+    import hashlib
+    path, gguf = resolve(spec, gguf_file)
+    digest = hashlib.sha256()
+    if path.endswith(".json") and os.path.isfile(path):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+        return f"config+seed{seed}:{digest.hexdigest()[:32]}"
+    if os.path.isfile(path):
+        files = [path]
+    elif os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.endswith((".safetensors", ".bin", ".gguf", ".pt", ".pth"))
+                       and (gguf is None or n == gguf))
+        files = [os.path.join(path, n) for n in names]
+    else:
+        return f"hub:{spec} (unverified)"
+    for file in files:
+        size = os.path.getsize(file)
+        digest.update(f"{os.path.basename(file)}:{size}".encode())
+        with open(file, "rb") as f:
+            for i in range(64):
+                f.seek(min(size, (size * i) // 64))
+                digest.update(f.read(1 << 16))
+    return f"files:{digest.hexdigest()[:32]}"

@@ -59,3 +59,13 @@ def _check(n_source, n_target):
     if n_target < 1 or n_target > n_source:
         raise ValueError(f"the target has {n_target} layers and the source {n_source}: pairing needs "
                          f"1 <= L_t <= L_s (a target with more layers than its source cannot be paired)")
+
+
+def make_plan(strategy, scores, n_source, n_target, lam):
+    """The plan every later phase reuses: strategy, scores (attribution only) and the pairs."""
+    if strategy == "attribution":
+        pairs = attribution_pairs(scores, n_target, lam)
+    else:
+        pairs = uniform_pairs(n_source, n_target)
+    return {"strategy": strategy, "lambda": lam, "source_layers": n_source, "target_layers": n_target,
+            "scores": scores, "pairs": pairs}

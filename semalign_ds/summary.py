@@ -132,7 +132,7 @@ def phase_rates(run_dir) -> dict:
 
 def _stage_tokens(data, cfg, key, steps):
     """Loss tokens of all global batches of a stage: the batches are seeded, the same whatever the world size."""
-    from semalign_ds.pipeline import batch_order  # not at the top: pipeline imports this module
+    from semalign_ds.data import batch_order
     if not steps or "batch_size" not in cfg:
         return None
     counts = data.loss_counts
@@ -230,3 +230,28 @@ def summarize(run_dir) -> str:
 if __name__ == "__main__":
     for folder in sys.argv[1:] or ["."]:
         print(summarize(folder))
+
+
+# --- the report of a run's evaluation ------------------------------------------------------------------------------
+def finish_report(report):
+    """Add the change in NLL and the share of the source-target gap closed. The gap is only defined when the
+    target starts worse than the source (a random-init or pruned target can start better)."""
+    s, b, a = (report[k]["nll"] for k in ("source", "target_before", "target_after"))
+    report["nll_change"] = a - b
+    report["gap_closed"] = (b - a) / (b - s) if b > s else None
+    return report
+
+
+def report_markdown(report, eval_spec):
+    rows = [("source", report["source"]), ("target before", report["target_before"]),
+            ("target after", report["target_after"])]
+    lines = [f"NLL of {eval_spec} responses ({report['source']['tokens']} tokens), nats/token", "",
+             "| model | NLL |", "|---|---|"]
+    lines += [f"| {name} | {r['nll']:.3f} |" for name, r in rows]
+    lines += ["", f"change in the target's NLL: {report['nll_change']:+.3f} nats/token"]
+    if report["gap_closed"] is None:
+        lines += ["share of the source-target gap closed: undefined (the target started at or below the "
+                  "source's NLL)"]
+    else:
+        lines += [f"share of the source-target gap closed: {100 * report['gap_closed']:.1f}%"]
+    return "\n".join(lines + [""])

@@ -1,0 +1,22 @@
+"""Fault injection for the resume and fault-tolerance tests: SEMALIGN_DS_FAULT="NAME:N[:RANK]" sends SIGKILL to
+this process the N-th time it passes point NAME (on rank RANK, default every rank). Points: cache_shard (after a
+cache shard is written), stage_step (after an optimizer step), checkpoint_saved (every rank's checkpoint files
+written, the pointer not yet moved)."""
+from __future__ import annotations
+
+import os
+import signal
+
+_COUNTS = {}
+
+
+def fault_point(name, rank):
+    spec = os.environ.get("SEMALIGN_DS_FAULT")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0] != name or (len(parts) > 2 and int(parts[2]) != rank):
+        return
+    _COUNTS[name] = _COUNTS.get(name, 0) + 1
+    if _COUNTS[name] == int(parts[1]):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,203 @@
+"""The run directory: where every phase leaves its results, and the rules that make a rerun trustworthy.
+
+- Every file is written whole or not at all: into NAME.tmp, flushed to disk, then renamed over NAME.
+- Every tensor file a run reuses carries a checksum, recorded when it is written (NAME.sha256 beside it) and
+  checked before it is read back; a damaged file is never used: the caller recomputes it where it can, or the run
+  stops with a message that names the file and the fix.
+- state.json lists the finished phases; a phase is marked only after everything it wrote is complete.
+- One run per directory at a time: run.lock, held by rank 0 for the whole run (released by the kernel when the
+  process dies, so a killed run never leaves a stale lock behind).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import time
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from semalign_ds.config import ConfigError
+
+
+class DamagedFile(ConfigError):
+    """A file of the run directory fails its checksum or cannot be read."""
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _disk_error(path, err):
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ConfigError(f"no space left on the device holding {path}: free space there or set another "
+                           f"output_dir; rerun the same command to resume")
+    if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return ConfigError(f"cannot write {path} ({err.strerror}): choose an output_dir you can write to")
+    return ConfigError(f"cannot write {path}: {err}")
+
+
+def _commit(tmp, path):
+    """fsync `tmp` and rename it over `path`: a crash leaves the old file or the new one, never a mix."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path, value):
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=2)
+        _commit(tmp, path)
+    except OSError as err:
+        _remove(tmp)
+        raise _disk_error(path, err) from err
+
+
+def read_json(path, what="file"):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DamagedFile(f"{path} ({what}) is damaged ({err}); delete it, or the whole run directory to start "
+                          f"over") from err
+
+
+def write_json_checked(path, value):
+    """A JSON file that a later run reuses: written atomically, with its checksum beside it."""
+    write_json(path, value)
+    with open(path + ".sha256.tmp", "w") as f:
+        f.write(sha256(path) + "\n")
+    _commit(path + ".sha256.tmp", path + ".sha256")
+
+
+def read_json_checked(path, what="file"):
+    if not verified(path):
+        raise DamagedFile(f"{path} ({what}) is missing; delete state.json to redo the run, or start over")
+    return read_json(path, what)
+
+
+def save_tensors(path, tensors: dict):
+    """Save a safetensors file atomically with its checksum beside it (NAME.sha256)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+        digest = sha256(tmp)
+        _commit(tmp, path)
+        with open(path + ".sha256.tmp", "w") as f:
+            f.write(digest + "\n")
+        _commit(path + ".sha256.tmp", path + ".sha256")
+    except (OSError, SafetensorError, RuntimeError) as err:
+        _remove(tmp)
+        raise _disk_error(path, err) from err
+    return digest
+
+
+def verified(path):
+    """True when `path` and its checksum are present and agree; raises DamagedFile when they disagree (or the
+    checksum is missing beside a present file); False when the file is absent."""
+    if not os.path.isfile(path):
+        return False
+    side = path + ".sha256"
+    if not os.path.isfile(side):
+        raise DamagedFile(f"{path} has no checksum ({os.path.basename(side)}): it was not written completely by "
+                          f"this version; delete it and rerun to recompute it")
+    with open(side) as f:
+        want = f.read().strip()
+    if sha256(path) != want:
+        raise DamagedFile(f"{path} fails its checksum (damaged or changed since it was written); delete it and "
+                          f"rerun to recompute it")
+    return True
+
+
+def load_tensors(path, device="cpu"):
+    """A checked safetensors file: verified against its checksum before it is read."""
+    if not verified(path):
+        raise DamagedFile(f"{path} is missing; delete the run directory's state.json entry for it or start over")
+    try:
+        return load_file(path, device=str(device))
+    except (SafetensorError, OSError) as err:
+        raise DamagedFile(f"{path} cannot be read ({err}); delete it and rerun") from err
+
+
+def remove(path):
+    """Remove a checked file and its checksum."""
+    for p in (path, path + ".sha256"):
+        _remove(p)
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+class RunDir:
+    def __init__(self, root):
+        self.root = root
+        self._lock = None
+
+    def path(self, *parts):
+        return os.path.join(self.root, *parts)
+
+    def make(self, *folders):
+        for folder in ("",) + folders:
+            path = self.path(folder)
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise ConfigError(f"output_dir: {path} exists and is not a folder; choose another output_dir")
+            try:
+                os.makedirs(path, exist_ok=True)
+            except OSError as err:
+                raise _disk_error(path, err) from err
+        probe = self.path(f".write-test.{os.getpid()}")
+        try:
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as err:
+            raise _disk_error(self.root, err) from err
+
+    # --- one run at a time -----------------------------------------------------------------------------------
+    def lock(self):
+        """Hold run.lock for the life of this process, or refuse with the holder's name."""
+        path = self.path("run.lock")
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(f"{self.root} is in use by another run ({holder}); wait for it to finish, stop it, "
+                              f"or use another --output-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        self._lock = handle
+
+    def unlock(self):
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    # --- state -----------------------------------------------------------------------------------------------
+    def read_state(self):
+        path = self.path("state.json")
+        if not os.path.isfile(path):
+            return {"done": {}}
+        state = read_json(path, "the run's finished phases")
+        if not isinstance(state, dict) or not isinstance(state.get("done"), dict):
+            raise DamagedFile(f"{path} is not a run state (no 'done' mapping); delete the run directory to start "
+                              f"over")
+        return state

@@ -1,0 +1,247 @@
+"""Frontier training, shallow to deep (METHOD.md, section 5), and the baselines, on one optimizer loop.
+
+Stage k trains target layer k alone on the frontier (the output of the finished layers below it); the output-KD
+baseline trains every layer at once. `fit` is the loop they share: seeded global batches (the same whatever the
+world size; each rank computes the sequences it owns), checkpoints every checkpoint_every steps, metrics.
+
+Checkpoints are atomic on any number of ranks: step N is written whole into its own folder by every rank, then
+rank 0 checksums it and moves the pointer latest.json to it, and only then removes the checkpoint before the
+previous one. A kill or a requeue during a save leaves the pointer on the last complete checkpoint; a resume
+verifies the checksums and falls back to the previous checkpoint (or the start of the stage) if they fail.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import torch
+
+from semalign_ds import distributed, engines, rundir, summary
+from semalign_ds.data import batch_order
+from semalign_ds.frontier import Frontier, objective, stage_loss
+from semalign_ds.faults import fault_point
+
+
+def phase(s, state, tgt, head_t, store, mark):
+    """Train the target (frontier stages, or the output-KD baseline); returns per-stage metrics. `mark(phase,
+    info)` records a finished stage."""
+    cfg, rd = s.cfg, s.rd
+    mine = distributed.shard(len(s.data))  # sequences this rank trains on and keeps the frontier of
+    counts = s.data.loss_counts
+    store.verify()
+
+    def targets(k, final):
+        if cfg.method == "output_kd":
+            out = {}
+        elif cfg.method == "layerwise":
+            out = {"source": store.rows(f"source.{k}", mine, counts)}
+        else:
+            out = {"aligned": store.rows(f"aligned.{k}", mine, counts)}
+        if final:
+            out["source_final"] = store.rows("source_final", mine, counts)
+            out["source_head"] = rundir.load_tensors(store.head_path())["weight"].to(s.device, s.dtype)
+        return out
+
+    metrics = state.get("stage_metrics", {})
+    if cfg.method == "output_kd":
+        path = rd.path("stages", "layers.safetensors")
+        if "stage_output_kd" not in state["done"]:
+            metrics["output_kd"] = fit(s, "output_kd", "output KD", tgt.layers, cfg.stage_steps * s.n_target, 0,
+                                       targets(s.n_target, True), mine, output_kd_loss(s, tgt, head_t))
+            if s.main:
+                rundir.save_tensors(path, tgt.layers.state_dict())
+            state["stage_metrics"] = metrics
+            mark("stage_output_kd", metrics["output_kd"])
+        tgt.layers.load_state_dict(rundir.load_tensors(path))
+        return metrics
+    frontier = None
+    for k in range(1, s.n_target + 1):
+        layer = tgt.layers[k - 1]
+        weights = rd.path("stages", f"layer-{k}.safetensors")
+        if f"stage_{k}" in state["done"]:
+            layer.load_state_dict(rundir.load_tensors(weights))
+            continue
+        if frontier is None:
+            frontier = frontier_after(s, tgt, k - 1, mine)
+        metrics[str(k)] = train_stage(s, tgt, head_t, k, frontier, targets(k, k == s.n_target))
+        if s.main:
+            rundir.save_tensors(weights, layer.state_dict())
+        frontier = frontier.advance(lambda h, a: tgt.layer(k - 1, h, tgt.context(h, a)), s.data, s.pad_id,
+                                    cfg.eval_batch_size, s.device, show=s.main)
+        rundir.save_tensors(frontier_path(s, k), {"states": frontier.states})
+        state["stage_metrics"] = metrics
+        mark(f"stage_{k}", metrics[str(k)])
+        for old in range(k - 1):  # the last two frontiers stay: a crash between writes loses nothing
+            rundir.remove(frontier_path(s, old))
+    return metrics
+
+
+def frontier_path(s, k):
+    return s.rd.path("frontier", f"frontier-{k}.rank{s.rank}of{s.world}.safetensors")
+
+
+def frontier_after(s, tgt, k, mine):
+    """The frontier of this rank's sequences after k finished stages: from disk when intact, else recomputed from
+    the embeddings through the k trained layers (after a change of world size, or a damaged file)."""
+    path = frontier_path(s, k)
+    try:
+        if rundir.verified(path):
+            return Frontier(rundir.load_tensors(path)["states"], s.data.offsets, mine)
+    except rundir.DamagedFile as err:
+        print(f"{err}: recomputing it", flush=True)
+    frontier = Frontier.of_embeddings(tgt, s.data, mine, s.pad_id, s.cfg.eval_batch_size, s.device)
+    for j in range(k):
+        frontier = frontier.advance(lambda h, a, j=j: tgt.layer(j, h, tgt.context(h, a)), s.data, s.pad_id,
+                                    s.cfg.eval_batch_size, s.device)
+    rundir.save_tensors(path, {"states": frontier.states})
+    return frontier
+
+
+def train_stage(s, tgt, head_t, k, frontier, targets):
+    """Stage k: target layer k (and, for the layer-wise baseline, its projection) on the frontier."""
+    cfg = s.cfg
+    module, projection = tgt.layers[k - 1], None
+    if cfg.method == "layerwise" and (k < s.n_target or cfg.fisher_weight > 0):
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed + k)
+            projection = torch.nn.Linear(tgt.width, targets["source"].shape[1], bias=False)
+        projection.to(s.device, s.dtype)
+        module = torch.nn.ModuleDict({"layer": module, "projection": projection})
+
+    def batch_loss(idx, ids, attn, loss_mask, batch_targets, normalizer):
+        h_in = frontier.batch(idx).to(s.device, s.dtype)
+        return stage_loss(tgt, k, s.n_target, h_in, attn, loss_mask, batch_targets, head_t, cfg, ids, normalizer,
+                          projection)
+
+    return fit(s, f"stage_{k}", f"stage {k}/{s.n_target}", module, cfg.stage_steps, k, targets, frontier.members,
+               batch_loss)
+
+
+def output_kd_loss(s, tgt, head_t):
+    """The output-KD baseline's batch loss: every target layer, KL at the output only."""
+    def batch_loss(idx, ids, attn, loss_mask, batch_targets, normalizer):
+        h = tgt.hidden_states(ids, attn)[-1]
+        x = tgt.norm(h[loss_mask])
+        return objective(x, batch_targets, True, tgt.norm, head_t, s.cfg, ids[:, 1:][loss_mask[:, :-1]],
+                         normalizer)
+    return batch_loss
+
+
+def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss):
+    """The optimizer loop shared by every stage: seeded global batches, each rank computing the sequences it
+    owns, checkpoints every checkpoint_every steps (resumed from), metrics to TensorBoard and metrics.jsonl."""
+    cfg = s.cfg
+    module.requires_grad_(True)
+    if s.ds_target is not None:
+        ds = engines.fill(s.ds_target, cfg.batch_size // s.world, s.world, cfg.dtype, cfg.grad_clip, cfg.lr,
+                          cfg.weight_decay)
+        stage = engines.DeepSpeedStage(module, cfg, ds)
+    else:
+        stage = engines.TorchStage(module, cfg)
+    ckpt_dir = s.rd.path("stages", f"checkpoint-{tag}")
+    meta = load_checkpoint(s, stage, ckpt_dir)
+    start, history = (meta["step"], meta["history"]) if meta else (0, [])
+    if meta and s.main:
+        print(f"{desc}: resuming at step {start} of {steps}")
+    counts = s.data.loss_counts
+    order = batch_order(len(s.data), cfg.batch_size, steps, cfg.seed, seed_stage)
+    owned = set(members)
+    row_start = torch.zeros(len(s.data) + 1, dtype=torch.long)  # this rank's target rows per sequence
+    local_counts = torch.zeros(len(s.data), dtype=torch.long)
+    local_counts[members] = counts[members]
+    row_start[1:] = local_counts.cumsum(0)
+    bar = s.bar(range(start, steps), desc=desc, initial=start, total=steps)
+    t0, tokens = time.time(), 0
+    for step in bar:
+        batch = order[step]
+        idx = [i for i in batch if i in owned]
+        total = int(counts[batch].sum())  # loss positions in the whole global batch
+        # a rank that owns none of this batch still runs the same graph (weighted 0): ZeRO-2 reduces
+        # gradients in buckets as they become ready, which must happen in the same order on every rank
+        weight = 1.0 if idx else 0.0
+        idx = idx or members[:1]
+        ids, attn, loss_mask = (t.to(s.device) for t in s.data.batch(idx, s.pad_id))
+        rows = torch.cat([torch.arange(row_start[i], row_start[i + 1]) for i in idx])
+        batch_targets = {name: t if name == "source_head" else t[rows].to(s.device) for name, t in targets.items()}
+        loss, parts = batch_loss(idx, ids, attn, loss_mask, batch_targets, total)
+        loss, parts = loss * weight, {name: v * weight for name, v in parts.items()}
+        tokens += int(loss_mask.sum()) if weight else 0
+        # DeepSpeed averages gradients over ranks; the global mean needs their sum
+        grad_norm = stage.step(loss * s.world if s.ds_target is not None else loss)
+        names = sorted(parts)
+        report = distributed.all_reduce_sum(torch.tensor([float(loss.detach())] + [parts[n] for n in names],
+                                                         dtype=torch.float64))
+        history.append(float(report[0]))
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
+        if step % cfg.log_every == 0 or step == steps - 1:
+            s.monitor.log(tag, {"loss": history[-1], "grad_norm": grad_norm, "lr": cfg.lr,
+                                "tokens_per_s_rank0": tokens / (time.time() - t0),
+                                **{n: float(v) for n, v in zip(names, report[1:])},
+                                **summary.memory_scalars(s.device)}, step)
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+            save_checkpoint(s, stage, ckpt_dir, {"step": step + 1, "history": history})
+        fault_point("stage_step", s.rank)
+    module.requires_grad_(False)
+    distributed.barrier()
+    if s.main and os.path.isdir(ckpt_dir):
+        shutil.rmtree(ckpt_dir)
+    elapsed = time.time() - t0
+    return {"first_loss": history[0], "last_loss": history[-1],
+            "mean_last_10": sum(history[-10:]) / len(history[-10:]), "steps": len(history),
+            "seconds": elapsed, "loss_tokens_per_s_rank0": tokens / max(elapsed, 1e-9)}
+
+
+# --- atomic checkpoints ----------------------------------------------------------------------------------------
+def save_checkpoint(s, stage, folder, meta):
+    """Write step meta["step"] whole on every rank, then move the pointer; keep the previous one until then."""
+    tag = f"step-{meta['step']:08d}"
+    os.makedirs(os.path.join(folder, tag), exist_ok=True)
+    distributed.barrier()
+    stage.save(folder, tag)
+    fault_point("checkpoint_saved", s.rank)  # every rank's files written, the pointer not yet moved
+    distributed.barrier()
+    pointer = os.path.join(folder, "latest.json")
+    if s.main:
+        old = rundir.read_json(pointer) if os.path.isfile(pointer) else {}
+        entry = {"tag": tag, "meta": meta, "files": _checksums(os.path.join(folder, tag))}
+        rundir.write_json(pointer, {"current": entry, "previous": old.get("current")})
+        keep = {tag, (old.get("current") or {}).get("tag")}
+        for name in os.listdir(folder):
+            if name.startswith("step-") and name not in keep:
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+    distributed.barrier()
+
+
+def load_checkpoint(s, stage, folder):
+    """The meta of the newest complete, intact checkpoint, loaded into `stage`; None to start the stage over."""
+    pointer = os.path.join(folder, "latest.json")
+    if not os.path.isfile(pointer):
+        return None
+    try:
+        entries = rundir.read_json(pointer, "the checkpoint pointer")
+    except rundir.DamagedFile as err:
+        entries = {}
+        print(f"{err}; starting the stage over", flush=True)
+    for which in ("current", "previous"):
+        entry = entries.get(which)
+        if not entry:
+            continue
+        where = os.path.join(folder, entry["tag"])
+        if os.path.isdir(where) and _checksums(where) == entry["files"]:
+            stage.load(folder, entry["tag"], s.device)
+            return entry["meta"]
+        if s.main:
+            print(f"checkpoint {where} is incomplete or damaged; trying an older one", flush=True)
+    if s.main:
+        print(f"no intact checkpoint in {folder}: starting the stage over", flush=True)
+    return None
+
+
+def _checksums(folder):
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder)] = rundir.sha256(path)
+    return out

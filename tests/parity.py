@@ -1,0 +1,78 @@
+"""Loss parity: the tiny config's per-step losses of every stage and the exported target's checksum, on 1 and 2
+ranks, against committed golden values (torchtitan's loss-parity idea). A refactor that changes nothing passes;
+a deliberate change of the numbers regenerates the goldens with `python -m tests.parity --write` and says why in
+its commit.
+"""
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+from safetensors import safe_open
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_YAML = os.path.join(ROOT, "launchers", "configs", "tiny.yaml")
+GOLDEN = os.path.join(ROOT, "tests", "golden", "tiny_parity.json")
+SETTINGS = {"max_examples": 20, "stage_steps": 6, "eval_max_examples": 4, "cache_shard_examples": 6,
+            "batch_size": 4, "checkpoint_every": 2, "eval_max_seq_len": 160, "log_every": 1}
+
+
+def launch(out, world, extra=None, env_extra=None, timeout=600):
+    """Run the tiny config into `out` on `world` ranks (torchrun for 2), one thread per rank."""
+    script = os.path.join(ROOT, "launchers", "transfer.py")
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
+                              if world > 1 else []) + [script, "--config", TINY_YAML, "--output-dir", str(out)]
+    cmd += [f"--set={k}={v}" for k, v in {**SETTINGS, **(extra or {})}.items()]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    env.pop("SEMALIGN_DS_FAULT", None) if not (env_extra or {}).get("SEMALIGN_DS_FAULT") else None
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def tensor_checksum(path):
+    """sha256 over the tensors of a safetensors file (names sorted, raw bytes), independent of its metadata."""
+    digest = hashlib.sha256()
+    with safe_open(path, framework="pt") as f:
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            digest.update(name.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
+            digest.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def summary(out):
+    """Per-step losses of every training tag, and the exported target's checksum."""
+    losses = {}
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "loss" in row:
+                losses.setdefault(row["tag"], {})[str(row["step"])] = row["loss"]
+    return {"losses": {tag: [steps[s] for s in sorted(steps, key=int)] for tag, steps in losses.items()},
+            "target_checksum": tensor_checksum(os.path.join(out, "target", "model.safetensors"))}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--write", action="store_true", help="regenerate the golden file")
+    p.add_argument("--workdir", default="/tmp/semalign-parity")
+    args = p.parse_args()
+    import shutil
+    import torch
+    result = {"torch": torch.__version__.split("+")[0], "settings": SETTINGS}
+    for world in (1, 2):
+        out = os.path.join(args.workdir, f"world{world}")
+        shutil.rmtree(out, ignore_errors=True)
+        proc = launch(out, world)
+        if proc.returncode != 0:
+            sys.exit(proc.stdout[-2000:] + proc.stderr[-4000:])
+        result[f"world{world}"] = summary(out)
+    if args.write:
+        with open(GOLDEN, "w") as f:
+            json.dump(result, f, indent=1)
+    print(json.dumps({k: v["target_checksum"] for k, v in result.items() if k.startswith("world")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
