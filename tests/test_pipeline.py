@@ -70,30 +70,36 @@ def test_only_layers_change_and_the_frontier_is_the_trained_prefix(tiny_run):
 
 
 def test_a_stage_changes_only_its_own_layer(tmp_path):
-    run = pipeline.Run(tiny_config(tmp_path / "r", stage_steps=3))
-    run.prepare()
-    run.open_run_dir()
-    run.load_target()
-    run.load_source()
-    plan = run.make_plan()
-    run.cache(plan, run.alignment_map())
-    mine = run.owned()
-    frontier = run._frontier(0, mine)
+    from semalign_ds import alignment, cache, pairing, rundir, training
+    cfg = tiny_config(tmp_path / "r", stage_steps=3)
+    rd = rundir.RunDir(cfg.output_dir)
+    s = pipeline.prepare(cfg, rd)
+    pipeline.open_run_dir(s, pipeline.resume_state(cfg, rd))
+    target = pipeline.initial_target(cfg)
+    tgt = models.Adapter(target)
+    head_t = tgt.head.weight[:s.vocab]
+    _, src, runner, head_s = pipeline.load_source(s)
+    plan = pairing.make_plan("uniform", None, s.n_source, s.n_target, 0.0)
+    cache.phase(s, src, runner, head_s, plan, alignment.phase(s, head_t, head_s))
+    mine = list(range(len(s.data)))
+    frontier = training.frontier_after(s, tgt, 0, mine)
     # stage 2 on the embeddings frontier is enough to see what a stage touches
-    before = {n: p.clone() for n, p in run.target.state_dict().items()}
-    from semalign_ds.cache import ActivationCache
-    store = ActivationCache(run.path("cache"), len(run.data), run.cfg.cache_shard_examples)
-    run._train_stage(2, frontier, {"aligned": store.load("aligned.2")})
-    changed = [n for n, p in run.target.state_dict().items() if not torch.equal(p, before[n])]
+    before = {n: p.clone() for n, p in target.state_dict().items()}
+    store = cache.ActivationCache(rd.path("cache"), len(s.data), cfg.cache_shard_examples)
+    training.train_stage(s, tgt, head_t, 2, frontier,
+                         {"aligned": store.rows("aligned.2", mine, s.data.loss_counts)})
+    changed = [n for n, p in target.state_dict().items() if not torch.equal(p, before[n])]
     assert changed and all(n.startswith("model.layers.1.") for n in changed), changed
-    run.monitor.close()
+    s.monitor.close()
+    rd.unlock()
 
 
 def test_resume_after_a_crash_gives_the_same_target(tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     pipeline.run(tiny_config(straight, stage_steps=6, checkpoint_every=2))
     crashed = tmp_path / "crashed"
-    real = pipeline.stage_loss
+    from semalign_ds import training
+    real = training.stage_loss
     calls = {"n": 0}
 
     def dies_in_stage_2(adapter, k, *args, **kw):
@@ -103,13 +109,15 @@ def test_resume_after_a_crash_gives_the_same_target(tmp_path, monkeypatch):
                 raise KeyboardInterrupt("killed")
         return real(adapter, k, *args, **kw)
 
-    monkeypatch.setattr(pipeline, "stage_loss", dies_in_stage_2)
+    monkeypatch.setattr(training, "stage_loss", dies_in_stage_2)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(tiny_config(crashed, stage_steps=6, checkpoint_every=2))
     state = json.loads((crashed / "state.json").read_text())
     assert "stage_1" in state["done"] and "stage_2" not in state["done"]
-    assert (crashed / "stages" / "checkpoint-stage_2" / "stage.pt").is_file()
-    monkeypatch.setattr(pipeline, "stage_loss", real)
+    pointer = json.loads((crashed / "stages" / "checkpoint-stage_2" / "latest.json").read_text())
+    assert pointer["current"]["meta"]["step"] == 2
+    assert (crashed / "stages" / "checkpoint-stage_2" / pointer["current"]["tag"] / "stage.pt").is_file()
+    monkeypatch.setattr(training, "stage_loss", real)
     calls_before_resume = dict(state["done"])
     pipeline.run(tiny_config(crashed, stage_steps=6, checkpoint_every=2))
     assert "cache" in calls_before_resume
