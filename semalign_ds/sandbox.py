@@ -145,12 +145,32 @@ def interpreter() -> tuple[str, list[str]]:
     return exe, outer
 
 
-def bwrap_command(bwrap: str, workdir: str, env: dict, network: bool = False) -> list[str]:
-    """The bwrap command line that runs a command in `workdir` isolated as the module doc describes."""
+# As root: a private mount namespace binds each host folder at a mount point under a stage folder uid 65534 can
+# reach, then drops to that uid and runs bwrap. argv: SOURCE POINT ... -- COMMAND...
+_STAGE = 'set -e; while [ "$1" != -- ]; do mount --rbind "$1" "$2"; shift 2; done; shift; exec "$@"'
+
+
+def isolated_command(bwrap: str, workdir: str, env: dict, network: bool = False, stage: str | None = None):
+    """The command line that runs a command in `workdir` isolated as the module doc describes. As root, `stage` is
+    an empty folder (mode 755) for the mount points: bwrap then runs as uid 65534, because the kernel exempts
+    host root from RLIMIT_NPROC even inside a user namespace (fork loops would be unbounded), and that uid may
+    not reach the host folders (an interpreter under /root) by their paths."""
     exe, roots = interpreter()
-    cmd = [bwrap, "--unshare-all", "--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY),
-           "--hostname", "sandbox", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv",
-           "--ro-bind", "/usr", "/usr"]
+    binds = [("--ro-bind", r) for r in roots if os.path.commonpath([r, "/usr"]) != "/usr"] + [("--bind", workdir)]
+    source = {path: path for _, path in binds}
+    cmd = []
+    if stage is not None:
+        cmd = [shutil.which("unshare") or "unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
+               _STAGE, "stage"]
+        for i, (_, path) in enumerate(binds):
+            source[path] = os.path.join(stage, str(i))
+            os.mkdir(source[path])
+            cmd += [path, source[path]]
+        cmd += ["--", shutil.which("setpriv") or "setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY),
+                "--clear-groups", "--"]
+    cmd += [bwrap, "--unshare-all", "--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY),
+            "--hostname", "sandbox", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv",
+            "--ro-bind", "/usr", "/usr"]
     if network:
         cmd.append("--share-net")
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):  # merged-/usr links, or real folders
@@ -158,14 +178,32 @@ def bwrap_command(bwrap: str, workdir: str, env: dict, network: bool = False) ->
             cmd += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
             cmd += ["--ro-bind", top, top]
-    for root in roots:
-        if os.path.commonpath([root, "/usr"]) != "/usr":
-            cmd += ["--ro-bind", root, root]
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/dev/shm",
-            "--bind", workdir, workdir, "--chdir", workdir]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/dev/shm"]
+    for kind, path in binds:
+        cmd += [kind, source[path], path]
+    cmd += ["--chdir", workdir]
     for key, value in env.items():
         cmd += ["--setenv", key, value]
     return cmd
+
+
+class _Folders:
+    """The program's working folder (writable by the uid it runs as) and, as root, the stage for mount points;
+    both removed afterwards."""
+
+    def __enter__(self):
+        self.workdir = tempfile.mkdtemp(prefix="semalign-sandbox-")
+        self.stage = None
+        if os.geteuid() == 0:
+            os.chown(self.workdir, NOBODY, NOBODY)
+            self.stage = tempfile.mkdtemp(prefix="semalign-sandbox-stage-")
+            os.chmod(self.stage, 0o755)
+        return self
+
+    def __exit__(self, *exc):
+        for folder in (self.workdir, self.stage):
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 _PROBES: dict = {}  # (bwrap path, or "unisolated") -> None when usable, else the reason it is not
@@ -196,12 +234,9 @@ def _launcher(unisolated: bool = False) -> str | None:
             _PROBES[key] = f"{name!r} was not found (set by {BWRAP_ENV})" if os.environ.get(BWRAP_ENV) \
                 else "bubblewrap ('bwrap') is not installed"
         else:
-            workdir = tempfile.mkdtemp(prefix="semalign-sandbox-probe-")
-            try:
-                exe = interpreter()[0]
-                _PROBES[key] = _probe(bwrap_command(bwrap, workdir, {}) + [exe] + _PROBE_CODE)
-            finally:
-                shutil.rmtree(workdir, ignore_errors=True)
+            with _Folders() as f:
+                cmd = isolated_command(bwrap, f.workdir, {}, stage=f.stage) + [interpreter()[0]] + _PROBE_CODE
+                _PROBES[key] = _probe(cmd)
     if _PROBES[key] is None:
         return bwrap
     missing = (f"Code cannot run isolated: {_PROBES[key]}. Install bubblewrap (Debian/Ubuntu: apt-get install "
@@ -286,8 +321,8 @@ def run_program(code: str, limits: Limits | None = None, allow: bool = False, *,
     require_execution(allow, "run_program", unisolated)
     bwrap = _launcher(unisolated)
     limits = limits or Limits()
-    workdir = tempfile.mkdtemp(prefix="semalign-sandbox-")
-    try:
+    with _Folders() as folders:
+        workdir = folders.workdir
         program = os.path.join(workdir, "program.py")
         with open(program, "w") as f:
             f.write(code)
@@ -298,10 +333,8 @@ def run_program(code: str, limits: Limits | None = None, allow: bool = False, *,
         cmd = [interpreter()[0], "-I", "-c", _PREAMBLE, settings, program]
         extra = {}
         if bwrap is not None:
-            cmd = bwrap_command(bwrap, workdir, env, limits.network) + cmd
+            cmd = isolated_command(bwrap, workdir, env, limits.network, folders.stage) + cmd
         elif os.geteuid() == 0:  # unisolated and root: never as root (see the module doc)
-            os.chown(workdir, NOBODY, NOBODY)
-            os.chown(program, NOBODY, NOBODY)
             extra = _as_nobody()
         start = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -323,15 +356,13 @@ def run_program(code: str, limits: Limits | None = None, allow: bool = False, *,
         for t in readers:
             t.join(timeout=5)  # a reader still blocked means an escaped writer: report what was read
         seconds = time.monotonic() - start
-        stdout, stderr = _text(out), _text(err)
-        rc = proc.returncode
-        if timed_out:
-            return Result("timeout", rc, seconds, stdout, stderr, f"timed out after {limits.timeout:g} s")
-        if rc == 0:
-            return Result("passed", rc, seconds, stdout, stderr)
-        return Result("failed", rc, seconds, stdout, stderr, _reason(rc, stderr))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    stdout, stderr = _text(out), _text(err)
+    rc = proc.returncode
+    if timed_out:
+        return Result("timeout", rc, seconds, stdout, stderr, f"timed out after {limits.timeout:g} s")
+    if rc == 0:
+        return Result("passed", rc, seconds, stdout, stderr)
+    return Result("failed", rc, seconds, stdout, stderr, _reason(rc, stderr))
 
 
 def _reason(rc, stderr):
