@@ -1,7 +1,9 @@
 """Hostile programs, run as the CI user (root here), are contained: each prints what its attempt met, and the test
 checks on the host side that nothing was reached. Only canary processes the tests start are ever signalled."""
+import importlib.util
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -282,8 +284,27 @@ def test_refused_where_no_isolation_can_be_had(monkeypatch):
         sandbox.require_execution(True, "humaneval")
 
 
+def test_launcher_refuses_without_isolation_and_says_how(monkeypatch, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("evaluate_launcher", os.path.join(REPO, "launchers", "evaluate.py"))
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    monkeypatch.setenv(sandbox.BWRAP_ENV, "/nonexistent/bwrap")
+    monkeypatch.setenv(sandbox.UNISOLATED_FLAG, "0")  # restored afterwards, though the launcher sets it
+    argv = ["--model", "m=/nonexistent/model", "--benchmarks", "humaneval", "--allow-code-execution",
+            "--output-dir", str(tmp_path / "out")]
+    assert launcher.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Code cannot run isolated" in err and "pass --allow-unisolated-execution" in err
+    # accepted: then refused only as root where uid 65534 cannot run the interpreter, else the next check speaks
+    assert launcher.main(argv + ["--allow-unisolated-execution"]) == 2
+    err = capsys.readouterr().err
+    assert os.environ[sandbox.UNISOLATED_FLAG] == "1" and "pass --allow-unisolated-execution" not in err
+    assert "never runs as root" in err or "/nonexistent/model" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="the drop to an unprivileged uid happens for root only")
-def test_unisolated_as_root_never_runs_as_root(monkeypatch, canary):
+def test_unisolated_as_root_never_runs_as_root(monkeypatch, canary, tmp_path):
     """Accepted unisolated runs as root drop to uid 65534: the canary (root's) cannot be signalled. Where the
     interpreter is not usable by that uid, running is refused even with the flag."""
     proc, _ = canary
@@ -298,8 +319,10 @@ def test_unisolated_as_root_never_runs_as_root(monkeypatch, canary):
     assert res.stdout.strip() == str(sandbox.NOBODY) and proc.poll() is None
     # an interpreter only root can reach (like one under /root): refused even with the flag
     monkeypatch.setattr(sandbox, "_PROBES", {})
-    root_only = os.path.join(os.path.dirname(sandbox.__file__), "..", "nonexistent-python")
-    monkeypatch.setattr(sys, "executable", root_only)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    shutil.copy(os.path.realpath("/usr/bin/python3"), private / "python3")
+    monkeypatch.setattr(sys, "executable", str(private / "python3"))
     with pytest.raises(sandbox.IsolationUnavailable, match="never runs as root"):
         run_program(code, allow=True, unisolated=True)
     assert proc.poll() is None
