@@ -1,8 +1,10 @@
 """Run untrusted generated code (HumanEval/MBPP programs) isolated by bubblewrap, with limits.
 
 What a program gets (`bwrap`, https://github.com/containers/bubblewrap, Debian package `bubblewrap`):
-- no privileges over the host: a new user namespace in which it is uid/gid 65534 with no capabilities (so even when
-  the evaluation runs as root it holds no capability outside; RLIMIT_NPROC counts only its own processes there);
+- no privileges over the host: a new user namespace in which it is uid/gid 65534 with no capabilities. As root,
+  bwrap itself runs as uid 65534 on the host too (a private mount namespace first makes the folders it binds
+  reachable for that uid, see isolated_command): the kernel exempts host root from RLIMIT_NPROC even inside a
+  user namespace, and fork loops must stay bounded. RLIMIT_NPROC then counts only the program's own processes;
 - new network (loopback only, down: no host listener, no abstract Unix socket), PID (its own /proc: no other
   process can be seen, signalled or read), mount, IPC, UTS and cgroup namespaces; `--new-session` (no terminal
   injection) and `--die-with-parent`;
@@ -66,15 +68,16 @@ def unisolated_allowed(unisolated: bool = False) -> bool:
     return bool(unisolated) or os.environ.get(UNISOLATED_FLAG, "") in _YES
 
 
-def require_execution(allow: bool = False, what="this evaluation", unisolated: bool = False):
+def require_execution(allow: bool = False, what="this evaluation", unisolated: bool = False) -> str | None:
     """Refuse unless code execution was enabled and can be isolated (or running unisolated was accepted); the
-    message says how to enable it. Cheap after the first call: the isolation probe is cached."""
+    message says how to enable it. Returns the bwrap to isolate with (None: unisolated). Cheap after the first
+    call: the isolation probe is cached."""
     if not execution_allowed(allow):
         raise ExecutionNotAllowed(
             f"{what} runs model-generated code. It runs isolated by bubblewrap (no network, no host files or "
             f"processes, no privileges; semalign_ds/sandbox.py) with time, memory and file-size limits. Enable it "
             f"explicitly with --allow-code-execution (or {ENV_FLAG}=1)")
-    _launcher(unisolated)
+    return _launcher(unisolated)
 
 
 @dataclass
@@ -318,8 +321,7 @@ def run_program(code: str, limits: Limits | None = None, allow: bool = False, *,
     """Run `code` as a Python program in the sandbox (see the module doc) and report how it ended. Refuses
     (ExecutionNotAllowed) unless execution is enabled, and (IsolationUnavailable) when it cannot be isolated and
     running unisolated was not accepted."""
-    require_execution(allow, "run_program", unisolated)
-    bwrap = _launcher(unisolated)
+    bwrap = require_execution(allow, "run_program", unisolated)
     limits = limits or Limits()
     with _Folders() as folders:
         workdir = folders.workdir
