@@ -20,9 +20,10 @@ from semalign_ds.evaluate import BENCHMARKS, HUB, evaluate_models
 def parser():
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="HumanEval and MBPP run model-generated code in a child process with time, memory, file-size and "
-               "network limits (semalign_ds/sandbox.py); it runs only with --allow-code-execution (or "
-               "SEMALIGN_DS_ALLOW_CODE_EXECUTION=1).")
+        epilog="HumanEval and MBPP run model-generated code isolated by bubblewrap (no network, no host files or "
+               "processes, no privileges) with time, memory and file-size limits (semalign_ds/sandbox.py); it runs "
+               "only with --allow-code-execution (or SEMALIGN_DS_ALLOW_CODE_EXECUTION=1), and without bubblewrap "
+               "only with --allow-unisolated-execution too.")
     p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH",
                    help="a model to evaluate (repeatable): a Hugging Face folder or hub id, embedded:NAME, or a "
                         "config .json (random init; tokenizer beside it). NAME defaults to the path's last part")
@@ -39,6 +40,9 @@ def parser():
                    help="generation length for gsm8k/humaneval/mbpp (default 256/512/512)")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="run generated code for humaneval/mbpp (in the sandbox)")
+    p.add_argument("--allow-unisolated-execution", action="store_true",
+                   help="where bubblewrap cannot isolate generated code, run it with the limits only (never as "
+                        "root: as root it runs as uid 65534); use only in a disposable container or VM")
     p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per test program")
     p.add_argument("--memory-mb", type=int, default=2048, help="address-space limit per test program")
     p.add_argument("--workers", type=int, default=None, help="test programs run at once per rank")
@@ -70,7 +74,9 @@ def model_specs(values):
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    from semalign_ds.sandbox import Limits
+    from semalign_ds.sandbox import UNISOLATED_FLAG, Limits
+    if args.allow_unisolated_execution:  # read by the sandbox wherever evaluation runs code
+        os.environ[UNISOLATED_FLAG] = "1"
     try:
         models = model_specs(args.model)
         benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]

@@ -1,24 +1,33 @@
-"""Run untrusted generated code (HumanEval/MBPP programs) in a child process with limits.
+"""Run untrusted generated code (HumanEval/MBPP programs) isolated by bubblewrap, with limits.
 
-What a program gets:
-- its own process session and group (start_new_session); on a wall-clock timeout, and after every run, the whole
-  group is killed with SIGKILL, so children it started end with it;
-- resource limits set in the child before the program runs: RLIMIT_CPU (CPU seconds), RLIMIT_AS (address space),
-  RLIMIT_FSIZE (largest file it may write), RLIMIT_CORE = 0, and RLIMIT_NPROC (processes of this user) when not
-  running as root (root is exempt from RLIMIT_NPROC, so it is not set there);
-- a fresh temporary working directory (also HOME and TMPDIR), removed afterwards, and a minimal environment;
-- no network: when the OS lets us (`unshare` with a new network namespace: as root, or unprivileged through a user
-  namespace), the program runs in an empty network namespace (loopback only, down) and a new PID namespace, in
-  which every process dies when the program's main process ends, even one that left the process group with
-  setsid. Otherwise (no namespaces) socket creation other than AF_UNIX is refused by patching `socket.socket` in
-  the child's preamble: best-effort only, a program can reach the `_socket` module directly.
+What a program gets (`bwrap`, https://github.com/containers/bubblewrap, Debian package `bubblewrap`):
+- no privileges over the host: a new user namespace in which it is uid/gid 65534 with no capabilities. As root,
+  bwrap itself runs as uid 65534 on the host too (a private mount namespace first makes the folders it binds
+  reachable for that uid, see isolated_command): the kernel exempts host root from RLIMIT_NPROC even inside a
+  user namespace, and fork loops must stay bounded. RLIMIT_NPROC then counts only the program's own processes;
+- new network (loopback only, down: no host listener, no abstract Unix socket), PID (its own /proc: no other
+  process can be seen, signalled or read), mount, IPC, UTS and cgroup namespaces; `--new-session` (no terminal
+  injection) and `--die-with-parent`;
+- a file system of its own: /usr, the /bin and /lib links and the interpreter's prefixes read-only; fresh tmpfs
+  over /tmp and /dev/shm; a minimal /dev; its own temporary working directory (also HOME and TMPDIR) the only host
+  folder it can write, removed afterwards. Nothing else of the host is there: not /run, /root, /home, the project
+  checkout, the virtual environment or any host socket file (a read-only bind would not stop connect() on those);
+- an environment of its own (no variable is inherited, so tokens do not leak);
+- resource limits set before the program runs: RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_CORE = 0, RLIMIT_NPROC;
+  a wall-clock timeout after which (and after every run) the whole process group is killed, which ends the PID
+  namespace and every process in it; stdout and stderr read through pipes, keeping the first OUTPUT_LIMIT
+  characters (the rest is drained and dropped, so huge output fills neither memory nor disk).
 
-This is not a security boundary against a determined adversary (the file system outside the temporary folder is
-reachable; use a container or VM for that). It keeps mistakes of generated code (infinite loops, huge allocations,
-runaway writes, fork loops) from hurting the evaluation.
+Where bwrap is missing or fails its self-test (e.g. user namespaces disabled), code execution is refused
+(IsolationUnavailable says what is missing and how to get it) unless the caller accepts running unisolated:
+`unisolated=True` (the launchers' --allow-unisolated-execution) or SEMALIGN_DS_ALLOW_UNISOLATED_EXECUTION=1. Then
+the program runs with the limits only, and with `socket` patched to refuse network (best effort). Root is never
+handed to unisolated code: as root it runs as uid/gid 65534, which cannot signal or write to root's processes and
+files; if the interpreter cannot run as that user (e.g. it lives under /root), execution is refused even with the
+flag.
 
-Code runs only when execution is enabled explicitly: `allow=True` (the launchers' --allow-code-execution) or the
-environment variable SEMALIGN_DS_ALLOW_CODE_EXECUTION=1; otherwise ExecutionNotAllowed says how to enable it.
+Code runs only when execution is enabled explicitly: `allow=True` (the launchers' --allow-code-execution) or
+SEMALIGN_DS_ALLOW_CODE_EXECUTION=1; otherwise ExecutionNotAllowed says how to enable it.
 """
 from __future__ import annotations
 
@@ -29,30 +38,46 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 
 from semalign_ds.config import ConfigError
 
 ENV_FLAG = "SEMALIGN_DS_ALLOW_CODE_EXECUTION"
+UNISOLATED_FLAG = "SEMALIGN_DS_ALLOW_UNISOLATED_EXECUTION"
+BWRAP_ENV = "SEMALIGN_DS_BWRAP"  # the bwrap executable (a path or a name on PATH); default "bwrap"
 OUTPUT_LIMIT = 4096  # characters of stdout/stderr kept in a Result
+NOBODY = 65534       # the uid/gid programs run as
+_YES = ("1", "true", "yes")
 
 
 class ExecutionNotAllowed(ConfigError):
     pass
 
 
+class IsolationUnavailable(ExecutionNotAllowed):
+    pass
+
+
 def execution_allowed(allow: bool = False) -> bool:
-    return bool(allow) or os.environ.get(ENV_FLAG, "") in ("1", "true", "yes")
+    return bool(allow) or os.environ.get(ENV_FLAG, "") in _YES
 
 
-def require_execution(allow: bool = False, what="this evaluation"):
-    """Refuse unless code execution was enabled; the message says how to enable it."""
+def unisolated_allowed(unisolated: bool = False) -> bool:
+    return bool(unisolated) or os.environ.get(UNISOLATED_FLAG, "") in _YES
+
+
+def require_execution(allow: bool = False, what="this evaluation", unisolated: bool = False) -> str | None:
+    """Refuse unless code execution was enabled and can be isolated (or running unisolated was accepted); the
+    message says how to enable it. Returns the bwrap to isolate with (None: unisolated). Cheap after the first
+    call: the isolation probe is cached."""
     if not execution_allowed(allow):
         raise ExecutionNotAllowed(
-            f"{what} runs model-generated code. It runs in a child process with time, memory, file-size and "
-            f"network limits (semalign_ds/sandbox.py), which is not a full security boundary. Enable it "
-            f"explicitly with --allow-code-execution (or {ENV_FLAG}=1), preferably inside a container")
+            f"{what} runs model-generated code. It runs isolated by bubblewrap (no network, no host files or "
+            f"processes, no privileges; semalign_ds/sandbox.py) with time, memory and file-size limits. Enable it "
+            f"explicitly with --allow-code-execution (or {ENV_FLAG}=1)")
+    return _launcher(unisolated)
 
 
 @dataclass
@@ -61,8 +86,8 @@ class Limits:
     cpu_seconds: int | None = None  # RLIMIT_CPU; default: ceil(timeout) + 1
     memory_mb: int = 2048       # RLIMIT_AS
     file_size_mb: int = 16      # RLIMIT_FSIZE: the largest file the program may write
-    max_processes: int = 32     # RLIMIT_NPROC headroom above the user's current count (non-root only)
-    network: bool = False
+    max_processes: int = 32     # RLIMIT_NPROC: processes and threads the program may have at once
+    network: bool = False       # True shares the host's network (isolated runs) / leaves `socket` alone
 
 
 @dataclass
@@ -109,35 +134,142 @@ import runpy
 runpy.run_path(program, run_name="__main__")
 """
 
-_NAMESPACES = None
+
+def interpreter() -> tuple[str, list[str]]:
+    """The Python that runs programs (sys.executable's real file: for a symlinked virtual environment, its base
+    interpreter, which sees the standard library only) and the folders it needs, outermost only."""
+    exe = os.path.realpath(sys.executable)
+    roots = {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix)}
+    if os.path.commonpath([exe, os.path.realpath(sys.prefix)]) == os.path.realpath(sys.prefix):
+        roots.add(os.path.realpath(sys.prefix))  # a copied (not symlinked) venv interpreter reads its pyvenv.cfg
+    roots.add(os.path.dirname(exe))
+    roots = sorted(r for r in roots if r not in ("/", ""))
+    outer = [r for r in roots if not any(o != r and os.path.commonpath([o, r]) == o for o in roots)]
+    return exe, outer
 
 
-def namespace_prefix() -> list[str]:
-    """The `unshare` command line that isolates network and PIDs here, or [] when the OS does not allow it
-    (probed once per process)."""
-    global _NAMESPACES
-    if _NAMESPACES is None:
-        _NAMESPACES = []
-        unshare = shutil.which("unshare")
-        if unshare:
-            base = [unshare, "--net", "--pid", "--fork", "--kill-child"]
-            candidates = [base] if os.geteuid() == 0 else []
-            candidates.append([unshare, "--user", "--map-root-user"] + base[1:])
-            for cmd in candidates:
-                try:
-                    ok = subprocess.run(cmd + ["true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, timeout=10).returncode == 0
-                except (OSError, subprocess.TimeoutExpired):
-                    ok = False
-                if ok:
-                    _NAMESPACES = cmd
-                    break
-    return list(_NAMESPACES)
+# As root: a private mount namespace binds each host folder at a mount point under a stage folder uid 65534 can
+# reach, then drops to that uid and runs bwrap. argv: SOURCE POINT ... -- COMMAND...
+_STAGE = 'set -e; while [ "$1" != -- ]; do mount --rbind "$1" "$2"; shift 2; done; shift; exec "$@"'
 
 
-def _user_tasks() -> int:
-    """Processes and threads of this real user now: RLIMIT_NPROC counts them all."""
-    uid, count = os.getuid(), 0
+def isolated_command(bwrap: str, workdir: str, env: dict, network: bool = False, stage: str | None = None):
+    """The command line that runs a command in `workdir` isolated as the module doc describes. As root, `stage` is
+    an empty folder (mode 755) for the mount points: bwrap then runs as uid 65534, because the kernel exempts
+    host root from RLIMIT_NPROC even inside a user namespace (fork loops would be unbounded), and that uid may
+    not reach the host folders (an interpreter under /root) by their paths."""
+    exe, roots = interpreter()
+    binds = [("--ro-bind", r) for r in roots if os.path.commonpath([r, "/usr"]) != "/usr"] + [("--bind", workdir)]
+    source = {path: path for _, path in binds}
+    cmd = []
+    if stage is not None:
+        cmd = [shutil.which("unshare") or "unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
+               _STAGE, "stage"]
+        for i, (_, path) in enumerate(binds):
+            source[path] = os.path.join(stage, str(i))
+            os.mkdir(source[path])
+            cmd += [path, source[path]]
+        cmd += ["--", shutil.which("setpriv") or "setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY),
+                "--clear-groups", "--"]
+    cmd += [bwrap, "--unshare-all", "--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY),
+            "--hostname", "sandbox", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv",
+            "--ro-bind", "/usr", "/usr"]
+    if network:
+        cmd.append("--share-net")
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):  # merged-/usr links, or real folders
+        if os.path.islink(top):
+            cmd += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            cmd += ["--ro-bind", top, top]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/dev/shm"]
+    for kind, path in binds:
+        cmd += [kind, source[path], path]
+    cmd += ["--chdir", workdir]
+    for key, value in env.items():
+        cmd += ["--setenv", key, value]
+    return cmd
+
+
+class _Folders:
+    """The program's working folder (writable by the uid it runs as) and, as root, the stage for mount points;
+    both removed afterwards."""
+
+    def __enter__(self):
+        self.workdir = tempfile.mkdtemp(prefix="semalign-sandbox-")
+        self.stage = None
+        if os.geteuid() == 0:
+            os.chown(self.workdir, NOBODY, NOBODY)
+            self.stage = tempfile.mkdtemp(prefix="semalign-sandbox-stage-")
+            os.chmod(self.stage, 0o755)
+        return self
+
+    def __exit__(self, *exc):
+        for folder in (self.workdir, self.stage):
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+_PROBES: dict = {}  # (bwrap path, or "unisolated") -> None when usable, else the reason it is not
+
+
+def _probe(cmd: list[str], **kwargs) -> str | None:
+    """None when `cmd` runs the interpreter and it imports the standard library, else what went wrong."""
+    try:
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=30, env={}, **kwargs)
+    except (OSError, subprocess.SubprocessError) as err:
+        return str(err)
+    if proc.returncode == 0 and proc.stdout.strip() == b"ok":
+        return None
+    return (proc.stderr.decode(errors="replace").strip()[-300:] or f"exit status {proc.returncode}")
+
+
+_PROBE_CODE = ["-I", "-c", "import json, os, resource, runpy; print('ok')"]
+
+
+def _launcher(unisolated: bool = False) -> str | None:
+    """The bwrap path to isolate with, or None to run unisolated (only when accepted and safe); otherwise raises
+    IsolationUnavailable saying what is missing."""
+    name = os.environ.get(BWRAP_ENV) or "bwrap"
+    bwrap = shutil.which(name)
+    key = bwrap or name
+    if key not in _PROBES:
+        if bwrap is None:
+            _PROBES[key] = f"{name!r} was not found (set by {BWRAP_ENV})" if os.environ.get(BWRAP_ENV) \
+                else "bubblewrap ('bwrap') is not installed"
+        else:
+            with _Folders() as f:
+                cmd = isolated_command(bwrap, f.workdir, {}, stage=f.stage) + [interpreter()[0]] + _PROBE_CODE
+                _PROBES[key] = _probe(cmd)
+    if _PROBES[key] is None:
+        return bwrap
+    missing = (f"Code cannot run isolated: {_PROBES[key]}. Install bubblewrap (Debian/Ubuntu: apt-get install "
+               f"bubblewrap; Fedora: dnf install bubblewrap) on a kernel that allows user namespaces "
+               f"(sysctl kernel.unprivileged_userns_clone=1 / user.max_user_namespaces > 0), or point {BWRAP_ENV} "
+               f"at a working bwrap")
+    if not unisolated_allowed(unisolated):
+        raise IsolationUnavailable(
+            f"{missing}. To run generated code with limits but no isolation (it can then read the host's files "
+            f"and reach its network), pass --allow-unisolated-execution (or {UNISOLATED_FLAG}=1), preferably "
+            f"inside a disposable container or VM")
+    if os.geteuid() == 0:
+        if "unisolated" not in _PROBES:
+            _PROBES["unisolated"] = _probe([interpreter()[0]] + _PROBE_CODE, **_as_nobody())
+        if _PROBES["unisolated"] is not None:
+            raise IsolationUnavailable(
+                f"{missing}. Running unisolated was accepted, but this process is root and unisolated code never "
+                f"runs as root (it could signal or overwrite anything); it would run as uid {NOBODY}, which "
+                f"cannot start the interpreter {interpreter()[0]} ({_PROBES['unisolated']}). Install bubblewrap, "
+                f"or run the evaluation as an unprivileged user")
+    return None
+
+
+def _as_nobody() -> dict:
+    return {"user": NOBODY, "group": NOBODY, "extra_groups": []}
+
+
+def _user_tasks(uid: int) -> int:
+    """Processes and threads of `uid` now: RLIMIT_NPROC counts them all."""
+    count = 0
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -151,12 +283,15 @@ def _user_tasks() -> int:
     return count
 
 
-def _rlimits(limits: Limits) -> dict:
+def _rlimits(limits: Limits, isolated: bool) -> dict:
     cpu = limits.cpu_seconds if limits.cpu_seconds is not None else int(limits.timeout) + 1
     out = {"RLIMIT_CPU": cpu, "RLIMIT_AS": limits.memory_mb << 20, "RLIMIT_FSIZE": limits.file_size_mb << 20,
            "RLIMIT_CORE": 0}
-    if os.geteuid() != 0 and os.path.isdir("/proc"):
-        out["RLIMIT_NPROC"] = _user_tasks() + limits.max_processes
+    if isolated:  # counted per user namespace: only the program's own processes
+        out["RLIMIT_NPROC"] = limits.max_processes
+    elif os.path.isdir("/proc"):  # counted over the whole host user (root's limit would not hold at all)
+        uid = NOBODY if os.geteuid() == 0 else os.getuid()
+        out["RLIMIT_NPROC"] = _user_tasks(uid) + limits.max_processes
     return out
 
 
@@ -167,60 +302,69 @@ def _kill_group(pgid):
         pass
 
 
-def _read(path):
-    try:
-        with open(path, errors="replace") as f:
-            text = f.read(OUTPUT_LIMIT + 1)
-    except OSError:
-        return ""
+def _drain(stream, kept: list):
+    """Read `stream` to its end, keeping the first OUTPUT_LIMIT + 1 bytes' worth (a character can be 4 bytes)."""
+    size = 0
+    while chunk := stream.read1(1 << 16):
+        if size < 4 * (OUTPUT_LIMIT + 1):
+            kept.append(chunk)
+            size += len(chunk)
+    stream.close()
+
+
+def _text(chunks):
+    text = b"".join(chunks).decode(errors="replace")
     return text if len(text) <= OUTPUT_LIMIT else text[:OUTPUT_LIMIT] + "...[truncated]"
 
 
-def run_program(code: str, limits: Limits | None = None, allow: bool = False) -> Result:
-    """Run `code` as a Python program in a sandboxed child process (see the module doc) and report how it ended.
-    Refuses (ExecutionNotAllowed) unless execution is enabled."""
-    require_execution(allow, "run_program")
+def run_program(code: str, limits: Limits | None = None, allow: bool = False, *, unisolated: bool = False) -> Result:
+    """Run `code` as a Python program in the sandbox (see the module doc) and report how it ended. Refuses
+    (ExecutionNotAllowed) unless execution is enabled, and (IsolationUnavailable) when it cannot be isolated and
+    running unisolated was not accepted."""
+    bwrap = require_execution(allow, "run_program", unisolated)
     limits = limits or Limits()
-    workdir = tempfile.mkdtemp(prefix="semalign-sandbox-")
-    try:
+    with _Folders() as folders:
+        workdir = folders.workdir
         program = os.path.join(workdir, "program.py")
         with open(program, "w") as f:
             f.write(code)
-        settings = json.dumps({"rlimits": _rlimits(limits), "network": limits.network})
-        cmd = [sys.executable, "-I", "-c", _PREAMBLE, settings, program]
-        prefix = [] if limits.network else namespace_prefix()
-        if prefix:
-            # a shell between unshare and Python: it turns a signal death into exit status 128 + signal, which
-            # unshare passes on (unshare itself cannot always re-raise signals such as SIGXCPU)
-            cmd = prefix + ["/bin/sh", "-c", '"$@"; exit $?', "sandbox"] + cmd
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": workdir, "TMPDIR": workdir,
-               "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1",
-               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        out_path, err_path = os.path.join(workdir, ".stdout"), os.path.join(workdir, ".stderr")
+        settings = json.dumps({"rlimits": _rlimits(limits, bwrap is not None), "network": limits.network})
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
+               "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
+               "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        cmd = [interpreter()[0], "-I", "-c", _PREAMBLE, settings, program]
+        extra = {}
+        if bwrap is not None:
+            cmd = isolated_command(bwrap, workdir, env, limits.network, folders.stage) + cmd
+        elif os.geteuid() == 0:  # unisolated and root: never as root (see the module doc)
+            extra = _as_nobody()
         start = time.monotonic()
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True)
-            timed_out = False
-            try:
-                proc.wait(timeout=limits.timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            # the group leader's pid is the group id; kill what is left of the group either way
-            _kill_group(proc.pid)
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True, **extra)
+        out, err = [], []
+        readers = [threading.Thread(target=_drain, args=(s, kept), daemon=True)
+                   for s, kept in ((proc.stdout, out), (proc.stderr, err))]
+        for t in readers:
+            t.start()
+        timed_out = False
+        try:
+            proc.wait(timeout=limits.timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        # the group leader's pid is the group id; kill what is left of the group either way (under bwrap this
+        # ends its PID namespace and so every process the program started)
+        _kill_group(proc.pid)
+        proc.wait()
+        for t in readers:
+            t.join(timeout=5)  # a reader still blocked means an escaped writer: report what was read
         seconds = time.monotonic() - start
-        stdout, stderr = _read(out_path), _read(err_path)
-        rc = proc.returncode
-        if timed_out:
-            return Result("timeout", rc, seconds, stdout, stderr, f"timed out after {limits.timeout:g} s")
-        if rc == 0:
-            return Result("passed", rc, seconds, stdout, stderr)
-        return Result("failed", rc, seconds, stdout, stderr, _reason(rc, stderr))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    stdout, stderr = _text(out), _text(err)
+    rc = proc.returncode
+    if timed_out:
+        return Result("timeout", rc, seconds, stdout, stderr, f"timed out after {limits.timeout:g} s")
+    if rc == 0:
+        return Result("passed", rc, seconds, stdout, stderr)
+    return Result("failed", rc, seconds, stdout, stderr, _reason(rc, stderr))
 
 
 def _reason(rc, stderr):
@@ -229,7 +373,7 @@ def _reason(rc, stderr):
             return f"killed by {signal.Signals(-rc).name}"
         except ValueError:
             return f"killed by signal {-rc}"
-    if rc is not None and rc > 128:  # in namespaces, the shell reports a signal death as 128 + signal
+    if rc is not None and rc > 128:  # bwrap reports its child's death by a signal as 128 + signal
         try:
             return f"killed by {signal.Signals(rc - 128).name}"
         except ValueError:
@@ -239,14 +383,15 @@ def _reason(rc, stderr):
 
 
 def run_many(programs: list[str], limits: Limits | None = None, allow: bool = False, workers: int | None = None,
-             progress=None) -> list[Result]:
+             progress=None, *, unisolated: bool = False) -> list[Result]:
     """Results of several programs, run `workers` at a time (each in its own sandbox), in input order."""
-    require_execution(allow, "run_many")
+    require_execution(allow, "run_many", unisolated)
     from concurrent.futures import ThreadPoolExecutor, as_completed
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     results = [None] * len(programs)
     with ThreadPoolExecutor(workers) as pool:
-        futures = {pool.submit(run_program, code, limits, True): i for i, code in enumerate(programs)}
+        futures = {pool.submit(run_program, code, limits, True, unisolated=unisolated): i
+                   for i, code in enumerate(programs)}
         for future in as_completed(futures):
             results[futures[future]] = future.result()
             if progress is not None:
