@@ -67,7 +67,7 @@ def phase(s, state, tgt, head_t, store, mark):
         metrics[str(k)] = train_stage(s, tgt, head_t, k, frontier, targets(k, k == s.n_target))
         if s.main:
             rundir.save_tensors(weights, layer.state_dict())
-        frontier = frontier.advance(lambda h, a: tgt.layer(k - 1, h, tgt.context(h, a)), s.data, s.pad_id,
+        frontier = frontier.advance(lambda h, a: forward_layer(tgt, k - 1, h, a, s.dtype), s.data, s.pad_id,
                                     cfg.eval_batch_size, s.device, show=s.main)
         rundir.save_tensors(frontier_path(s, k), {"states": frontier.states})
         state["stage_metrics"] = metrics
@@ -92,10 +92,16 @@ def frontier_after(s, tgt, k, mine):
         print(f"{err}: recomputing it", flush=True)
     frontier = Frontier.of_embeddings(tgt, s.data, mine, s.pad_id, s.cfg.eval_batch_size, s.device)
     for j in range(k):
-        frontier = frontier.advance(lambda h, a, j=j: tgt.layer(j, h, tgt.context(h, a)), s.data, s.pad_id,
+        frontier = frontier.advance(lambda h, a, j=j: forward_layer(tgt, j, h, a, s.dtype), s.data, s.pad_id,
                                     s.cfg.eval_batch_size, s.device)
     rundir.save_tensors(path, {"states": frontier.states})
     return frontier
+
+
+def forward_layer(tgt, j, h, attn, dtype):
+    """Target layer j (0-based) on a batch of the frontier, which is kept in float32 whatever the run's dtype."""
+    h = h.to(dtype)
+    return tgt.layer(j, h, tgt.context(h, attn))
 
 
 def train_stage(s, tgt, head_t, k, frontier, targets):
