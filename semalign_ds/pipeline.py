@@ -17,7 +17,9 @@ and engines.py (ZeRO engines); the phases are plain loops over this rank's share
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -62,8 +64,13 @@ def run(cfg: Config, local_rank=None):
     """The whole pipeline; returns the report (or None without evaluation data). A failure on any rank ends every
     rank at once with that rank's error, instead of leaving the others waiting in a collective."""
     distributed.init(local_rank, timeout_minutes=cfg.collective_timeout_minutes)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, training.request_stop)  # checkpoint and stop (SLURM's time-limit warning)
     try:
         report = _run(cfg)
+    except training.Preempted:
+        distributed.shutdown()  # every rank stopped after the same step
+        raise
     except BaseException as err:
         distributed.abort(err)
         raise

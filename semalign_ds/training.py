@@ -23,6 +23,20 @@ from semalign_ds.frontier import Frontier, objective, stage_loss
 from semalign_ds.faults import fault_point
 
 
+class Preempted(Exception):
+    """The run saved a checkpoint on request (SIGUSR1, e.g. SLURM's warning before a time limit) and stopped;
+    rerunning the same command resumes from it. The CLI exits with EXIT_PREEMPTED."""
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again
+_stop = {"requested": False}
+
+
+def request_stop(signum=None, frame=None):
+    """Signal handler: checkpoint at the end of the current optimizer step and stop."""
+    _stop["requested"] = True
+
+
 def phase(s, state, tgt, head_t, store, mark):
     """Train the target (frontier stages, or the output-KD baseline); returns per-stage metrics. `mark(phase,
     info)` records a finished stage."""
@@ -176,8 +190,10 @@ def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss):
         # DeepSpeed averages gradients over ranks; the global mean needs their sum
         grad_norm = stage.step(loss * s.world if s.ds_target is not None else loss)
         names = sorted(parts)
-        report = distributed.all_reduce_sum(torch.tensor([float(loss.detach())] + [parts[n] for n in names],
-                                                         dtype=torch.float64))
+        # the stop request travels with the step's report, so that every rank stops after the same step
+        report = distributed.all_reduce_sum(torch.tensor([float(loss.detach())] + [parts[n] for n in names]
+                                                         + [float(_stop["requested"])], dtype=torch.float64))
+        stop, report = bool(report[-1] > 0), report[:-1]
         history.append(float(report[0]))
         bar.set_postfix(loss=f"{history[-1]:.4f}")
         if step % cfg.log_every == 0 or step == steps - 1:
@@ -187,6 +203,11 @@ def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss):
                                 **summary.memory_scalars(s.device)}, step)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
             save_checkpoint(s, stage, ckpt_dir, {"step": step + 1, "history": history})
+        elif stop and step + 1 < steps:
+            save_checkpoint(s, stage, ckpt_dir, {"step": step + 1, "history": history})
+        if stop and step + 1 < steps:
+            raise Preempted(f"{desc}: stopped on request after step {step + 1} of {steps}, checkpoint saved in "
+                            f"{ckpt_dir}; rerun the same command to resume")
         fault_point("stage_step", s.rank)
     module.requires_grad_(False)
     distributed.barrier()
