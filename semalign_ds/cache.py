@@ -70,8 +70,15 @@ class ActivationCache:
         path = os.path.join(self.folder, "manifest.json")
         header = dict(header, n_examples=self.n_examples, shard_examples=self.shard_examples)
         if os.path.isfile(path):
-            with open(path) as f:
-                old = json.load(f)
+            try:
+                old = rundir.read_json(path, "the cache manifest")
+            except rundir.DamagedFile as err:  # what the shards were made from is unknown: make them again
+                print(f"{err}: starting the cache over", flush=True)
+                for name in os.listdir(self.folder):
+                    if name.startswith("shard-"):
+                        os.remove(os.path.join(self.folder, name))
+                rundir.write_json(path, header)
+                return self
             summary = ("shards", "tokens")  # written once the cache is complete
             diff = sorted(k for k in (set(old) | set(header)) - set(summary) if old.get(k) != header.get(k))
             if diff:
@@ -84,8 +91,7 @@ class ActivationCache:
     def write_manifest_summary(self):
         """The manifest, completed with each shard's entry, once every shard is written."""
         path = os.path.join(self.folder, "manifest.json")
-        with open(path) as f:
-            manifest = json.load(f)
+        manifest = rundir.read_json(path, "the cache manifest")
         manifest["shards"] = [self.entry(i) for i in range(self.n_shards)]
         manifest["tokens"] = sum(e["tokens"] for e in manifest["shards"])
         rundir.write_json(path, manifest)
@@ -96,8 +102,12 @@ class ActivationCache:
         _, side = self._paths(i)
         if not os.path.isfile(side):
             return None
-        with open(side) as f:
-            return json.load(f)
+        try:
+            with open(side) as f:
+                entry = json.load(f)
+        except (ValueError, UnicodeDecodeError):  # a damaged sidecar: the shard is written again
+            return None
+        return entry if isinstance(entry, dict) and "sha256" in entry else None
 
     def is_complete(self, i, verify=True):
         data, _ = self._paths(i)
@@ -130,7 +140,7 @@ class ActivationCache:
         data, side = self._paths(i)
         tmp = data + ".tmp"
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, data)
+        rundir.commit(tmp, data)
         tokens = int(tensors["source_final"].shape[0])
         rundir.write_json(side, {"file": os.path.basename(data), "examples": list(self.shard_range(i)),
                             "tokens": tokens, "sha256": rundir.sha256(data),

@@ -1,5 +1,6 @@
-"""Fault injection for the resume and fault-tolerance tests: SEMALIGN_DS_FAULT="NAME:N[:RANK]" sends SIGKILL to
-this process the N-th time it passes point NAME (on rank RANK, default every rank). Points: cache_shard (after a
+"""Fault injection for the resume and fault-tolerance tests: SEMALIGN_DS_FAULT="NAME:N[:RANK[:raise]]" sends
+SIGKILL to this process the N-th time it passes point NAME (on rank RANK; "*" or no RANK: every rank), or with
+":raise" raises an error there instead (a failing rank). Points: cache_shard (after a
 cache shard is written), stage_step (after an optimizer step), checkpoint_saved (every rank's checkpoint files
 written, the pointer not yet moved)."""
 from __future__ import annotations
@@ -15,8 +16,10 @@ def fault_point(name, rank):
     if not spec:
         return
     parts = spec.split(":")
-    if parts[0] != name or (len(parts) > 2 and int(parts[2]) != rank):
+    if parts[0] != name or (len(parts) > 2 and parts[2] != "*" and int(parts[2]) != rank):
         return
     _COUNTS[name] = _COUNTS.get(name, 0) + 1
     if _COUNTS[name] == int(parts[1]):
+        if len(parts) > 3 and parts[3] == "raise":
+            raise RuntimeError(f"injected fault at {name} #{parts[1]} on rank {rank}")
         os.kill(os.getpid(), signal.SIGKILL)

@@ -45,7 +45,7 @@ def _disk_error(path, err):
     return ConfigError(f"cannot write {path}: {err}")
 
 
-def _commit(tmp, path):
+def commit(tmp, path):
     """fsync `tmp` and rename it over `path`: a crash leaves the old file or the new one, never a mix."""
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -57,7 +57,7 @@ def write_json(path, value):
     try:
         with open(tmp, "w") as f:
             json.dump(value, f, indent=2)
-        _commit(tmp, path)
+        commit(tmp, path)
     except OSError as err:
         _remove(tmp)
         raise _disk_error(path, err) from err
@@ -77,7 +77,7 @@ def write_json_checked(path, value):
     write_json(path, value)
     with open(path + ".sha256.tmp", "w") as f:
         f.write(sha256(path) + "\n")
-    _commit(path + ".sha256.tmp", path + ".sha256")
+    commit(path + ".sha256.tmp", path + ".sha256")
 
 
 def read_json_checked(path, what="file"):
@@ -92,10 +92,10 @@ def save_tensors(path, tensors: dict):
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
         digest = sha256(tmp)
-        _commit(tmp, path)
+        commit(tmp, path)
         with open(path + ".sha256.tmp", "w") as f:
             f.write(digest + "\n")
-        _commit(path + ".sha256.tmp", path + ".sha256")
+        commit(path + ".sha256.tmp", path + ".sha256")
     except (OSError, SafetensorError, RuntimeError) as err:
         _remove(tmp)
         raise _disk_error(path, err) from err

@@ -19,15 +19,27 @@ SETTINGS = {"max_examples": 20, "stage_steps": 6, "eval_max_examples": 4, "cache
             "batch_size": 4, "checkpoint_every": 2, "eval_max_seq_len": 160, "log_every": 1}
 
 
-def launch(out, world, extra=None, env_extra=None, timeout=600):
-    """Run the tiny config into `out` on `world` ranks (torchrun for 2), one thread per rank."""
+def command(out, world, extra=None):
+    """The command line of the tiny config into `out` on `world` ranks (torchrun for 2)."""
     script = os.path.join(ROOT, "launchers", "transfer.py")
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
                               if world > 1 else []) + [script, "--config", TINY_YAML, "--output-dir", str(out)]
-    cmd += [f"--set={k}={v}" for k, v in {**SETTINGS, **(extra or {})}.items()]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
-    env.pop("SEMALIGN_DS_FAULT", None) if not (env_extra or {}).get("SEMALIGN_DS_FAULT") else None
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return cmd + [f"--set={k}={v}" for k, v in {**SETTINGS, **(extra or {})}.items()]
+
+
+def environment(fault=None):
+    """One thread per rank (the goldens depend on it); SEMALIGN_DS_FAULT only when asked for."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("SEMALIGN_DS_FAULT", None)
+    if fault:
+        env["SEMALIGN_DS_FAULT"] = fault
+    return env
+
+
+def launch(out, world, extra=None, fault=None, timeout=600):
+    """Run the tiny config into `out` on `world` ranks, one thread per rank; the finished process."""
+    return subprocess.run(command(out, world, extra), env=environment(fault), capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
 
 
 def tensor_checksum(path):
