@@ -130,6 +130,11 @@ class Config(BaseModel):
     report_to: Annotated[list[Literal["tensorboard", "wandb", "mlflow", "none"]],
                          BeforeValidator(_list_of_one)] = _f(["tensorboard"], "metric trackers (none: JSON lines only)")
 
+    # the sections above, by their first key (for --help)
+    SECTIONS: ClassVar[dict] = {"source": "models", "data": "data", "pairing": "attribution and pairing",
+                                "alignment_map": "alignment", "method": "frontier training",
+                                "eval_data": "evaluation", "ds_source_config": "distribution", "output_dir": "output"}
+
     # keys that change nothing computed: a resumed run may differ in these
     RUN_ONLY_KEYS: ClassVar[tuple] = (
         "output_dir", "log_every", "device", "eval_batch_size", "checkpoint_every", "loss_backend",
