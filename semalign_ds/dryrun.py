@@ -162,7 +162,7 @@ def _tokenizer(spec, gguf_file):
 # the plan
 
 def plan(cfg: Config, world: int | None = None) -> Plan:
-    world = world or distributed.detect().world
+    world = distributed.detect().world if world is None else world
     if world < 1:
         raise ConfigError(f"--world {world}: the number of ranks must be >= 1")
     per_step = world * cfg.grad_accum_steps

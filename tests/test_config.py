@@ -111,3 +111,15 @@ def test_assignment_is_checked_too():
     cfg = config_mod.load(TINY_YAML)
     with pytest.raises(Exception, match="fractional part"):
         cfg.stage_steps = 2.5
+
+
+def test_float16_and_cuda_are_checked_at_run_start(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="float16 needs a GPU and none is visible"):
+        config_mod.check_device(config_mod.load(None, {"dtype": "float16"}, DEFAULT_RUN))
+    with pytest.raises(ConfigError, match="device cuda, but no GPU is visible"):
+        config_mod.check_device(config_mod.load(None, {"device": "cuda"}, DEFAULT_RUN))
+    config_mod.check_device(config_mod.load(None, {"dtype": "bfloat16"}, DEFAULT_RUN))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config_mod.check_device(config_mod.load(None, {"dtype": "float16"}, DEFAULT_RUN))

@@ -114,6 +114,7 @@ def test_token_counts_come_from_the_data_when_cheap(tmp_path):
     ({"fisher_topk": 512}, 1, r"fisher_topk 512 >= vocabulary 512"),
     ({"target": None, "target_keep_layers": [0, 6]}, 1, r"names layer 6, but the source has layers 0\.\.5"),
     ({"max_examples": None}, 1, r"set max_examples"),
+    ({}, 0, r"--world 0: the number of ranks must be >= 1"),
 ])
 def test_refusals(tmp_path, overrides, world, match):
     values = {**shapes_only(tmp_path), "data": "embedded:stdlib", "eval_data": None, "max_examples": 9,
