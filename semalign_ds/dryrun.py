@@ -93,6 +93,15 @@ def _pruned(config, keep):
     return config
 
 
+def _in_out(module):
+    """(inputs, outputs) of a linear map: nn.Linear, or GPT-2's Conv1D (weight stored [in, out])."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D":
+        return tuple(module.weight.shape)
+    return None
+
+
 def shapes(config, cfg: Config, role: str) -> Shapes:
     """Shapes of the model `config` describes, built on the meta device: no memory for weights."""
     from transformers import AutoModelForCausalLM
@@ -102,22 +111,23 @@ def shapes(config, cfg: Config, role: str) -> Shapes:
     layer = adapter.layers[0]
 
     def matmul(module):
-        return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
+        return sum(i * o for i, o in filter(None, map(_in_out, module.modules())))
 
     head = adapter.head
     lora = 0
     if cfg.lora_rank > 0 and role == "target":
-        hits = [m for name, m in layer.named_modules() if name.split(".")[-1] in cfg.lora_targets]
-        missing = [t for t in cfg.lora_targets if not any(n.split(".")[-1] == t for n, _ in layer.named_modules())]
+        linear = [(name.split(".")[-1], _in_out(m)) for name, m in layer.named_modules() if _in_out(m)]
+        missing = [t for t in cfg.lora_targets if t not in {n for n, _ in linear}]
         if missing:
-            raise ConfigError(f"lora_targets {missing} name no module in a {config.model_type} layer; its "
-                              f"linear modules: {sorted({n.split('.')[-1] for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)})}")
-        lora = sum(cfg.lora_rank * (m.in_features + m.out_features) for m in hits)
+            raise ConfigError(f"lora_targets {missing} name no linear module in a {config.model_type} layer; its "
+                              f"linear modules: {sorted({n for n, _ in linear})}")
+        # r x (in + out) per adapted module; a name may match several (GPT-2's attn.c_proj and mlp.c_proj)
+        lora = cfg.lora_rank * sum(i + o for n, (i, o) in linear if n in cfg.lora_targets)
     return Shapes(
         layers=adapter.num_layers, width=adapter.width, heads=config.num_attention_heads,
         vocab=head.weight.shape[0], params=sum(p.numel() for p in model.parameters()),
         layer_params=sum(p.numel() for p in layer.parameters()), layer_matmul=matmul(layer),
-        head_matmul=head.in_features * head.out_features, body_matmul=sum(matmul(x) for x in adapter.layers),
+        head_matmul=matmul(head), body_matmul=sum(matmul(x) for x in adapter.layers),
         lora_params=lora, max_positions=getattr(config, "max_position_embeddings", None))
 
 

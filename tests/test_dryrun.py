@@ -110,7 +110,7 @@ def test_token_counts_come_from_the_data_when_cheap(tmp_path):
 
 @pytest.mark.parametrize("overrides, world, match", [
     ({"batch_size": 6}, 4, r"batch_size 6 is not divisible by world 4 x grad_accum_steps 1"),
-    ({"lora_rank": 2, "lora_targets": ["up_proj", "c_fc"]}, 1, r"lora_targets \['c_fc'\] name no module"),
+    ({"lora_rank": 2, "lora_targets": ["up_proj", "c_fc"]}, 1, r"lora_targets \['c_fc'\] name no linear module in a llama layer; its linear modules: \['down_proj', "),
     ({"fisher_topk": 512}, 1, r"fisher_topk 512 >= vocabulary 512"),
     ({"target": None, "target_keep_layers": [0, 6]}, 1, r"names layer 6, but the source has layers 0\.\.5"),
     ({"max_examples": None}, 1, r"set max_examples"),
@@ -143,3 +143,16 @@ def test_llama2_13b_to_7b_plan_holds_no_weights():
     assert "8 rank(s)" in out and "attribution: decided at run time" in out and "all 32 stages" in out
     # cache: 20000 x 2048 positions x (32 x 4096 + 5120) bf16 values + the source head in float32
     assert f"activation cache {(20000 * 2048 * (32 * 4096 + 5120) * 2 + 32000 * 5120 * 4) / 2**40:.2f} TiB" in out
+
+
+def test_gpt2_conv1d_shapes():
+    """GPT-2's linear maps are Conv1D ([in, out] weights): counted like nn.Linear, and a LoRA target name that
+    matches two modules (attn.c_proj, mlp.c_proj) adapts both."""
+    from transformers import GPT2Config
+    d, v, layers = 40, 97, 3
+    cfg = config_mod.from_dict({"target_keep_layers": [0], "lora_rank": 5, "lora_targets": ["c_fc", "c_proj"]})
+    sh = dryrun.shapes(GPT2Config(n_embd=d, n_layer=layers, n_head=4, vocab_size=v, bos_token_id=0,
+                                  eos_token_id=0), cfg, "target")
+    assert sh.layer_matmul == 3 * d * d + d * d + 4 * d * d + 4 * d * d
+    assert sh.body_matmul == layers * sh.layer_matmul and sh.head_matmul == v * d
+    assert sh.lora_params == 5 * ((d + 4 * d) + (d + d) + (4 * d + d))
