@@ -58,6 +58,7 @@ class Phase:
     activation_bytes: float  # per rank, at the peak of one micro-batch
     flops: float  # all ranks together
     note: str = ""
+    in_total: bool = True  # False for a single stage's row, which the all-stages row already counts
 
 
 @dataclass
@@ -321,9 +322,10 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
         held, act = tgt.params * b, _activations(micro, seq, tgt.width, tgt.heads, b) + loss_memory(micro_loss)
         out.append(Phase(f"stage 1 < k < {tgt.layers} (each)", held, training(trainable), act,
                          stage + frontier, f"one layer's {'LoRA' if tgt.lora_params else 'weights'} trained, "
-                                           f"{cfg.layer_objective if cfg.method == 'semalign' else 'cosine'} loss"))
+                                           f"{cfg.layer_objective if cfg.method == 'semalign' else 'cosine'} loss",
+                         in_total=False))
         out.append(Phase(f"stage {tgt.layers} (output)", held, training(trainable), act,
-                         final + (frontier if tgt.layers > 1 else 0), "KL at the output"))
+                         final + (frontier if tgt.layers > 1 else 0), "KL at the output", in_total=False))
         out.append(Phase(f"all {tgt.layers} stages", held, training(trainable), act,
                          (tgt.layers - 1) * (stage + frontier) + final, "stage 1 runs no frontier forward"))
     if cfg.joint_steps:
@@ -388,6 +390,10 @@ def report(cfg: Config, world: int | None = None, tflops: float = 400.0) -> str:
         lines.append(f"  {ph.name:<34} {_bytes(ph.param_bytes):>11} {_bytes(ph.train_bytes):>11} "
                      f"{_bytes(ph.activation_bytes):>11} {per_rank / 1e12:>11.4g} "
                      f"{_seconds(per_rank / (tflops * 1e12)):>9}" + (f"  {ph.note}" if ph.note else ""))
+    total = sum(ph.flops for ph in p.phases if ph.in_total) / p.world
+    peak = max(ph.param_bytes + ph.train_bytes + ph.activation_bytes for ph in p.phases)
+    lines.append(f"  {'run (phases above, once each)':<34} {'peak ' + _bytes(peak):>35} {total / 1e12:>11.4g} "
+                 f"{_seconds(total / (tflops * 1e12)):>9}")
     lines += [f"note: {n}" for n in p.notes]
     lines.append("evaluation and export are not estimated; see semalign_ds/dryrun.py for the formulas")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -83,9 +84,13 @@ def test_numbers_match_a_hand_computation(tmp_path):
     i = t["intermediate_size"]  # default targets: v_proj, o_proj, up_proj, down_proj; r x (in + out) each
     assert lora.target.lora_params == 3 * ((dt + kv * hd) + (dt + dt) + (dt + i) + (i + dt))
     assert lora.cache_bytes == N * (Lt * 7 * (4 + b) + ds * b) + V * ds * 4
+    assert [ph.in_total for ph in p.phases] == [True, True, False, False, True]
     text = dryrun.report(cfg, world=2, tflops=123.0)
     per_rank = phases["all 3 stages"].flops / W
     assert f"{per_rank / 1e12:.4g}" in text and "123 TFLOP/s" in text
+    total = (attr.flops + cache.flops + phases["all 3 stages"].flops) / W
+    assert re.search(rf"run \(phases above, once each\) +peak .* {total / 1e12:.4g} +{total / 123e12 * 1e3:.3g} ms",
+                     text), text
 
 
 def test_token_counts_come_from_the_data_when_cheap(tmp_path):
