@@ -28,7 +28,7 @@ def _list_of_one(value):
 
 
 def _on_off(value):
-    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value  # YAML 1.1: off
+    return ("on" if value else "off") if isinstance(value, bool) else value  # YAML 1.1 reads off as false
 
 
 Int = Annotated[int, BeforeValidator(_not_bool)]
