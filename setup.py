@@ -20,6 +20,7 @@ setup(
         "tensorboard",
         "mpi4py",
         "pyyaml",
+        "pydantic>=2",
         "tqdm",
         "gguf",
         "accelerate",

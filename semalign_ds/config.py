@@ -1,152 +1,242 @@
 """One flat config object for a run: loaded from YAML or JSON, overridden from the command line, validated on
-load, printed at start and saved with the run."""
+load (types and ranges, through pydantic), printed at start and saved with the run."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-from dataclasses import dataclass, fields
-from typing import Optional
+import typing
+from typing import Annotated, ClassVar, Literal, Optional
 
 import yaml
-
-
-@dataclass
-class Config:
-    # --- models --------------------------------------------------------------------------------------------
-    source: str = "embedded:smollm2-135m-instruct"  # local folder, hub id, "embedded:NAME", or a config.json (random init)
-    source_gguf_file: Optional[str] = None  # a GGUF file inside `source`, loaded through transformers
-    target: Optional[str] = None  # as `source`; or leave empty and set target_keep_layers
-    target_gguf_file: Optional[str] = None
-    target_keep_layers: Optional[list] = None  # make the target by keeping these source layers (0-based)
-    tokenizer: Optional[str] = None  # defaults to the source's
-    seed: int = 0
-    dtype: str = "float32"  # float32 | bfloat16: parameters and activations; losses accumulate in float32
-    device: str = "auto"  # auto | cpu | cuda
-    # --- data ----------------------------------------------------------------------------------------------
-    data: str = "embedded:stdlib"  # jsonl/json file, datasets folder, hub id, or "embedded:stdlib"
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    data_split: str = "train"
-    max_examples: Optional[int] = None
-    max_seq_len: int = 512
-    loss_on: str = "response"  # response | all
-    chat_template: str = "auto"  # auto | on | off: wrap prompts in the tokenizer's chat template
-    # --- attribution and pairing ---------------------------------------------------------------------------
-    pairing: str = "attribution"  # attribution | uniform
-    pairing_lambda: float = 0.5  # depth penalty of the attribution DP, on scores scaled to max 1
-    attribution_examples: Optional[int] = None  # examples used for attribution (default: all)
-    # --- alignment -----------------------------------------------------------------------------------------
-    cache_shard_examples: int = 64  # examples per cache shard: the unit of resume
-    recompute_corrupt: bool = False  # recompute cache shards whose checksum fails instead of stopping
-    normalize_source: bool = True  # logit-lens normalise the source state before mapping
-    basis_dtype: str = "float64"  # float64 | float32: dtype of pinv for the semantic bases
-    # --- frontier training ---------------------------------------------------------------------------------
-    method: str = "semalign"  # semalign | layerwise (cosine to the source state through a learned projection,
-    #                           baseline) | output_kd (KL at the output only, all layers at once, baseline)
-    stage_steps: int = 100  # optimizer steps per frontier stage
-    batch_size: int = 8  # sequences per optimizer step (global)
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    temperature: float = 1.0
-    fisher_weight: float = 0.0  # layer objective weight in the output stage
-    ce_weight: float = 0.0  # label cross-entropy weight in the output stage
-    loss_backend: str = "auto"  # auto | naive | chunked | triton
-    checkpoint_every: int = 50  # steps between in-stage checkpoints (0: only at stage ends)
-    # --- evaluation ----------------------------------------------------------------------------------------
-    eval_data: Optional[str] = "embedded:humaneval"  # prompt/response set whose response NLL is reported
-    eval_max_examples: Optional[int] = None
-    eval_max_seq_len: int = 1024  # evaluation sequences are cut here (HumanEval's longest is 581 tokens)
-    eval_batch_size: int = 8
-    # --- distribution --------------------------------------------------------------------------------------
-    ds_source_config: Optional[str] = None  # DeepSpeed JSON for the source (ZeRO-3 inference)
-    ds_target_config: Optional[str] = None  # DeepSpeed JSON for the target (ZeRO-2 stages)
-    collective_timeout_minutes: float = 30.0  # a rank that waits longer on the others stops with an error
-    # --- output --------------------------------------------------------------------------------------------
-    output_dir: str = "runs/default"
-    log_every: int = 10
-
-    # keys that change nothing computed: a resumed run may differ in these
-    RUN_ONLY_KEYS = ("output_dir", "log_every", "device", "eval_batch_size", "checkpoint_every", "loss_backend",
-                     "recompute_corrupt", "collective_timeout_minutes")
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    def save(self, path):
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-
-    def __str__(self):
-        width = max(len(f.name) for f in fields(self))
-        return "\n".join(f"  {f.name:<{width}} = {getattr(self, f.name)!r}" for f in fields(self))
-
-    def differs(self, other: "Config"):
-        """Keys whose values differ, ignoring RUN_ONLY_KEYS."""
-        return [f.name for f in fields(self) if f.name not in self.RUN_ONLY_KEYS
-                and getattr(self, f.name) != getattr(other, f.name)]
-
-    # ---------------------------------------------------------------------------------------------------------
-    def validate(self):
-        _choice("dtype", self.dtype, ("float32", "bfloat16"))
-        _choice("device", self.device, ("auto", "cpu", "cuda"))
-        _choice("loss_on", self.loss_on, ("response", "all"))
-        _choice("chat_template", self.chat_template, ("auto", "on", "off"))
-        _choice("pairing", self.pairing, ("attribution", "uniform"))
-        _choice("method", self.method, ("semalign", "layerwise", "output_kd"))
-        _choice("basis_dtype", self.basis_dtype, ("float64", "float32"))
-        _choice("loss_backend", self.loss_backend, ("auto", "naive", "chunked", "triton"))
-        if (self.target is None) == (self.target_keep_layers is None):
-            raise ConfigError("set exactly one of `target` (a model) and `target_keep_layers` (source layers to "
-                              "keep, e.g. [0, 3, 6, 29])")
-        if self.target_keep_layers is not None:
-            kl = self.target_keep_layers
-            if not kl or any(not isinstance(i, int) or i < 0 for i in kl) or sorted(set(kl)) != list(kl):
-                raise ConfigError(f"target_keep_layers must be strictly increasing non-negative layer indices, "
-                                  f"got {kl}")
-        for name in ("max_seq_len", "stage_steps", "batch_size", "eval_batch_size", "log_every",
-                     "cache_shard_examples", "eval_max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_examples", "attribution_examples", "eval_max_examples"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ConfigError(f"{name} must be >= 1 or null, got {v}")
-        for name in ("lr", "temperature", "collective_timeout_minutes"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip", "fisher_weight", "ce_weight", "pairing_lambda",
-                     "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("ds_source_config", "ds_target_config"):
-            path = getattr(self, name)
-            if path is not None and not os.path.isfile(path):
-                raise ConfigError(f"{name}: no such file {path!r}")
-        return self
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 
 class ConfigError(ValueError):
     pass
 
 
-def _choice(name, value, allowed):
-    if value not in allowed:
-        raise ConfigError(f"{name}={value!r} is not valid; use one of {', '.join(allowed)}")
+def _not_bool(value):
+    # pydantic's lax mode reads true as 1; a boolean given for a number is a mistake, not a count
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    return value
 
 
-def _field_types():
-    return {f.name: f.type for f in fields(Config)}
+def _list_of_one(value):
+    return [value] if isinstance(value, str) else value  # `--set report_to=wandb` means [wandb]
 
 
-def from_dict(values: dict, origin="config") -> Config:
-    known = _field_types()
+def _on_off(value):
+    return ("on" if value else "off") if isinstance(value, bool) else value  # YAML 1.1 reads off as false
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+
+
+def _f(default, description, **constraints):
+    return Field(default, description=description, **constraints)
+
+
+class Config(BaseModel):
+    # extra="forbid": unknown keys are refused; allow_inf_nan=False: lr: .inf passes `gt=0` otherwise
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    # --- models --------------------------------------------------------------------------------------------
+    source: str = _f("embedded:smollm2-135m-instruct",
+                    "local folder, hub id, \"embedded:NAME\", or a config.json (random init)")
+    source_gguf_file: Optional[str] = _f(None, "a GGUF file inside `source`, loaded through transformers")
+    target: Optional[str] = _f(None, "as `source`; or leave empty and set target_keep_layers")
+    target_gguf_file: Optional[str] = _f(None, "a GGUF file inside `target`")
+    target_keep_layers: Optional[list[Int]] = _f(
+        None, "make the target by keeping these source layers (0-based, increasing)")
+    tokenizer: Optional[str] = _f(None, "tokenizer folder or hub id; defaults to the source's")
+    seed: Int = _f(0, "seed of random init, data order and sampling")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f(
+        "float32", "parameters and activations; losses accumulate in float32. float16 needs CUDA: refused at "
+                   "load with device: cpu, and at run start when no GPU is visible")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "where the models run (auto: cuda when available)")
+    lora_rank: Int = _f(0, "rank of LoRA adapters on each trained layer (0: train full weights)", ge=0)
+    lora_alpha: Float = _f(32.0, "LoRA scaling numerator (scale = lora_alpha / lora_rank)", gt=0)
+    lora_targets: list[str] = _f(["up_proj", "down_proj", "v_proj", "o_proj"],
+                                "module names inside a layer that get LoRA adapters")
+    # --- data ----------------------------------------------------------------------------------------------
+    data: str = _f("embedded:stdlib", "jsonl/json file, datasets folder, hub id, or \"embedded:stdlib\"")
+    data_format: Literal["auto", "prompt_response", "prompt_completion", "messages"] = _f(
+        "auto", "row layout (auto: detected from the fields present)")
+    prompt_field: str = _f("prompt", "field of the prompt")
+    response_field: str = _f("response", "field of the response (prompt_response rows)")
+    completion_field: str = _f("completion", "field of the completion (prompt_completion rows)")
+    messages_field: str = _f("messages", "field of the chat turns (messages rows; loss on assistant turns)")
+    data_split: str = _f("train", "split of a datasets folder or hub data set")
+    max_examples: Optional[Int] = _f(None, "use at most this many transfer examples (null: all)", ge=1)
+    max_seq_len: Int = _f(512, "sequences are cut to this many tokens", ge=1)
+    max_row_chars: Int = _f(200000, "rows are cut to this many characters per field before tokenisation", ge=1)
+    validation_fraction: Float = _f(0.0, "share of the transfer set held out for validation", ge=0, lt=0.5)
+    loss_on: Literal["response", "all"] = _f("response", "tokens that carry the loss")
+    chat_template: Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)] = _f(
+        "auto", "wrap prompts in the tokenizer's chat template")
+    # --- attribution and pairing ---------------------------------------------------------------------------
+    pairing: Literal["attribution", "uniform"] = _f("attribution", "how target layers are paired with source layers")
+    pairing_lambda: Float = _f(0.5, "depth penalty of the attribution DP, on scores scaled to max 1", ge=0)
+    attribution_examples: Optional[Int] = _f(None, "examples used for attribution (null: all)", ge=1)
+    # --- alignment -----------------------------------------------------------------------------------------
+    alignment_map: Literal["semantic", "least_squares"] = _f(
+        "semantic", "semantic: M = S_t S_s^T (the paper); least_squares: M = pinv(W_t) W_s")
+    cache_shard_examples: Int = _f(64, "examples per cache shard: the unit of resume", ge=1)
+    recompute_corrupt: bool = _f(False, "recompute cache shards whose checksum fails instead of stopping")
+    normalize_source: bool = _f(True, "logit-lens normalise the source state before mapping")
+    basis_dtype: Literal["float64", "float32"] = _f("float64", "dtype of pinv for the semantic bases")
+    # --- frontier training ---------------------------------------------------------------------------------
+    method: Literal["semalign", "layerwise", "output_kd"] = _f(
+        "semalign", "semalign; layerwise (baseline: cosine to the source state through a learned projection); "
+                    "output_kd (baseline: KL at the output only, all layers at once)")
+    layer_objective: Literal["fisher", "cosine", "geometry"] = _f(
+        "fisher", "loss of stages k < L_t: Fisher surrogate, cosine, or token-token residual geometry")
+    fisher_topk: Int = _f(0, "keep the top-k of p* per position in the cache (0: the exact full vocabulary)", ge=0)
+    topk_tail: Literal["renormalize", "bucket"] = _f("renormalize",
+                                                     "top-k Fisher: how the tail mass outside the top k is treated")
+    stage_steps: Int = _f(100, "optimizer steps per frontier stage", ge=1)
+    batch_size: Int = _f(8, "sequences per optimizer step (global, over all ranks and accumulation steps)", ge=1)
+    grad_accum_steps: Int = _f(1, "micro-batches accumulated per optimizer step", ge=1)
+    lr: Float = _f(1e-4, "peak learning rate (AdamW)", gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = _f("constant", "learning rate within each phase")
+    warmup_steps: Int = _f(0, "linear warm-up steps at the start of each phase", ge=0)
+    min_lr_ratio: Float = _f(0.0, "final learning rate of linear/cosine decay, as a share of lr", ge=0, le=1)
+    weight_decay: Float = _f(0.0, "AdamW weight decay", ge=0)
+    grad_clip: Float = _f(1.0, "gradient norm clip (0: off)", ge=0)
+    temperature: Float = _f(1.0, "softmax temperature tau of the losses", gt=0)
+    fisher_weight: Float = _f(0.0, "layer objective weight in the output stage", ge=0)
+    ce_weight: Float = _f(0.0, "label cross-entropy weight in the output stage", ge=0)
+    joint_steps: Int = _f(0, "steps of a joint phase after the stages, all layers trainable (0: none)", ge=0)
+    joint_layer_weight: Float = _f(1.0, "initial weight of the summed layer objectives in the joint phase", ge=0)
+    joint_lr: Optional[Float] = _f(None, "learning rate of the joint phase (null: lr)", gt=0)
+    loss_backend: Literal["auto", "naive", "chunked", "triton"] = _f("auto", "implementation of the losses")
+    checkpoint_every: Int = _f(50, "steps between in-stage checkpoints (0: only at stage ends)", ge=0)
+    # --- evaluation ----------------------------------------------------------------------------------------
+    eval_data: Optional[str] = _f("embedded:humaneval", "prompt/response set whose response NLL is reported "
+                                                       "(null: no evaluation)")
+    eval_max_examples: Optional[Int] = _f(None, "evaluate at most this many examples (null: all)", ge=1)
+    eval_max_seq_len: Int = _f(1024, "evaluation sequences are cut here (HumanEval's longest is 581 tokens)", ge=1)
+    eval_batch_size: Int = _f(8, "sequences per forward in evaluation and caching, per rank", ge=1)
+    # --- distribution --------------------------------------------------------------------------------------
+    ds_source_config: Optional[str] = _f(None, "DeepSpeed JSON for the source (ZeRO-3 inference)")
+    ds_target_config: Optional[str] = _f(None, "DeepSpeed JSON for the target (ZeRO-2 stages)")
+    collective_timeout_minutes: Float = _f(30.0, "a rank that waits longer on the others stops with an error", gt=0)
+    # --- output --------------------------------------------------------------------------------------------
+    output_dir: str = _f("runs/default", "run directory; an existing run there is resumed")
+    log_every: Int = _f(10, "steps between logged metrics", ge=1)
+    report_to: Annotated[list[Literal["tensorboard", "wandb", "mlflow", "none"]],
+                         BeforeValidator(_list_of_one)] = _f(["tensorboard"], "metric trackers (none: JSON lines only)")
+
+    # the sections above, by their first key (for --help)
+    SECTIONS: ClassVar[dict] = {"source": "models", "data": "data", "pairing": "attribution and pairing",
+                                "alignment_map": "alignment", "method": "frontier training",
+                                "eval_data": "evaluation", "ds_source_config": "distribution", "output_dir": "output"}
+
+    # keys that change nothing computed: a resumed run may differ in these
+    RUN_ONLY_KEYS: ClassVar[tuple] = (
+        "output_dir", "log_every", "device", "eval_batch_size", "checkpoint_every", "loss_backend",
+        "recompute_corrupt", "collective_timeout_minutes", "report_to")
+
+    def check(self):
+        """Checks across keys. Not run by Config() itself, whose defaults name no target: from_dict runs them."""
+        if (self.target is None) == (self.target_keep_layers is None):
+            raise ValueError("set exactly one of `target` (a model) and `target_keep_layers` (source layers to "
+                             "keep, e.g. [0, 3, 6, 29])")
+        kl = self.target_keep_layers
+        if kl is not None and (not kl or min(kl) < 0 or sorted(set(kl)) != list(kl)):
+            raise ValueError(f"target_keep_layers must be strictly increasing non-negative layer indices, got {kl}")
+        if self.dtype == "float16" and self.device == "cpu":
+            raise ValueError("dtype float16 needs a GPU, but device is cpu: use bfloat16 or float32 on CPU")
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ValueError(f"report_to {self.report_to}: `none` cannot be combined with a tracker")
+        if self.lora_rank > 0 and not self.lora_targets:
+            raise ValueError("lora_rank > 0 needs at least one module name in lora_targets")
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum_steps "
+                             f"{self.grad_accum_steps}: an optimizer step is grad_accum_steps equal micro-batches")
+        for name in ("ds_source_config", "ds_target_config"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"{name}: no such file {path!r}")
+        return self
+
+    def to_dict(self):
+        return self.model_dump()
+
+    def save(self, path):
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    def __str__(self):
+        width = max(map(len, type(self).model_fields))
+        return "\n".join(f"  {name:<{width}} = {getattr(self, name)!r}" for name in type(self).model_fields)
+
+    def differs(self, other: "Config"):
+        """Keys whose values differ, ignoring RUN_ONLY_KEYS."""
+        return [name for name in type(self).model_fields if name not in self.RUN_ONLY_KEYS
+                and getattr(self, name) != getattr(other, name)]
+
+
+def check_device(cfg: Config):
+    """Run-start checks of what only the machine can tell (load cannot: the config may be meant for another)."""
+    import torch
+    if cfg.device != "cpu" and not torch.cuda.is_available():
+        if cfg.dtype == "float16":
+            raise ConfigError("dtype float16 needs a GPU and none is visible here: use bfloat16 or float32")
+        if cfg.device == "cuda":
+            raise ConfigError("device cuda, but no GPU is visible here: use device auto or cpu")
+
+
+def allowed(name: str) -> str:
+    """What key `name` accepts, in words: 'an integer >= 1', 'one of auto, cpu, cuda', 'a number > 0, or null'."""
+    info = Config.model_fields[name]
+    tp, nullable = info.annotation, False
+    if typing.get_origin(tp) is typing.Union:  # Optional[X]
+        tp, nullable = next(a for a in typing.get_args(tp) if a is not type(None)), True
+    bounds = [f"{op} {getattr(m, attr)}" for m in info.metadata for attr, op in
+              (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if hasattr(m, attr)]
+    return " ".join([_describe(tp), " and ".join(bounds)]).strip() + (", or null" if nullable else "")
+
+
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _describe(args[0])
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin is list:
+        return "a list, each " + _describe(args[0])
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _errors(err: ValidationError, values: dict, origin: str, overridden=()) -> str:
+    lines = []
+    for e in err.errors():
+        key = str(e["loc"][0])
+        constraint = e["msg"].removeprefix("Value error, ")
+        where = "overrides" if key in overridden else origin
+        lines.append(f"{where}: {key}={values.get(key)!r} is not valid ({constraint}); {key} must be "
+                     f"{allowed(key)}")
+    return "\n".join(lines)
+
+
+def from_dict(values: dict, origin="config", overridden=()) -> Config:
+    """A validated Config; `overridden`: keys that came from the command line, named as such in errors."""
+    known = Config.model_fields
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"unknown key(s) in {origin}: {', '.join(unknown)}. Valid keys: {', '.join(known)}")
-    return Config(**values).validate()
+    try:
+        cfg = Config(**values)
+    except ValidationError as err:
+        raise ConfigError(_errors(err, values, origin, overridden)) from None
+    try:
+        return cfg.check()
+    except ValueError as err:
+        raise ConfigError(f"{origin}: {err}") from None
 
 
 def load(path: str | None = None, overrides: dict | None = None, base: dict | None = None) -> Config:
@@ -156,7 +246,11 @@ def load(path: str | None = None, overrides: dict | None = None, base: dict | No
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
         with open(path) as f:
-            values = (json.load(f) if path.endswith(".json") else yaml.safe_load(f)) or {}
+            try:
+                values = (json.load(f) if path.endswith(".json") else yaml.safe_load(f)) or {}
+            except (ValueError, yaml.YAMLError) as err:
+                raise ConfigError(f"{path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {err}") \
+                    from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
         base = os.path.dirname(os.path.abspath(path))
@@ -164,7 +258,7 @@ def load(path: str | None = None, overrides: dict | None = None, base: dict | No
             if key in values:
                 values[key] = _relative_to(values[key], base)
     values.update(overrides or {})
-    return from_dict(values, origin=path or "overrides")
+    return from_dict(values, origin=path or "overrides", overridden=tuple(overrides or ()))
 
 
 def _relative_to(value, base):
@@ -175,10 +269,14 @@ def _relative_to(value, base):
 
 
 def parse_value(key: str, text: str):
-    """A command-line string as a value for `key`: YAML syntax (numbers, true/false, null, [lists])."""
-    if key not in _field_types():
-        raise ConfigError(f"unknown key {key!r}. Valid keys: {', '.join(_field_types())}")
-    return yaml.safe_load(text)
+    """A command-line string as a value for `key`: YAML syntax (numbers, true/false, null, [lists]); types are
+    coerced and checked when the config is made (YAML 1.1 reads 2e-4 as a string: it becomes a float there)."""
+    if key not in Config.model_fields:
+        raise ConfigError(f"unknown key {key!r}. Valid keys: {', '.join(Config.model_fields)}")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}={text}: not a YAML value ({err})") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -199,5 +297,3 @@ def from_args(args, base: dict | None = None) -> Config:
     if args.output_dir:
         overrides["output_dir"] = args.output_dir
     return load(args.config, overrides, base if args.config is None else None)
-
-

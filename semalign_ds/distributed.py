@@ -373,6 +373,8 @@ def main(argv=None):
     """`python -m semalign_ds.distributed show` prints what this process's environment says (run it under the
     launcher to check a rank mapping); `check-hostfile FILE [--batch-size N]` checks a deepspeed hostfile."""
     p = argparse.ArgumentParser(prog="python -m semalign_ds.distributed")
+    # the deepspeed launcher passes --local_rank=N before the module's own arguments
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("show")
     hf = sub.add_parser("check-hostfile")
@@ -381,7 +383,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         if args.command == "show":
-            print(detect())
+            print(detect(local_rank_arg=args.local_rank))
         else:
             pool = check_hostfile(args.path, args.batch_size)
             print(f"{args.path}: {len(pool)} hosts, {sum(pool.values())} processes: "

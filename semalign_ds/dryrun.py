@@ -1,0 +1,399 @@
+"""--dry-run: check what can be checked without running a model, build the models on the meta device (shapes,
+no weights), and estimate per phase and rank what a run holds and computes.
+
+The estimates are first-order, meant for sizing a job before submitting it:
+- bytes per value: 4 (float32) or 2 (bfloat16/float16); optimizer: AdamW's two moments in the parameter dtype,
+  and the trained parameters' gradients, sharded over the ranks under ZeRO-2 (no fp32 master copy counted);
+- activations: one decoder layer keeps B*T*d*(34 + 5*a*T/d) bytes at 2 bytes per value for its backward
+  (Korthikanti et al. 2022, no recomputation), scaled to the run's dtype; the naive loss keeps 3 float32
+  [positions, vocabulary] tensors (the chunked and Triton back ends keep less);
+- FLOPs: 2 per multiply-add of every linear layer (the LM head included where it runs) plus 4*T*d per token and
+  layer for attention, backward twice the forward; Fisher loss 8*N*V*d_t, output KL 2*N*V*(d_s + 3*d_t);
+  data parallel over the ranks.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from semalign_ds import data as data_mod, distributed, engines, models, pairing
+from semalign_ds.config import Config, ConfigError
+
+_CHEAP_DATA_BYTES = 256 * 2**20  # data files up to this size are read and tokenised for exact token counts
+
+
+@dataclass
+class Shapes:
+    """What the estimates need of a model, read from one built on the meta device."""
+    layers: int
+    width: int
+    heads: int
+    vocab: int
+    params: int  # every parameter, tied ones once
+    layer_params: int  # of one decoder layer
+    layer_matmul: int  # multiply-adds per token of one decoder layer's linear modules
+    head_matmul: int  # of the LM head
+    body_matmul: int  # of all decoder layers
+    lora_params: int = 0  # of the LoRA adapters of one layer, when lora_rank > 0
+    max_positions: int | None = None
+
+
+@dataclass
+class Tokens:
+    examples: int
+    tokens: int
+    loss_positions: int
+    how: str
+
+
+@dataclass
+class Phase:
+    name: str
+    param_bytes: float  # parameters held per rank
+    train_bytes: float  # gradients and optimizer states per rank
+    activation_bytes: float  # per rank, at the peak of one micro-batch
+    flops: float  # all ranks together
+    note: str = ""
+    in_total: bool = True  # False for a single stage's row, which the all-stages row already counts
+
+
+@dataclass
+class Plan:
+    world: int
+    source: Shapes
+    target: Shapes
+    tokens: Tokens
+    pairs: str
+    cache_bytes: float  # on disk, all ranks together
+    frontier_bytes: float  # one frontier on disk, all ranks together
+    phases: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# models on the meta device
+
+def _hf_config(spec, gguf_file):
+    from transformers import AutoConfig
+    path, gguf_file = models.resolve(spec, gguf_file)
+    try:
+        return AutoConfig.from_pretrained(path, gguf_file=gguf_file)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"could not read the model config of {spec!r}: {err}") from err
+
+
+def _pruned(config, keep):
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = len(keep)
+    if getattr(config, "layer_types", None):  # per-layer attention kinds follow the kept layers
+        config.layer_types = [config.layer_types[i] for i in keep]
+    return config
+
+
+def _in_out(module):
+    """(inputs, outputs) of a linear map: nn.Linear, or GPT-2's Conv1D (weight stored [in, out])."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D":
+        return tuple(module.weight.shape)
+    return None
+
+
+def shapes(config, cfg: Config, role: str) -> Shapes:
+    """Shapes of the model `config` describes, built on the meta device: no memory for weights."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=models.DTYPES[cfg.dtype])
+    adapter = models.Adapter(model)  # refuses unsupported architectures, as a run would
+    layer = adapter.layers[0]
+
+    def matmul(module):
+        return sum(i * o for i, o in filter(None, map(_in_out, module.modules())))
+
+    head = adapter.head
+    lora = 0
+    if cfg.lora_rank > 0 and role == "target":
+        linear = [(name.split(".")[-1], _in_out(m)) for name, m in layer.named_modules() if _in_out(m)]
+        missing = [t for t in cfg.lora_targets if t not in {n for n, _ in linear}]
+        if missing:
+            raise ConfigError(f"lora_targets {missing} name no linear module in a {config.model_type} layer; its "
+                              f"linear modules: {sorted({n for n, _ in linear})}")
+        # r x (in + out) per adapted module; a name may match several (GPT-2's attn.c_proj and mlp.c_proj)
+        lora = cfg.lora_rank * sum(i + o for n, (i, o) in linear if n in cfg.lora_targets)
+    return Shapes(
+        layers=adapter.num_layers, width=adapter.width, heads=config.num_attention_heads,
+        vocab=head.weight.shape[0], params=sum(p.numel() for p in model.parameters()),
+        layer_params=sum(p.numel() for p in layer.parameters()), layer_matmul=matmul(layer),
+        head_matmul=matmul(head), body_matmul=sum(matmul(x) for x in adapter.layers),
+        lora_params=lora, max_positions=getattr(config, "max_position_embeddings", None))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+
+def _cheap(spec):
+    if spec.startswith("embedded:"):
+        return True
+    if os.path.isfile(spec):
+        return os.path.getsize(spec) <= _CHEAP_DATA_BYTES
+    return False  # a folder or hub id: reading it may mean a download or a large scan
+
+
+def count_tokens(cfg: Config, tokenizer) -> Tokens:
+    """Token and loss-position counts: tokenised from the data when that is cheap, else the upper bound
+    max_examples x max_seq_len."""
+    if tokenizer is not None and _cheap(cfg.data):
+        rows = data_mod.read_rows(cfg.data, cfg.prompt_field, cfg.response_field, cfg.data_split, cfg.seed)
+        tokenized, _ = data_mod.tokenize(rows, tokenizer, cfg.max_seq_len, cfg.loss_on, cfg.chat_template,
+                                         cfg.max_examples, origin=cfg.data)
+        return Tokens(len(tokenized), int(tokenized.offsets[-1]), int(tokenized.loss.sum()),
+                      "counted by tokenising the data")
+    if cfg.max_examples is None:
+        raise ConfigError(f"--dry-run cannot count the tokens of {cfg.data!r} cheaply (no tokenizer, or a large "
+                          f"or remote data set) and max_examples is null: set max_examples to estimate from "
+                          f"max_examples x max_seq_len")
+    n = cfg.max_examples
+    why = "no tokenizer beside the model" if tokenizer is None else "data not cheap to read"
+    return Tokens(n, n * cfg.max_seq_len, n * cfg.max_seq_len,
+                  f"upper bound max_examples x max_seq_len ({why}): every position full and scored")
+
+
+def _tokenizer(spec, gguf_file):
+    try:
+        return models.load_tokenizer(spec, gguf_file)
+    except ConfigError:
+        return None  # a config.json without a tokenizer beside it: shapes only
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the plan
+
+def plan(cfg: Config, world: int | None = None) -> Plan:
+    world = distributed.detect().world if world is None else world
+    if world < 1:
+        raise ConfigError(f"--world {world}: the number of ranks must be >= 1")
+    per_step = world * cfg.grad_accum_steps
+    if cfg.batch_size % per_step:
+        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by world {world} x grad_accum_steps "
+                          f"{cfg.grad_accum_steps}: each rank runs batch_size / (world x grad_accum_steps) "
+                          f"sequences per micro-batch; use a multiple of {per_step}")
+    models.check_exists(cfg.source, "source", cfg.source_gguf_file)
+    if cfg.target is not None:
+        models.check_exists(cfg.target, "target", cfg.target_gguf_file)
+    data_mod.check_data_path(cfg.data, "data")
+    if cfg.eval_data:
+        data_mod.check_data_path(cfg.eval_data, "eval_data")
+    for key, role in (("ds_source_config", "source"), ("ds_target_config", "target")):
+        if getattr(cfg, key):
+            engines.load_ds_config(getattr(cfg, key), role)
+
+    config_s = _hf_config(cfg.source, cfg.source_gguf_file)
+    if cfg.target_keep_layers is not None:
+        if cfg.target_keep_layers[-1] >= config_s.num_hidden_layers:
+            raise ConfigError(f"target_keep_layers {cfg.target_keep_layers} names layer {cfg.target_keep_layers[-1]}"
+                              f", but the source has layers 0..{config_s.num_hidden_layers - 1}")
+        config_t = _pruned(config_s, cfg.target_keep_layers)
+    else:
+        config_t = _hf_config(cfg.target, cfg.target_gguf_file)
+    src, tgt = shapes(config_s, cfg, "source"), shapes(config_t, cfg, "target")
+    if tgt.layers > src.layers:
+        raise ConfigError(f"the target has more layers ({tgt.layers}) than the source ({src.layers}); SemAlign "
+                          f"transfers from a larger source to a smaller target: swap them or prune the target")
+    notes = []
+    tok_s = _tokenizer(cfg.tokenizer or cfg.source, None if cfg.tokenizer else cfg.source_gguf_file)
+    if tok_s is not None and cfg.target is not None:
+        tok_t = _tokenizer(cfg.target, cfg.target_gguf_file)
+        if tok_t is not None:
+            models.check_same_vocabulary(tok_s, tok_t, cfg.tokenizer or cfg.source, cfg.target, src.vocab,
+                                         tgt.vocab)
+        else:
+            notes.append("no target tokenizer: vocabularies compared by size only")
+    if tok_s is None:
+        notes.append("no tokenizer: vocabularies compared by size only")
+        if src.vocab != tgt.vocab:
+            raise ConfigError(f"source vocabulary {src.vocab} != target vocabulary {tgt.vocab}")
+    vocab = min(src.vocab, tgt.vocab)
+    if cfg.fisher_topk >= vocab:
+        raise ConfigError(f"fisher_topk {cfg.fisher_topk} >= vocabulary {vocab}: use 0 for the exact loss")
+    for name, limit in (("max_seq_len", cfg.max_seq_len), ("eval_max_seq_len", cfg.eval_max_seq_len)):
+        if src.max_positions and limit > min(src.max_positions, tgt.max_positions or src.max_positions):
+            notes.append(f"{name} {limit} exceeds the models' max_position_embeddings")
+    if cfg.dtype == "float16":
+        notes.append("dtype float16 needs a GPU: a run refuses it at start when none is visible")
+
+    tokens = count_tokens(cfg, tok_s)
+    if tokens.examples < world:
+        raise ConfigError(f"{tokens.examples} transfer examples for {world} ranks: every rank needs at least one")
+    pairs = ("attribution: decided at run time" if cfg.pairing == "attribution" and cfg.method == "semalign"
+             else "uniform: " + ", ".join(f"{k}->{l}" for k, l in
+                                          enumerate(pairing.uniform_pairs(src.layers, tgt.layers), 1)))
+    out = Plan(world, src, tgt, tokens, pairs, *disk_bytes(cfg, src, tgt, tokens), notes=notes)
+    out.phases = phases(cfg, src, tgt, tokens, world)
+    return out
+
+
+def disk_bytes(cfg, src, tgt, tokens):
+    """(cache, one frontier): the cache holds per loss position the stage targets and the source's final state,
+    and the source head once in float32."""
+    b = models.DTYPES[cfg.dtype].itemsize
+    if cfg.method == "output_kd":
+        per_stage = 0
+    elif cfg.method == "layerwise":
+        per_stage = src.width * b
+    elif cfg.fisher_topk:
+        per_stage = cfg.fisher_topk * (4 + b)  # int32 id + value per kept entry, instead of d_t values
+    else:
+        per_stage = tgt.width * b
+    cache = tokens.loss_positions * (tgt.layers * per_stage + src.width * b) + src.vocab * src.width * 4
+    return cache, tokens.tokens * tgt.width * b
+
+
+def _activations(batch, seq, width, heads, b):
+    return batch * seq * width * (34 + 5 * heads * seq / width) * b / 2
+
+
+def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) -> list:
+    b = models.DTYPES[cfg.dtype].itemsize
+    zero_src = world > 1 or cfg.ds_source_config is not None
+    zero_tgt = world > 1 or cfg.ds_target_config is not None
+    mean_len = tokens.tokens / tokens.examples
+    loss_share = tokens.loss_positions / tokens.tokens
+    seq = cfg.max_seq_len
+    micro = cfg.batch_size // (world * cfg.grad_accum_steps)
+    vocab = min(src.vocab, tgt.vocab)
+    kept = cfg.fisher_topk or vocab
+
+    def body_fwd(shape):
+        return 2 * shape.body_matmul + 4 * mean_len * shape.width * shape.layers
+
+    def layer_fwd(shape):
+        return 2 * shape.layer_matmul + 4 * mean_len * shape.width
+
+    def training(trainable):
+        return (trainable * b + 2 * trainable * b) / (world if zero_tgt else 1)
+
+    def loss_memory(n):
+        return 3 * n * vocab * 4
+
+    src_held = src.params * b / (world if zero_src else 1)
+    if zero_src:  # ZeRO-3 gathers one layer at a time for its forward
+        src_held += src.layer_params * b
+    out = []
+    n_attr = tokens.examples if cfg.attribution_examples is None else min(cfg.attribution_examples, tokens.examples)
+    eb = cfg.eval_batch_size
+    if cfg.pairing == "attribution" and cfg.method == "semalign":
+        attr_tokens = tokens.tokens * n_attr / tokens.examples
+        out.append(Phase("attribution", src_held, 0,
+                         src.layers * _activations(eb, seq, src.width, src.heads, b) + 2 * eb * seq * vocab * 4,
+                         3 * (body_fwd(src) + 2 * src.head_matmul) * attr_tokens,
+                         f"{n_attr} examples, source forward + backward"))
+    map_flops = 2 * tgt.width * src.width * tgt.layers if cfg.method == "semalign" else 0
+    out.append(Phase("activation cache", src_held, 0,
+                     _activations(eb, seq, src.width, src.heads, b) / 2 + eb * seq * src.width * b * (tgt.layers + 1),
+                     body_fwd(src) * tokens.tokens + map_flops * tokens.loss_positions,
+                     "source forward, no gradient"))
+    step_tokens, step_loss = cfg.batch_size * mean_len, cfg.batch_size * mean_len * loss_share
+    micro_loss = micro * seq * loss_share
+    kl = 2 * step_loss * vocab * (src.width + 3 * tgt.width)
+    if cfg.method == "output_kd":
+        trainable = tgt.layers * (tgt.lora_params or tgt.layer_params)
+        steps = cfg.stage_steps * tgt.layers
+        out.append(Phase(f"output KD ({steps} steps)", tgt.params * b, training(trainable),
+                         tgt.layers * _activations(micro, seq, tgt.width, tgt.heads, b) + loss_memory(micro_loss),
+                         steps * (3 * (body_fwd(tgt) + 2 * tgt.head_matmul) * step_tokens + kl),
+                         "all target layers trained at once"))
+    else:
+        trainable = tgt.lora_params or tgt.layer_params
+        layer_grad = 2 if tgt.lora_params else 3  # frozen weights need no weight gradient under LoRA
+        if cfg.method == "semalign" and cfg.layer_objective == "fisher":
+            layer_loss = 8 * step_loss * kept * tgt.width
+        elif cfg.method == "layerwise":
+            layer_loss = 6 * step_loss * tgt.width * src.width  # the learned projection to the source width
+        else:
+            layer_loss = 0
+        frontier = layer_fwd(tgt) * tokens.tokens  # stages 2..L_t first run the finished layer over the data
+        stage = cfg.stage_steps * (layer_grad * layer_fwd(tgt) * step_tokens + layer_loss)
+        final = cfg.stage_steps * (layer_grad * layer_fwd(tgt) * step_tokens + kl
+                                   + (layer_loss if cfg.fisher_weight > 0 else 0))
+        held, act = tgt.params * b, _activations(micro, seq, tgt.width, tgt.heads, b) + loss_memory(micro_loss)
+        out.append(Phase(f"stage 1 < k < {tgt.layers} (each)", held, training(trainable), act,
+                         stage + frontier, f"one layer's {'LoRA' if tgt.lora_params else 'weights'} trained, "
+                                           f"{cfg.layer_objective if cfg.method == 'semalign' else 'cosine'} loss",
+                         in_total=False))
+        out.append(Phase(f"stage {tgt.layers} (output)", held, training(trainable), act,
+                         final + (frontier if tgt.layers > 1 else 0), "KL at the output", in_total=False))
+        out.append(Phase(f"all {tgt.layers} stages", held, training(trainable), act,
+                         (tgt.layers - 1) * (stage + frontier) + final, "stage 1 runs no frontier forward"))
+    if cfg.joint_steps:
+        trainable = tgt.layers * (tgt.lora_params or tgt.layer_params)
+        layers_loss = 8 * step_loss * kept * tgt.width * tgt.layers if cfg.joint_layer_weight > 0 else 0
+        out.append(Phase(f"joint ({cfg.joint_steps} steps)", tgt.params * b, training(trainable),
+                         tgt.layers * _activations(micro, seq, tgt.width, tgt.heads, b) + loss_memory(micro_loss),
+                         cfg.joint_steps * (3 * (body_fwd(tgt) + 2 * tgt.head_matmul) * step_tokens + kl
+                                            + layers_loss), "all target layers trainable"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the printout
+
+def _bytes(n):
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _count(n):
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3f} {unit}"
+    return str(n)
+
+
+def _seconds(s):
+    if s < 1:
+        return f"{s * 1e3:.3g} ms"
+    if s < 120:
+        return f"{s:.1f} s"
+    return f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def report(cfg: Config, world: int | None = None, tflops: float = 400.0) -> str:
+    if not tflops > 0 or math.isinf(tflops):
+        raise ConfigError(f"--accelerator-tflops {tflops}: give the sustained TFLOP/s of one rank, e.g. 400")
+    p = plan(cfg, world)
+    s, t, tok = p.source, p.target, p.tokens
+    lines = [
+        f"dry run: config checked, models built on the meta device (no weights), {p.world} rank(s), {cfg.dtype}",
+        f"  source {cfg.source}: {s.layers} layers, width {s.width}, vocab {s.vocab}, {_count(s.params)} params",
+        f"  target {cfg.target or f'source layers {cfg.target_keep_layers}'}: {t.layers} layers, width {t.width}, "
+        f"{_count(t.params)} params" + (f", LoRA rank {cfg.lora_rank}: {t.lora_params} params per layer"
+                                           if t.lora_params else ""),
+        f"  pairing: {p.pairs}",
+        f"  data {cfg.data}: {tok.examples} examples, {tok.tokens} tokens, {tok.loss_positions} loss positions "
+        f"({tok.how})",
+        f"  batch {cfg.batch_size} = {p.world} rank(s) x {cfg.grad_accum_steps} accumulation x "
+        f"{cfg.batch_size // (p.world * cfg.grad_accum_steps)} sequences per micro-batch",
+        f"  on disk: activation cache {_bytes(p.cache_bytes)} ({_bytes(p.cache_bytes / p.world)} per rank), "
+        f"one frontier {_bytes(p.frontier_bytes)}",
+        f"estimate per rank at {tflops:g} TFLOP/s sustained" + (" (the default: an H100 in bf16 at about 40% of its "
+                                                               "dense peak; set --accelerator-tflops)"
+                                                               if tflops == 400 else "") + ":",
+        f"  {'phase':<34} {'params':>11} {'grad+AdamW':>11} {'activations':>11} {'TFLOP':>11} {'time':>9}"]
+    for ph in p.phases:
+        per_rank = ph.flops / p.world
+        lines.append(f"  {ph.name:<34} {_bytes(ph.param_bytes):>11} {_bytes(ph.train_bytes):>11} "
+                     f"{_bytes(ph.activation_bytes):>11} {per_rank / 1e12:>11.4g} "
+                     f"{_seconds(per_rank / (tflops * 1e12)):>9}" + (f"  {ph.note}" if ph.note else ""))
+    total = sum(ph.flops for ph in p.phases if ph.in_total) / p.world
+    peak = max(ph.param_bytes + ph.train_bytes + ph.activation_bytes for ph in p.phases)
+    lines.append(f"  {'run (phases above, once each)':<34} {'peak ' + _bytes(peak):>35} {total / 1e12:>11.4g} "
+                 f"{_seconds(total / (tflops * 1e12)):>9}")
+    lines += [f"note: {n}" for n in p.notes]
+    lines.append("evaluation and export are not estimated; see semalign_ds/dryrun.py for the formulas")
+    return "\n".join(lines)

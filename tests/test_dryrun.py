@@ -1,0 +1,163 @@
+"""--dry-run: numbers equal to hand-computed ones on a tiny pair, refusals before any work, and the Llama-2-13B
+-> 7B plan printed without holding weights."""
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from semalign_ds import config as config_mod, data as data_mod, dryrun, models
+from semalign_ds.config import ConfigError
+from tests.helpers import ROOT
+
+TINY = os.path.join(ROOT, "launchers", "configs", "tiny")
+LLAMA_YAML = os.path.join(ROOT, "launchers", "configs", "llama2-13b-to-7b.yaml")
+
+
+def shapes_only(tmp_path):
+    """The tiny pair's config.json files with no tokenizer beside them: token counts fall back to the bound."""
+    for name in ("source", "target"):
+        shutil.copy(os.path.join(TINY, f"{name}.json"), tmp_path / f"{name}.json")
+    return {"source": str(tmp_path / "source.json"), "target": str(tmp_path / "target.json")}
+
+
+def act(batch, seq, d, heads, b):  # Korthikanti et al.: bytes of one layer's saved activations at 2 bytes/value
+    return batch * seq * d * (34 + 5 * heads * seq / d) * b / 2
+
+
+def test_numbers_match_a_hand_computation(tmp_path):
+    cfg = config_mod.from_dict({**shapes_only(tmp_path), "data": "embedded:stdlib", "eval_data": None,
+                                "max_examples": 9, "max_seq_len": 17, "batch_size": 6, "grad_accum_steps": 3,
+                                "stage_steps": 5, "attribution_examples": 4, "eval_batch_size": 3,
+                                "dtype": "bfloat16", "fisher_weight": 0.25})
+    p = dryrun.plan(cfg, world=2)
+    spec = {n: json.load(open(os.path.join(TINY, f"{n}.json"))) for n in ("source", "target")}
+    V, b, W, N, T = 512, 2, 2, 9 * 17, 17
+
+    def layer_matmul(c):
+        d, h, kv = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+        return 2 * d * d + 2 * d * kv * (d // h) + 3 * d * c["intermediate_size"]
+
+    s, t = spec["source"], spec["target"]
+    Ls, ds, Lt, dt = s["num_hidden_layers"], s["hidden_size"], t["num_hidden_layers"], t["hidden_size"]
+    lm_s, lm_t = layer_matmul(s), layer_matmul(t)
+    lp_s, lp_t = lm_s + 2 * ds, lm_t + 2 * dt  # two RMSNorm weights per layer
+    assert p.source.params == 2 * V * ds + Ls * lp_s + ds  # untied head
+    assert p.target.params == V * dt + Lt * lp_t + dt  # tied head
+    assert (p.tokens.examples, p.tokens.tokens, p.tokens.loss_positions) == (9, N, N)
+    assert "upper bound" in p.tokens.how
+    assert p.pairs == "attribution: decided at run time"
+    assert p.cache_bytes == N * (Lt * dt * b + ds * b) + V * ds * 4
+    assert p.frontier_bytes == N * dt * b
+    phases = {ph.name: ph for ph in p.phases}
+    assert list(phases) == ["attribution", "activation cache", "stage 1 < k < 3 (each)", "stage 3 (output)",
+                            "all 3 stages"]
+    src_held = p.source.params * b / W + lp_s * b  # ZeRO-3 shard + one gathered layer
+    attr = phases["attribution"]
+    assert attr.param_bytes == src_held and attr.train_bytes == 0
+    assert attr.flops == pytest.approx(3 * (2 * Ls * lm_s + 4 * T * ds * Ls + 2 * V * ds) * N * 4 / 9, rel=1e-12)
+    assert attr.activation_bytes == pytest.approx(Ls * act(3, T, ds, 4, b) + 2 * 3 * T * V * 4, rel=1e-12)
+    cache = phases["activation cache"]
+    assert cache.flops == pytest.approx((2 * Ls * lm_s + 4 * T * ds * Ls) * N + 2 * dt * ds * Lt * N, rel=1e-12)
+    assert cache.activation_bytes == pytest.approx(act(3, T, ds, 4, b) / 2 + 3 * T * ds * b * (Lt + 1), rel=1e-12)
+    step = 6 * T  # tokens (= loss positions) per optimizer step
+    layer_fwd = 2 * lm_t + 4 * T * dt
+    fisher, kl, frontier = 8 * step * V * dt, 2 * step * V * (ds + 3 * dt), layer_fwd * N
+    stage, final = 5 * (3 * layer_fwd * step + fisher), 5 * (3 * layer_fwd * step + kl + fisher)
+    assert phases["stage 1 < k < 3 (each)"].flops == pytest.approx(stage + frontier, rel=1e-12)
+    assert phases["stage 3 (output)"].flops == pytest.approx(final + frontier, rel=1e-12)
+    assert phases["all 3 stages"].flops == pytest.approx(2 * (stage + frontier) + final, rel=1e-12)
+    for name in ("stage 1 < k < 3 (each)", "stage 3 (output)"):
+        ph = phases[name]
+        assert ph.param_bytes == p.target.params * b
+        assert ph.train_bytes == 3 * lp_t * b / W  # gradient + two AdamW moments, ZeRO-2 sharded
+        assert ph.activation_bytes == pytest.approx(act(1, T, dt, 4, b) + 3 * T * V * 4, rel=1e-12)  # micro 1
+
+    # LoRA and top-k change what they should
+    lora = dryrun.plan(config_mod.from_dict({**cfg.to_dict(), "lora_rank": 3, "fisher_topk": 7}), world=2)
+    hd, kv = dt // 4, 2
+    i = t["intermediate_size"]  # default targets: v_proj, o_proj, up_proj, down_proj; r x (in + out) each
+    assert lora.target.lora_params == 3 * ((dt + kv * hd) + (dt + dt) + (dt + i) + (i + dt))
+    assert lora.cache_bytes == N * (Lt * 7 * (4 + b) + ds * b) + V * ds * 4
+    assert [ph.in_total for ph in p.phases] == [True, True, False, False, True]
+    text = dryrun.report(cfg, world=2, tflops=123.0)
+    per_rank = phases["all 3 stages"].flops / W
+    assert f"{per_rank / 1e12:.4g}" in text and "123 TFLOP/s" in text
+    total = (attr.flops + cache.flops + phases["all 3 stages"].flops) / W
+    assert re.search(rf"run \(phases above, once each\) +peak .* {total / 1e12:.4g} +{total / 123e12 * 1e3:.3g} ms",
+                     text), text
+
+
+def test_token_counts_come_from_the_data_when_cheap(tmp_path):
+    rng = random.Random(7)
+    words = ["def", "return", "x", "(", ")", "if", "else", "for", "in", "range", ":", "+", "1"]
+    path = tmp_path / "rows.jsonl"
+    rows = [{"prompt": " ".join(rng.choices(words, k=rng.randint(3, 30))),
+             "response": " ".join(rng.choices(words, k=rng.randint(1, 40)))} for _ in range(13)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config_mod.from_dict({"source": os.path.join(TINY, "source.json"), "target": os.path.join(TINY,
+                                "target.json"), "data": str(path), "eval_data": None, "max_seq_len": 23,
+                                "max_examples": 11, "batch_size": 4, "pairing": "uniform"})
+    p = dryrun.plan(cfg, world=1)
+    tok = models.load_tokenizer(cfg.source)
+    reference, _ = data_mod.tokenize(data_mod.read_rows(str(path)), tok, 23, "response", "auto", 11)
+    assert (p.tokens.examples, p.tokens.tokens, p.tokens.loss_positions) == \
+        (len(reference), int(reference.offsets[-1]), int(reference.loss.sum()))
+    assert p.tokens.how == "counted by tokenising the data"
+    assert p.pairs == "uniform: 1->2, 2->4, 3->6"
+    assert [ph.name for ph in p.phases][0] == "activation cache"  # no attribution phase with uniform pairs
+
+
+@pytest.mark.parametrize("overrides, world, match", [
+    ({"batch_size": 6}, 4, r"batch_size 6 is not divisible by world 4 x grad_accum_steps 1"),
+    ({"lora_rank": 2, "lora_targets": ["up_proj", "c_fc"]}, 1, r"lora_targets \['c_fc'\] name no linear module in a llama layer; its linear modules: \['down_proj', "),
+    ({"fisher_topk": 512}, 1, r"fisher_topk 512 >= vocabulary 512"),
+    ({"target": None, "target_keep_layers": [0, 6]}, 1, r"names layer 6, but the source has layers 0\.\.5"),
+    ({"max_examples": None}, 1, r"set max_examples"),
+    ({}, 0, r"--world 0: the number of ranks must be >= 1"),
+])
+def test_refusals(tmp_path, overrides, world, match):
+    values = {**shapes_only(tmp_path), "data": "embedded:stdlib", "eval_data": None, "max_examples": 9,
+              "batch_size": 4, **overrides}
+    with pytest.raises(ConfigError, match=match):
+        dryrun.plan(config_mod.from_dict(values), world=world)
+
+
+def test_llama2_13b_to_7b_plan_holds_no_weights():
+    """The paper's scale on this machine: a plan in well under a minute, peak RSS far below one model's weights
+    (13B parameters in bf16 would be 24 GiB)."""
+    code = ("import resource, sys; from semalign_ds.cli import main; "
+            f"rc = main(['--config', {LLAMA_YAML!r}, '--dry-run', '--world', '8']); "
+            "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    t0 = time.time()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    seconds = time.time() - t0
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    rss = int(out.split("MAXRSS_KB")[1]) * 1024
+    print(f"llama2-13b->7b dry run: {seconds:.1f} s, peak RSS {rss / 2**20:.0f} MiB")
+    assert rss < 2 * 2**30
+    assert "40 layers, width 5120, vocab 32000, 13.016 B params" in out
+    assert "32 layers, width 4096, 6.738 B params" in out
+    assert "8 rank(s)" in out and "attribution: decided at run time" in out and "all 32 stages" in out
+    # cache: 20000 x 2048 positions x (32 x 4096 + 5120) bf16 values + the source head in float32
+    assert f"activation cache {(20000 * 2048 * (32 * 4096 + 5120) * 2 + 32000 * 5120 * 4) / 2**40:.2f} TiB" in out
+
+
+def test_gpt2_conv1d_shapes():
+    """GPT-2's linear maps are Conv1D ([in, out] weights): counted like nn.Linear, and a LoRA target name that
+    matches two modules (attn.c_proj, mlp.c_proj) adapts both."""
+    from transformers import GPT2Config
+    d, v, layers = 40, 97, 3
+    cfg = config_mod.from_dict({"target_keep_layers": [0], "lora_rank": 5, "lora_targets": ["c_fc", "c_proj"]})
+    sh = dryrun.shapes(GPT2Config(n_embd=d, n_layer=layers, n_head=4, vocab_size=v, bos_token_id=0,
+                                  eos_token_id=0), cfg, "target")
+    assert sh.layer_matmul == 3 * d * d + d * d + 4 * d * d + 4 * d * d
+    assert sh.body_matmul == layers * sh.layer_matmul and sh.head_matmul == v * d
+    assert sh.lora_params == 5 * ((d + 4 * d) + (d + d) + (4 * d + d))
