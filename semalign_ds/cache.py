@@ -119,7 +119,8 @@ class ActivationCache:
         return True
 
     def pending(self, verify=True, recompute_corrupt=False):
-        """Shards still to write; with recompute_corrupt, damaged shards are removed and listed too."""
+        """Shards still to write; with recompute_corrupt, damaged shards are removed (and the log says so) and
+        listed too; without it, a damaged shard raises CorruptShard."""
         todo = []
         for i in range(self.n_shards):
             try:

@@ -85,7 +85,6 @@ class Config(BaseModel):
     alignment_map: Literal["semantic", "least_squares"] = _f(
         "semantic", "semantic: M = S_t S_s^T (the paper); least_squares: M = pinv(W_t) W_s")
     cache_shard_examples: Int = _f(64, "examples per cache shard: the unit of resume", ge=1)
-    recompute_corrupt: bool = _f(False, "recompute cache shards whose checksum fails instead of stopping")
     normalize_source: bool = _f(True, "logit-lens normalise the source state before mapping")
     basis_dtype: Literal["float64", "float32"] = _f("float64", "dtype of pinv for the semantic bases")
     # --- frontier training ---------------------------------------------------------------------------------
@@ -138,7 +137,7 @@ class Config(BaseModel):
     # keys that change nothing computed: a resumed run may differ in these
     RUN_ONLY_KEYS: ClassVar[tuple] = (
         "output_dir", "log_every", "device", "eval_batch_size", "checkpoint_every", "loss_backend",
-        "recompute_corrupt", "collective_timeout_minutes", "report_to")
+        "collective_timeout_minutes", "report_to")
 
     def check(self):
         """Checks across keys. Not run by Config() itself, whose defaults name no target: from_dict runs them."""

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from semalign_ds import alignment, attribution, cache, data as data_mod, distributed, engines, export, models, \
     pairing, rundir, summary, training
+from semalign_ds import config as config_mod
 from semalign_ds.config import Config, ConfigError
 from semalign_ds.monitor import Monitor
 
@@ -63,6 +64,7 @@ class Setup:
 def run(cfg: Config, local_rank=None):
     """The whole pipeline; returns the report (or None without evaluation data). A failure on any rank ends every
     rank at once with that rank's error, instead of leaving the others waiting in a collective."""
+    config_mod.check_device(cfg)
     distributed.init(local_rank, timeout_minutes=cfg.collective_timeout_minutes)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGUSR1, training.request_stop)  # checkpoint and stop (SLURM's time-limit warning)
@@ -159,7 +161,6 @@ def resume_state(cfg, rd):
         return {"done": {}}
     values = rundir.read_json(saved, "the run's config")
     try:
-        from semalign_ds import config as config_mod
         old = config_mod.from_dict({**values, "output_dir": cfg.output_dir}, origin=saved)
     except ConfigError as err:
         raise ConfigError(f"{saved} holds a config this version cannot read ({err}); use another --output-dir, "

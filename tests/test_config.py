@@ -98,9 +98,9 @@ def test_errors_name_the_file_or_the_command_line(tmp_path):
 
 def test_coercions_that_are_meant():
     cfg = config_mod.load(None, {"batch_size": "16", "stage_steps": 4.0, "report_to": "wandb",
-                                 "chat_template": False, "recompute_corrupt": "yes"}, DEFAULT_RUN)
-    assert (cfg.batch_size, cfg.stage_steps, cfg.report_to, cfg.chat_template, cfg.recompute_corrupt) == \
-        (16, 4, ["wandb"], "off", True)
+                                 "chat_template": False, "normalize_source": "no"}, DEFAULT_RUN)
+    assert (cfg.batch_size, cfg.stage_steps, cfg.report_to, cfg.chat_template, cfg.normalize_source) == \
+        (16, 4, ["wandb"], "off", False)
     assert type(cfg.stage_steps) is int
     with pytest.raises(ConfigError, match="float16 needs a GPU, but device is cpu"):
         config_mod.load(None, {"dtype": "float16", "device": "cpu"}, DEFAULT_RUN)
