@@ -271,17 +271,39 @@ def init(local_rank_arg=None, timeout_minutes=30) -> Launch:
     if cuda:
         torch.cuda.set_device(launch.local_rank)
     import deepspeed
-    if not cuda and os.environ.get("SEMALIGN_DS_SHM_COMM", "0") != "1":
-        # DeepSpeed JIT-compiles a shared-memory op for CPU collectives (~1 min); gloo alone is enough here.
-        compat = getattr(deepspeed.ops, "__compatible_ops__", None)
-        if isinstance(compat, dict):
-            compat["deepspeed_shm_comm"] = False
+    _skip_shm_comm(cuda)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                                timeout=datetime.timedelta(minutes=timeout_minutes))
     if launch.rank == 0:
         print(f"distributed: {launch.world} ranks started by {launch.launcher}, master "
               f"{launch.master_addr}:{launch.master_port}", flush=True)
     return launch
+
+
+def _skip_shm_comm(cuda):
+    """DeepSpeed JIT-compiles a shared-memory op for CPU collectives (minutes on 2 cores; a compile killed halfway
+    leaves a lock that hangs the next run); gloo alone is enough here."""
+    if cuda or os.environ.get("SEMALIGN_DS_SHM_COMM", "0") == "1":
+        return
+    import deepspeed
+    compat = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compat, dict):
+        compat["deepspeed_shm_comm"] = False
+
+
+def group_for_deepspeed():
+    """DeepSpeed engines need a process group: a lone process (a DeepSpeed config on one rank) gets a world of one
+    on a free loopback port, made as init() makes groups (without the shm op)."""
+    if dist.is_initialized():
+        return
+    import deepspeed
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = torch.cuda.is_available()
+    _skip_shm_comm(cuda)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
 
 
 def launch() -> Launch:

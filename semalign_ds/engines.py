@@ -110,6 +110,7 @@ def sharded_source(spec, gguf_file, dtype, seed, ds):
     from transformers.integrations import HfDeepSpeedConfig
 
     from semalign_ds import models
+    distributed.group_for_deepspeed()  # zero.Init partitions over the group while the model loads
     if models.resolve(spec, gguf_file)[0].endswith(".json"):
         # a random-init model must get the same weights as on one process: build it whole, partition it in
         # deepspeed.initialize (random-init models are small test models)
@@ -192,6 +193,7 @@ class DeepSpeedStage:
         params = [p for p in layer.parameters() if p.requires_grad]
         # a config with an optimizer block (optimizer offload needs DeepSpeed's CPU Adam) builds its own;
         # otherwise torch's AdamW, which needs no compiled op
+        distributed.group_for_deepspeed()
         optimizer = None if "optimizer" in ds else torch.optim.AdamW(params, lr=cfg.lr,
                                                                        weight_decay=cfg.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=layer, optimizer=optimizer, model_parameters=params,
