@@ -38,7 +38,7 @@ RESULTS = os.path.join(ROOT, "benchmarks", "transfer_throughput.csv")
 MEMORY_ENV = "SEMALIGN_BENCH_MEMORY_DIR"
 COLUMNS = ["date", "device", "cores", "threads_per_rank", "world", "config", "settings", "phase", "seconds",
            "tokens", "tokens_per_s_total", "tokens_per_s_per_rank", "speedup_vs_1", "peak_mem_mib_per_rank",
-           "torch", "deepspeed", "transformers", "python", "commit", "load_1m"]
+           "torch", "deepspeed", "transformers", "python", "commit", "load_1m", "rank0_peak_mib_at_phase_end"]
 
 
 # --- the worker: one rank of a benchmarked run ---------------------------------------------------------------------
@@ -142,6 +142,10 @@ def measure(run_dir, mem_dir, world, wall):
         memory[m["rank"]] = m.get("cuda_peak_mib") or m.get("rss_peak_mib")
     source_params = next((line.get("source_param_bytes_rank0") for line in summary.metric_lines(run_dir)
                           if line.get("tag") == "memory"), None)
+    for line in summary.metric_lines(run_dir):  # rank 0's peak resident memory by the end of each phase
+        tag = "cache" if line.get("tag") == "cache" else line.get("tag")
+        if tag in phases and line.get("rss_peak_mib") is not None:
+            phases[tag]["rank0_peak_mib"] = line["rss_peak_mib"]
     return {"phases": phases, "memory": [memory[r] for r in sorted(memory)],
             "source_param_mib_rank0": source_params / 2**20 if source_params else None}
 
@@ -249,7 +253,8 @@ def append_rows(path, results, args, cores):
                             "seconds": _num(p.get("seconds"), ".3f"), "tokens": p.get("tokens") or "",
                             "tokens_per_s_total": _num(total, ".1f"),
                             "tokens_per_s_per_rank": _num(total / r["world"] if total else None, ".1f"),
-                            "speedup_vs_1": _num(up, ".3f") if up else "", "peak_mem_mib_per_rank": mem})
+                            "speedup_vs_1": _num(up, ".3f") if up else "", "peak_mem_mib_per_rank": mem,
+                            "rank0_peak_mib_at_phase_end": _num(p.get("rank0_peak_mib"), ".0f")})
 
 
 def main(argv=None):

@@ -215,7 +215,7 @@ def phase(s, src, runner, head_s, plan, m):
               "normalize_source": cfg.normalize_source, "dtype": cfg.dtype, "source_states": source_states}
     if s.main:
         store.open(header)
-        if not _intact(store.head_path()):
+        if not rundir.intact(store.head_path()):
             rundir.save_tensors(store.head_path(), {"weight": head_s.float()})
     distributed.barrier()
     store.open(header)  # every rank checks the manifest
@@ -250,9 +250,3 @@ def phase(s, src, runner, head_s, plan, m):
         store.write_manifest_summary()
     distributed.barrier()
 
-
-def _intact(path):
-    try:
-        return rundir.verified(path)
-    except rundir.DamagedFile:
-        return False

@@ -55,7 +55,7 @@ def load_ds_config(path, role):
     return ds
 
 
-def fill(ds, micro_batch, world, dtype, grad_clip=None, lr=None, weight_decay=None):
+def fill(ds, micro_batch, world, dtype, grad_clip=None, lr=None, weight_decay=None, accumulation=1):
     """Resolve the "auto" fields a DeepSpeed config leaves to the run."""
     ds = copy.deepcopy(ds)
     if "optimizer" in ds:
@@ -63,7 +63,8 @@ def fill(ds, micro_batch, world, dtype, grad_clip=None, lr=None, weight_decay=No
         for key, value in (("lr", lr), ("weight_decay", weight_decay)):
             if params.get(key, "auto") == "auto":
                 params[key] = value
-    auto = {"train_micro_batch_size_per_gpu": micro_batch, "train_batch_size": micro_batch * world,
+    auto = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": accumulation,
+            "train_batch_size": micro_batch * accumulation * world,
             "gradient_clipping": grad_clip if grad_clip is not None else 0.0}
     for key, value in auto.items():
         if ds.get(key, "auto") == "auto":
@@ -71,7 +72,6 @@ def fill(ds, micro_batch, world, dtype, grad_clip=None, lr=None, weight_decay=No
     for key in ("bf16", "fp16"):
         if isinstance(ds.get(key), dict) and ds[key].get("enabled") == "auto":
             ds[key]["enabled"] = (dtype == "bfloat16") if key == "bf16" else False
-    ds.setdefault("gradient_accumulation_steps", 1)
     expect = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
     if ds["train_batch_size"] != expect:
         raise ConfigError(f"DeepSpeed batch sizes disagree: train_batch_size {ds['train_batch_size']} != micro "
@@ -167,11 +167,21 @@ class TorchStage:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.clip = cfg.grad_clip
 
-    def step(self, loss):
-        self.optimizer.zero_grad(set_to_none=True)
+    # one optimizer step: set_lr, then backward() once per micro-batch (gradients add up), then finish()
+    scale = 1  # what the loss is multiplied by: plain autograd adds micro-batch gradients as they are
+
+    def set_lr(self, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def backward(self, loss):
         loss.backward()
+
+    def finish(self):
+        """Clip, step, clear the gradients; the gradient norm before clipping."""
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip if self.clip > 0 else float("inf"))
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
     def save(self, folder, tag):
@@ -198,10 +208,20 @@ class DeepSpeedStage:
                                                                        weight_decay=cfg.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=layer, optimizer=optimizer, model_parameters=params,
                                                config=ds)
+        # DeepSpeed averages gradients over ranks and divides each micro-batch's loss by the accumulation
+        # steps; the losses here are already shares of the global batch's mean, so they are scaled back up
+        self.scale = distributed.world() * ds["gradient_accumulation_steps"]
 
-    def step(self, loss):
+    def set_lr(self, lr):
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def backward(self, loss):
+        # DeepSpeed counts micro-batches itself and steps the optimizer at the accumulation boundary
         self.engine.backward(loss)
         self.engine.step()
+
+    def finish(self):
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 

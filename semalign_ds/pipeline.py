@@ -256,7 +256,7 @@ def open_run_dir(s, state):
         rundir.write_json(rd.path("state.json"), state)
         for name, tokens in (("transfer", s.data), ("eval", s.eval_data)):
             path = rd.path("data", f"{name}.safetensors")
-            if tokens is not None and not os.path.isfile(path):
+            if tokens is not None and not rundir.intact(path):
                 rundir.save_tensors(path, tokens.tensors())
     distributed.barrier()
     s.monitor = Monitor(rd.root, enabled=s.main)

@@ -119,6 +119,14 @@ def verified(path):
     return True
 
 
+def intact(path):
+    """True when `path` is present and agrees with its checksum (never raises)."""
+    try:
+        return verified(path)
+    except DamagedFile:
+        return False
+
+
 def load_tensors(path, device="cpu"):
     """A checked safetensors file: verified against its checksum before it is read."""
     if not verified(path):

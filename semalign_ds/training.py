@@ -11,6 +11,7 @@ verifies the checksums and falls back to the previous checkpoint (or the start o
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -154,8 +155,9 @@ def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss):
     cfg = s.cfg
     module.requires_grad_(True)
     if s.ds_target is not None:
-        ds = engines.fill(s.ds_target, cfg.batch_size // s.world, s.world, cfg.dtype, cfg.grad_clip, cfg.lr,
-                          cfg.weight_decay)
+        gas = cfg.grad_accum_steps
+        ds = engines.fill(s.ds_target, max(1, cfg.batch_size // (s.world * gas)), s.world, cfg.dtype,
+                          cfg.grad_clip, cfg.lr, cfg.weight_decay, gas)
         stage = engines.DeepSpeedStage(module, cfg, ds)
     else:
         stage = engines.TorchStage(module, cfg)
@@ -175,29 +177,36 @@ def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss):
     t0, tokens = time.time(), 0
     for step in bar:
         batch = order[step]
-        idx = [i for i in batch if i in owned]
         total = int(counts[batch].sum())  # loss positions in the whole global batch
-        # a rank that owns none of this batch still runs the same graph (weighted 0): ZeRO-2 reduces
-        # gradients in buckets as they become ready, which must happen in the same order on every rank
-        weight = 1.0 if idx else 0.0
-        idx = idx or members[:1]
-        ids, attn, loss_mask = (t.to(s.device) for t in s.data.batch(idx, s.pad_id))
-        rows = torch.cat([torch.arange(row_start[i], row_start[i + 1]) for i in idx])
-        batch_targets = {name: t if name == "source_head" else t[rows].to(s.device) for name, t in targets.items()}
-        loss, parts = batch_loss(idx, ids, attn, loss_mask, batch_targets, total)
-        loss, parts = loss * weight, {name: v * weight for name, v in parts.items()}
-        tokens += int(loss_mask.sum()) if weight else 0
-        # DeepSpeed averages gradients over ranks; the global mean needs their sum
-        grad_norm = stage.step(loss * s.world if s.ds_target is not None else loss)
+        lr = lr_at(cfg, step, steps)
+        stage.set_lr(lr)
+        loss, parts = 0.0, {}
+        for micro in micro_batches([i for i in batch if i in owned], cfg.grad_accum_steps):
+            # a rank that owns none of a micro-batch still runs the same graph (weighted 0): ZeRO-2 reduces
+            # gradients in buckets as they become ready, which must happen in the same order on every rank
+            weight = 1.0 if micro else 0.0
+            idx = micro or members[:1]
+            ids, attn, loss_mask = (t.to(s.device) for t in s.data.batch(idx, s.pad_id))
+            rows = torch.cat([torch.arange(row_start[i], row_start[i + 1]) for i in idx])
+            batch_targets = {name: t if name == "source_head" else t[rows].to(s.device)
+                             for name, t in targets.items()}
+            micro_loss, micro_parts = batch_loss(idx, ids, attn, loss_mask, batch_targets, total)
+            micro_loss = micro_loss * weight
+            stage.backward(micro_loss * stage.scale)
+            loss = loss + float(micro_loss.detach())
+            for name, v in micro_parts.items():
+                parts[name] = parts.get(name, 0.0) + v * weight
+            tokens += int(loss_mask.sum()) if weight else 0
+        grad_norm = stage.finish()
         names = sorted(parts)
         # the stop request travels with the step's report, so that every rank stops after the same step
-        report = distributed.all_reduce_sum(torch.tensor([float(loss.detach())] + [parts[n] for n in names]
+        report = distributed.all_reduce_sum(torch.tensor([loss] + [parts[n] for n in names]
                                                          + [float(_stop["requested"])], dtype=torch.float64))
         stop, report = bool(report[-1] > 0), report[:-1]
         history.append(float(report[0]))
         bar.set_postfix(loss=f"{history[-1]:.4f}")
         if step % cfg.log_every == 0 or step == steps - 1:
-            s.monitor.log(tag, {"loss": history[-1], "grad_norm": grad_norm, "lr": cfg.lr,
+            s.monitor.log(tag, {"loss": history[-1], "grad_norm": grad_norm, "lr": lr,
                                 "tokens_per_s_rank0": tokens / (time.time() - t0),
                                 **{n: float(v) for n, v in zip(names, report[1:])},
                                 **summary.memory_scalars(s.device)}, step)
@@ -217,6 +226,26 @@ def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss):
     return {"first_loss": history[0], "last_loss": history[-1],
             "mean_last_10": sum(history[-10:]) / len(history[-10:]), "steps": len(history),
             "seconds": elapsed, "loss_tokens_per_s_rank0": tokens / max(elapsed, 1e-9)}
+
+
+def micro_batches(indices, n):
+    """This rank's sequences of a global batch in n consecutive micro-batches (some possibly empty): every rank
+    runs n backward passes per optimizer step whatever it owns."""
+    size = -(-len(indices) // n) if indices else 0
+    return [indices[j * size:(j + 1) * size] for j in range(n)]
+
+
+def lr_at(cfg, step, steps):
+    """The learning rate of optimizer step `step` (0-based) of a stage of `steps`: linear warm-up over
+    warmup_steps, then constant, or linear or cosine decay to min_lr_ratio * lr at the stage's end."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    t = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
+    floor = cfg.min_lr_ratio * cfg.lr
+    shape = 1 - t if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * t))
+    return floor + (cfg.lr - floor) * shape
 
 
 # --- atomic checkpoints ----------------------------------------------------------------------------------------

@@ -1,0 +1,58 @@
+"""The package's shape: no module imports one that imports it back (at the top or inside a function), and the
+README's layout section names every module."""
+import ast
+import os
+
+from tests.helpers import ROOT
+
+PACKAGES = {"semalign_ds": os.path.join(ROOT, "semalign_ds"), "semalign_ds.kernels": os.path.join(ROOT, "kernels")}
+
+
+def modules():
+    out = {}
+    for package, folder in PACKAGES.items():
+        for root, _, files in os.walk(folder):
+            for name in files:
+                if name.endswith(".py"):
+                    rel = os.path.relpath(os.path.join(root, name), folder)[:-3].replace(os.sep, ".")
+                    mod = package if rel == "__init__" else f"{package}.{rel.removesuffix('.__init__')}"
+                    out[mod] = os.path.join(root, name)
+    return out
+
+
+def imports(path, known):
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in found if m in known}
+
+
+def test_no_import_cycles():
+    known = modules()
+    graph = {m: imports(p, known) - {m} for m, p in known.items()}
+    # a package's __init__ may import its own modules; they must not import it back
+    cycles = []
+
+    def visit(node, path):
+        for nxt in graph[node]:
+            if nxt in path:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif len(path) < 12:
+                visit(nxt, path + [nxt])
+
+    for m in graph:
+        visit(m, [m])
+    assert not cycles, sorted({" -> ".join(c) for c in cycles})[:10]
+
+
+def test_the_readme_layout_names_every_module():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    layout = text[text.index("## Layout"):]
+    missing = [m for m, p in modules().items() if m.startswith("semalign_ds.") and not m.startswith("semalign_ds.kernels")
+               and os.path.basename(p) != "__init__.py" and f"`{os.path.basename(p)}`" not in layout
+               and f"`{m.split('.')[-1]}/`" not in layout]
+    assert not missing, missing
