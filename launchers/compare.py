@@ -15,7 +15,7 @@ import os
 import sys
 
 from semalign_ds import config as config_mod, distributed, models
-from semalign_ds.evaluate import evaluate_models
+from semalign_ds.evaluation import evaluate_models
 from semalign_ds.pipeline import initial_target, run
 
 VARIANTS = {
