@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from helpers import TINY
+from helpers import ROOT, TINY
 from semalign_ds import sandbox
 from semalign_ds.evaluation import generate as gen
 from semalign_ds.evaluation import runner
@@ -248,3 +248,85 @@ def test_evaluate_models_writes_the_report(tmp_path, monkeypatch, capsys):
     assert "- mmlu: 0-shot (lm-eval mmlu prompt)" in table
     width, height = read_png(out / "report.png")
     assert width > 300 and height > 200
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sampled pass@k, the NLL's chat-template setting, the launcher's options
+
+def test_sampled_generation_is_seeded_per_prompt(tiny):
+    model, tok = tiny
+    prompts = ["def f(x):\n    return", "Question: 1 + 1?\nAnswer:"]
+    sampling = gen.Sampling(3, temperature=1.0, top_p=0.9, seed=11)
+    both = gen.generate(model, tok, prompts, 5, sampling=sampling, seeds=[4, 9])
+    alone = gen.generate(model, tok, prompts[1:], 5, sampling=sampling, seeds=[9])
+    assert both[1] == alone[0]  # a prompt's samples do not depend on the others in the call (or on the rank)
+    assert [len(s) for s in both] == [3, 3] and len(set(both[0])) > 1
+    assert gen.generate(model, tok, prompts[:1], 5, sampling=sampling, seeds=[5])[0] != both[0]
+    with pytest.raises(ConfigError, match="temperature > 0"):
+        gen.Sampling(2, temperature=0.0)
+
+
+def test_sampled_pass_at_k_of_the_code_benchmarks(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    he = load("humaneval", write_jsonl(tmp_path / "he.jsonl", HUMANEVAL))
+    right, wrong = HUMANEVAL[0]["canonical_solution"], "    return None\n"
+    outcomes = {HUMANEVAL[0]["prompt"]: [right, wrong, right], HUMANEVAL[1]["prompt"]: [wrong, wrong, wrong]}
+    seen = {}
+
+    def fake(model, tok, prompts, *args, sampling=None, seeds=None, **kwargs):
+        seen["sampling"], seen["seeds"] = sampling, seeds
+        return [outcomes[p] for p in prompts]
+    monkeypatch.setattr(runner, "generate", fake)
+    sampling = gen.Sampling(3, temperature=0.8, top_p=0.95)
+    res = runner.evaluate_humaneval(model, tok, he, show=False, allow_code_execution=True, sampling=sampling,
+                                    ks=(2, 3))
+    # problem 0: 2 of 3 pass (pass@1 2/3, pass@2 = pass@3 = 1); problem 1: none
+    assert res["pass@1"] == pytest.approx(1 / 3) and res["pass@2"] == res["pass@3"] == pytest.approx(0.5)
+    assert [r["passed"] for r in res["per_example"]] == [2, 0] and res["samples_per_problem"] == 3
+    assert seen["sampling"] is sampling and list(seen["seeds"]) == [0, 1]  # global indices seed the samples
+    with pytest.raises(ConfigError, match="pass@4 needs at least 4 samples"):
+        runner.evaluate_humaneval(model, tok, he, show=False, allow_code_execution=True, sampling=sampling,
+                                  ks=(4,))
+
+
+def test_nll_chat_template_is_the_runs_own(tmp_path):
+    run = tmp_path / "run" / "target"
+    run.mkdir(parents=True)
+    (run / "semalign_config.json").write_text(json.dumps({"chat_template": "off"}))
+    assert runner.resolve_nll_chat_template(str(run)) == "off"  # as the pipeline evaluated that run
+    assert runner.resolve_nll_chat_template(str(run), "on") == "on"  # --nll-chat-template wins
+    assert runner.resolve_nll_chat_template(SOURCE) == runner.DEFAULT_CHAT_TEMPLATE == "auto"
+
+
+def test_launcher_options():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("evaluate_launcher", os.path.join(ROOT, "launchers", "evaluate.py"))
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    assert launcher.num_fewshot("2") == {"mmlu": 2, "gsm8k": 2, "mbpp": 2}
+    assert launcher.num_fewshot("mmlu=0, gsm8k=8") == {"mmlu": 0, "gsm8k": 8}
+    with pytest.raises(ConfigError, match=r"\['humaneval'\] take no few-shot examples"):
+        launcher.num_fewshot("humaneval=1")
+    with pytest.raises(ConfigError, match="give a count"):
+        launcher.num_fewshot("many")
+    args = launcher.parser().parse_args(["--model", "m", "--output-dir", "o", "--samples", "5", "--pass-k", "1,2,10"])
+    sampling, ks = launcher.sampling(args)
+    assert (sampling.n, sampling.temperature, sampling.top_p, ks) == (5, 0.8, 0.95, [1, 2])
+    assert launcher.sampling(launcher.parser().parse_args(["--model", "m", "--output-dir", "o"])) == (None, (1,))
+
+
+def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(tiny, monkeypatch):
+    """All 164 packaged problems: each canonical solution, cut at the reference stop sequences as a generation
+    would be, passes in the sandbox; the first line alone (a wrong completion) fails."""
+    model, tok = tiny
+    rows = tasks.load_benchmark("humaneval")
+    assert len(rows) == 164
+    solutions = {r["context"]: r["canonical_solution"] for r in rows}
+    monkeypatch.setattr(runner, "generate", lambda model, tok, prompts, max_new, batch, stop, *a, **k: [
+        tasks.truncate_at(solutions[p], stop) for p in prompts])
+    limits = sandbox.Limits(timeout=20)
+    res = runner.evaluate_humaneval(model, tok, rows, show=False, allow_code_execution=True, limits=limits)
+    assert res["pass@1"] == 1.0, [r["task_id"] for r in res["per_example"] if not r["passed"]]
+    solutions = {r["context"]: "    pass\n" for r in rows}  # the fake generate reads the new table
+    res = runner.evaluate_humaneval(model, tok, rows[:20], show=False, allow_code_execution=True, limits=limits)
+    assert res["pass@1"] == 0.0
