@@ -56,7 +56,8 @@ def parser():
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each benchmark")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="generation length for gsm8k/humaneval/mbpp (default 256/512/512)")
+                   help="generation length for gsm8k/humaneval/mbpp (default, as lm-eval: " +
+                        "/".join(str(TASKS[b].max_new_tokens) for b in ("gsm8k", "humaneval", "mbpp")) + ")")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="run generated code for humaneval/mbpp (in the sandbox)")
     p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per test program")

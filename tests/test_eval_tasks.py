@@ -24,8 +24,8 @@ MMLU_DEV = [
 ]
 MMLU_TEST = {"question": "What is 2 + 2?", "subject": "elementary_mathematics", "choices": ["3", "4", "5", "22"],
              "answer": 1}
-GSM8K_TRAIN = [{"question": f"Q{k}: what is {k} + {k}?", "answer": f"{k} + {k} = <<{k}+{k}={2 * k}>>{2 * k}\n#### {2 * k}"}
-               for k in range(1, 8)]
+GSM8K_TRAIN = [{"question": f"Q{k}: what is {k} + {k}?",
+                "answer": f"{k} + {k} = <<{k}+{k}={2 * k}>>{2 * k}\n#### {2 * k}"} for k in range(1, 8)]
 MBPP_PROMPT = [  # the prompt split (task ids 1-10), out of order on purpose
     {"task_id": tid, "text": f"Task {tid}.", "code": f"def f{tid}():\r\n  return {tid}",
      "test_list": [f"assert f{tid}() == {tid}", f"assert f{tid}() > 0", f"assert f{tid}() < 99"],

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from semalign_ds import distributed
 from semalign_ds.config import Config, ConfigError
-from semalign_ds.evaluation import tasks
+import semalign_ds.evaluation.tasks as tasks
 from semalign_ds.evaluation.generate import (encode_pair, generate, loglikelihoods, model_device,
                                              prepare_tokenizer)
 from semalign_ds.nll import response_nll
@@ -247,7 +247,8 @@ def evaluate_models(models, benchmarks, output_dir, data_paths=None, limit=None,
                 kwargs.update(allow_code_execution=allow_code_execution, limits=limits, workers=workers,
                               sampling=sampling, ks=pass_ks)
             elif bench == "nll":
-                kwargs.update(max_seq_len=nll_max_seq_len, chat_template=resolve_nll_chat_template(spec, nll_chat_template))
+                kwargs.update(max_seq_len=nll_max_seq_len,
+                              chat_template=resolve_nll_chat_template(spec, nll_chat_template))
             result = RUNNERS[bench](model, tokenizer, rows[bench], **kwargs)
             result["seconds"] = time.time() - t0
             samples[(name, bench)] = result.pop("per_example", None)

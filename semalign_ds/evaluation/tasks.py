@@ -36,7 +36,7 @@ class Task:
     percent: bool
     normalize: Callable  # (raw row, index, origin) -> the row in one normalised form
     stop: tuple = ()
-    max_new_tokens: Optional[int] = None
+    max_new_tokens: Optional[int] = None  # lm-eval's max_gen_toks for the task
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,9 +224,9 @@ TASKS = {t.name: t for t in (
     Task("gsm8k", ("openai/gsm8k", "main", "test"), "train", 5, "accuracy", "GSM8K acc", True, normalize_gsm8k,
          max_new_tokens=256),
     Task("humaneval", ("openai/openai_humaneval", None, "test"), None, 0, "pass@1", "HumanEval pass@1", True,
-         normalize_humaneval, max_new_tokens=512),
+         normalize_humaneval, max_new_tokens=1024),
     Task("mbpp", ("google-research-datasets/mbpp", "full", "test"), "prompt", 3, "pass@1", "MBPP pass@1", True,
-         normalize_mbpp, max_new_tokens=512),
+         normalize_mbpp, max_new_tokens=256),
     Task("nll", ("embedded:humaneval", None, "test"), None, 0, "nll", "NLL nats/token", False, normalize_nll),
 )}
 BENCHMARKS = tuple(TASKS)
