@@ -67,7 +67,8 @@ def parser():
     p.add_argument("--device", default=None, help="default: this rank's GPU, else cpu")
     p.add_argument("--gsm8k-chat-template", action="store_true",
                    help="wrap GSM8K questions in the tokenizer's chat template")
-    p.add_argument("--nll-max-seq-len", type=int, default=1024)
+    p.add_argument("--nll-max-seq-len", type=int, default=None,
+                   help="NLL sequences are cut here (default: an exported run's eval_max_seq_len, else 1024)")
     p.add_argument("--nll-chat-template", default=None, choices=["auto", "on", "off"],
                    help="chat template for the NLL's prompts (default: an exported run's own setting, read from "
                         "its semalign_config.json, else the config default 'auto')")

@@ -289,13 +289,13 @@ def test_sampled_pass_at_k_of_the_code_benchmarks(tiny, tmp_path, monkeypatch):
                                   ks=(4,))
 
 
-def test_nll_chat_template_is_the_runs_own(tmp_path):
+def test_nll_settings_are_the_runs_own(tmp_path):
     run = tmp_path / "run" / "target"
     run.mkdir(parents=True)
-    (run / "semalign_config.json").write_text(json.dumps({"chat_template": "off"}))
-    assert runner.resolve_nll_chat_template(str(run)) == "off"  # as the pipeline evaluated that run
-    assert runner.resolve_nll_chat_template(str(run), "on") == "on"  # --nll-chat-template wins
-    assert runner.resolve_nll_chat_template(SOURCE) == runner.DEFAULT_CHAT_TEMPLATE == "auto"
+    (run / "semalign_config.json").write_text(json.dumps({"chat_template": "off", "eval_max_seq_len": 333}))
+    assert runner.nll_settings(str(run)) == ("off", 333)  # as the pipeline evaluated that run
+    assert runner.nll_settings(str(run), "on", 77) == ("on", 77)  # --nll-chat-template, --nll-max-seq-len win
+    assert runner.nll_settings(SOURCE) == ("auto", 1024)  # the config's defaults
 
 
 def test_launcher_options():

@@ -7,7 +7,7 @@
 The report files are written by semalign_ds.report; the NLL itself is semalign_ds.nll's, shared with the pipeline.
 """
 from semalign_ds.evaluation.generate import Sampling
-from semalign_ds.evaluation.runner import evaluate_models, resolve_nll_chat_template
+from semalign_ds.evaluation.runner import evaluate_models, nll_settings
 from semalign_ds.evaluation.tasks import BENCHMARKS, TASKS, load_benchmark
 
-__all__ = ["BENCHMARKS", "TASKS", "Sampling", "evaluate_models", "load_benchmark", "resolve_nll_chat_template"]
+__all__ = ["BENCHMARKS", "TASKS", "Sampling", "evaluate_models", "load_benchmark", "nll_settings"]

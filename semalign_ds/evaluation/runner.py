@@ -143,14 +143,15 @@ def _evaluate_code(bench, model, tokenizer, rows, batch_size=8, max_new_tokens=N
     return result
 
 
-def evaluate_nll(model, tokenizer, rows, batch_size=8, device=None, show=True, max_seq_len=1024,
+def evaluate_nll(model, tokenizer, rows, batch_size=8, device=None, show=True, max_seq_len=None,
                  chat_template=None):
     """Mean NLL (nats/token) of the reference responses given their prompts, tokenised by data.tokenize as the
-    pipeline tokenises (chat_template None: the run's default, Config.chat_template)."""
+    pipeline tokenises (None: the config's defaults, chat_template and eval_max_seq_len)."""
     from semalign_ds import data as data_mod
     from semalign_ds.models import Adapter
     device = model_device(model, device)
-    chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
+    chat_template = chat_template or NLL_DEFAULTS["chat_template"]
+    max_seq_len = max_seq_len or NLL_DEFAULTS["eval_max_seq_len"]
 
     def run(indices):
         tokenized, dropped = data_mod.tokenize([rows[i] for i in indices], tokenizer, max_seq_len, "response",
@@ -166,22 +167,25 @@ def evaluate_nll(model, tokenizer, rows, batch_size=8, device=None, show=True, m
     total, tokens = sum(p["total"] for p in parts), sum(p["tokens"] for p in parts)
     return {"nll": total / tokens if tokens else float("nan"), "tokens": tokens,
             "n": sum(p["kept"] for p in parts), "dropped": sum(p["dropped"] for p in parts),
-            "chat_template": chat_template}
+            "chat_template": chat_template, "max_seq_len": max_seq_len}
 
 
-DEFAULT_CHAT_TEMPLATE = next(f.default for f in dataclasses.fields(Config) if f.name == "chat_template")
+# the pipeline's settings of its NLL evaluation, and their defaults
+NLL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config) if f.name in ("chat_template",
+                                                                                     "eval_max_seq_len")}
 
 
-def resolve_nll_chat_template(spec, override=None):
-    """The chat-template setting of a model's NLL: `override` when given; else, for an exported run (its folder
-    holds semalign_config.json), that run's setting; else the config's default. Every entry point uses this."""
-    if override is not None:
-        return override
-    saved = os.path.join(spec, "semalign_config.json") if isinstance(spec, str) else None
-    if saved and os.path.isfile(saved):
-        with open(saved) as f:
-            return json.load(f).get("chat_template", DEFAULT_CHAT_TEMPLATE)
-    return DEFAULT_CHAT_TEMPLATE
+def nll_settings(spec, chat_template=None, max_seq_len=None):
+    """(chat template, max sequence length) of a model's NLL, one rule for every entry point: what is given;
+    else, for an exported run (its folder holds semalign_config.json), the setting that run was evaluated with;
+    else the config's default."""
+    saved = {}
+    path = os.path.join(spec, "semalign_config.json") if isinstance(spec, str) else None
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+    pick = {k: saved.get(k, default) for k, default in NLL_DEFAULTS.items()}
+    return chat_template or pick["chat_template"], max_seq_len or pick["eval_max_seq_len"]
 
 
 RUNNERS = {"mmlu": evaluate_mmlu, "gsm8k": evaluate_gsm8k, "humaneval": evaluate_humaneval, "mbpp": evaluate_mbpp,
@@ -193,7 +197,7 @@ RUNNERS = {"mmlu": evaluate_mmlu, "gsm8k": evaluate_gsm8k, "humaneval": evaluate
 
 def evaluate_models(models, benchmarks, output_dir, data_paths=None, limit=None, batch_size=8, max_new_tokens=None,
                     allow_code_execution=False, dtype="float32", device=None, limits=None, workers=None,
-                    gsm8k_chat_template=False, nll_max_seq_len=1024, nll_chat_template=None, show=True,
+                    gsm8k_chat_template=False, nll_max_seq_len=None, nll_chat_template=None, show=True,
                     num_fewshot=None, fewshot_paths=None, gsm8k_variant=None, sampling=None, pass_ks=(1,)):
     """Evaluate each model (name -> spec for semalign_ds.models.load_model) on each benchmark; rank 0 writes
     report.md, report.json, report.png and samples/<model>/<benchmark>.jsonl into output_dir and prints the table.
@@ -247,8 +251,8 @@ def evaluate_models(models, benchmarks, output_dir, data_paths=None, limit=None,
                 kwargs.update(allow_code_execution=allow_code_execution, limits=limits, workers=workers,
                               sampling=sampling, ks=pass_ks)
             elif bench == "nll":
-                kwargs.update(max_seq_len=nll_max_seq_len,
-                              chat_template=resolve_nll_chat_template(spec, nll_chat_template))
+                template, max_seq_len = nll_settings(spec, nll_chat_template, nll_max_seq_len)
+                kwargs.update(max_seq_len=max_seq_len, chat_template=template)
             result = RUNNERS[bench](model, tokenizer, rows[bench], **kwargs)
             result["seconds"] = time.time() - t0
             samples[(name, bench)] = result.pop("per_example", None)
