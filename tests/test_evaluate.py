@@ -1,19 +1,16 @@
-"""Benchmark adapters on small fixtures in the published layouts, answer extraction, batched scoring and generation
-against unbatched references, and the report files."""
+"""Benchmark runners on small fixtures in the published layouts, batched scoring and generation against unbatched
+references, and the report files. Prompts, extraction and pass@k are in test_eval_tasks.py."""
 import json
 import os
-import struct
-import zlib
-from decimal import Decimal
 
 import pytest
-
-from semalign_ds import report
 import torch
 
-from helpers import TINY
-from semalign_ds import evaluate as ev
+from helpers import ROOT, TINY
 from semalign_ds import sandbox
+from semalign_ds.evaluation import generate as gen
+from semalign_ds.evaluation import runner
+from semalign_ds.evaluation import tasks
 from semalign_ds.config import ConfigError
 
 SOURCE = os.path.join(TINY, "source.json")
@@ -63,7 +60,14 @@ def write_jsonl(path, rows):
 def tiny():
     from semalign_ds.models import load_model, load_tokenizer
     model = load_model(SOURCE).double()
-    return model, ev.prepare_tokenizer(load_tokenizer(SOURCE))
+    return model, gen.prepare_tokenizer(load_tokenizer(SOURCE))
+
+
+def load(name, path=None, limit=None, **kwargs):
+    """A fixture file is one split: the few-shot benchmarks run zero-shot on it."""
+    if tasks.TASKS[name].fewshot_split and "num_fewshot" not in kwargs and "fewshot_path" not in kwargs:
+        kwargs["num_fewshot"] = 0
+    return tasks.load_benchmark(name, path, limit, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -71,96 +75,60 @@ def tiny():
 
 def test_loaders_read_published_layouts(tmp_path):
     import datasets
-    mmlu = ev.load_benchmark("mmlu", write_jsonl(tmp_path / "mmlu.jsonl", MMLU))
+    mmlu = load("mmlu", write_jsonl(tmp_path / "mmlu.jsonl", MMLU))
     assert [r["answer"] for r in mmlu] == [1, 0, 3] and mmlu[0]["choices"] == ["3", "4", "5", "22"]
     # letters as answers, a parquet file, a save_to_disk DatasetDict with a test split, and --limit
     lettered = [dict(r, answer="BAD"[i]) for i, r in enumerate(MMLU)]
     datasets.Dataset.from_list(lettered).to_parquet(str(tmp_path / "mmlu.parquet"))
-    assert [r["answer"] for r in ev.load_benchmark("mmlu", str(tmp_path / "mmlu.parquet"))] == [1, 0, 3]
+    assert [r["answer"] for r in load("mmlu", str(tmp_path / "mmlu.parquet"))] == [1, 0, 3]
     datasets.DatasetDict({"test": datasets.Dataset.from_list(GSM8K)}).save_to_disk(str(tmp_path / "gsm8k_saved"))
-    gsm = ev.load_benchmark("gsm8k", str(tmp_path / "gsm8k_saved"), limit=2)
+    gsm = load("gsm8k", str(tmp_path / "gsm8k_saved"), limit=2)
     assert [r["target"] for r in gsm] == ["7", "1000"]
 
-    he = ev.load_benchmark("humaneval", write_jsonl(tmp_path / "he.jsonl", HUMANEVAL))
+    he = load("humaneval", write_jsonl(tmp_path / "he.jsonl", HUMANEVAL))
     assert he[1]["entry_point"] == "double"
-    mbpp = ev.load_benchmark("mbpp", write_jsonl(tmp_path / "mbpp.jsonl", MBPP))
+    mbpp = load("mbpp", write_jsonl(tmp_path / "mbpp.jsonl", MBPP))
     assert mbpp[1]["test_setup_code"] == "PI = 3.14159"
     sanitized = [{"task_id": 2, "prompt": "Square x.", "code": "import math\ndef sq(x):\n    return x*x",
                   "test_list": ["assert sq(2) == 4"], "test_imports": ["import math"]}]
-    row = ev.load_benchmark("mbpp", write_jsonl(tmp_path / "san.jsonl", sanitized))[0]
+    row = load("mbpp", write_jsonl(tmp_path / "san.jsonl", sanitized))[0]
     assert row["text"] == "Square x." and row["test_setup_code"] == "import math"
-    nll = ev.load_benchmark("nll", str(tmp_path / "he.jsonl"))
+    nll = load("nll", str(tmp_path / "he.jsonl"))
     assert nll[0] == {"prompt": HUMANEVAL[0]["prompt"], "response": HUMANEVAL[0]["canonical_solution"]}
 
 
 def test_default_humaneval_is_the_packaged_one():
-    rows = ev.load_benchmark("humaneval", limit=3)
+    rows = load("humaneval", limit=3)
     assert len(rows) == 3 and rows[0]["task_id"] == "HumanEval/0"
 
 
 def test_loader_errors_name_the_missing_fields(tmp_path):
     with pytest.raises(ConfigError, match=r"no field\(s\) \['choices'"):
-        ev.load_benchmark("mmlu", write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": 0}]))
+        load("mmlu", write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": 0}]))
     with pytest.raises(ConfigError, match="no number after '####'"):
-        ev.load_benchmark("gsm8k", write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": "7"}]))
+        load("gsm8k", write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": "7"}]))
     with pytest.raises(ConfigError, match="unknown benchmark"):
-        ev.load_benchmark("arc")
+        tasks.load_benchmark("arc")
     with pytest.raises(ConfigError, match="data not found"):
-        ev.load_benchmark("gsm8k", "no_such_file")
+        load("gsm8k", "no_such_file")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # answers and programs
 
-@pytest.mark.parametrize("text, number", [
-    ("The answer is 42.", "42"),
-    ("So she pays $1,234.50.", "1234.50"),
-    ("The change is -$5 now", "-5"),
-    ("The temperature is -12.5 degrees", "-12.5"),
-    ("x = -7", "-7"),
-    ("from 2019-2020 it grew by 3", "3"),
-    ("between 2019-2020", "2020"),  # a hyphen between numbers is no sign
-    ("3 + 4 = 7\n#### 7", "7"),
-    ("#### 1,000 is the total, checked 3 times", "1000"),  # the number after the last '####' wins
-    ("It is 18.00.", "18"),
-    ("half: .5", "0.5"),
-    ("the list 1,2,3", "3"),  # commas that are not thousands separators
-    ("$ 1,000,000!", "1000000"),
-    ("no number here", None),
-])
-def test_extract_number(text, number):
-    got = ev.extract_number(text)
-    assert (got is None) if number is None else got == Decimal(number)
-
-
-def test_numbers_compare_numerically():
-    assert ev.numbers_equal(ev.extract_number("18.0"), "18")
-    assert not ev.numbers_equal(ev.extract_number("18.5"), "18")
-    assert not ev.numbers_equal(None, "18")
-    assert ev.gsm8k_target("so\n#### -3") == "-3" and ev.gsm8k_target("no marker 3") is None
-
-
 def test_truncation_and_programs_run():
     completion = "    return a + b\n\ndef unrelated():\n    pass\n"
-    assert ev.truncate_at(completion, ev.HUMANEVAL_STOP) == "    return a + b\n"
-    assert ev.truncate_at("    return 1\n# note\n", ev.HUMANEVAL_STOP) == "    return 1"
-    assert ev.truncate_at("x = 1\nif __name__ == '__main__':", ev.HUMANEVAL_STOP) == "x = 1"
-    assert ev.truncate_at("def f():\n    return 2\nassert f() == 2", ev.MBPP_STOP) == "def f():\n    return 2"
-    prompt = ev.mbpp_prompt({"text": "Square a number.", "test_list": ["assert square(3) == 9", "x"]})
-    assert prompt == '"""\nSquare a number.\nassert square(3) == 9\n"""\n'
+    assert tasks.truncate_at(completion, tasks.HUMANEVAL_STOP) == "    return a + b\n"
+    assert tasks.truncate_at("    return 1\n# note\n", tasks.HUMANEVAL_STOP) == "    return 1"
+    assert tasks.truncate_at("x = 1\nif __name__ == '__main__':", tasks.HUMANEVAL_STOP) == "x = 1"
+    assert tasks.truncate_at("def f():\n    return 2\n[DONE]\n", tasks.MBPP_STOP) == "def f():\n    return 2\n"
     limits = sandbox.Limits(timeout=10)
-    programs = [ev.humaneval_program(HUMANEVAL[0], HUMANEVAL[0]["canonical_solution"]),
-                ev.humaneval_program(HUMANEVAL[0], "    return a - b\n"),
-                ev.mbpp_program(ev._normalize_mbpp(MBPP[1], 0, "x"), MBPP[1]["code"]),
-                ev.mbpp_program(ev._normalize_mbpp(MBPP[0], 0, "x"), "def square(x):\n    return x + x")]
+    programs = [tasks.humaneval_program(HUMANEVAL[0], HUMANEVAL[0]["canonical_solution"]),
+                tasks.humaneval_program(HUMANEVAL[0], "    return a - b\n"),
+                tasks.mbpp_program(tasks.normalize_mbpp(MBPP[1], 0, "x"), MBPP[1]["code"]),
+                tasks.mbpp_program(tasks.normalize_mbpp(MBPP[0], 0, "x"), "def square(x):\n    return x + x")]
     passed = [r.passed for r in sandbox.run_many(programs, limits, allow=True, workers=2)]
     assert passed == [True, False, True, False]
-
-
-def test_mmlu_prompt_format():
-    assert ev.mmlu_prompt(ev._normalize_mmlu(MMLU[0], 0, "x")) == (
-        "The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
-        "What is 2 + 2?\nA. 3\nB. 4\nC. 5\nD. 22\nAnswer:")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,7 +140,7 @@ def test_loglikelihoods_match_unpadded_forward(tiny):
     requests = [(torch.randint(1, 500, (n,), generator=g).tolist(),
                  [torch.randint(1, 500, (m,), generator=g).tolist() for m in ms])
                 for n, ms in ((7, (1, 3)), (2, (2,)), (11, (1, 1, 1)), (4, (4, 1)))]
-    got = ev.loglikelihoods(model, requests, pad_id=0, batch_size=3)
+    got = gen.loglikelihoods(model, requests, pad_id=0, batch_size=3)
     for (ctx, conts), scores in zip(requests, got):
         for cont, score in zip(conts, scores):
             ids = torch.tensor([ctx + cont])
@@ -181,54 +149,56 @@ def test_loglikelihoods_match_unpadded_forward(tiny):
             assert score == pytest.approx(want, abs=1e-9)
     # the single-token shortcut and the general path agree
     single = [(ctx, [[5], [9], [400]]) for ctx, _ in requests]
-    fast = ev.loglikelihoods(model, single, 0, batch_size=2)
-    slow = ev.loglikelihoods(model, single, 0, batch_size=2, fast_single_token=False)
+    fast = gen.loglikelihoods(model, single, 0, batch_size=2)
+    slow = gen.loglikelihoods(model, single, 0, batch_size=2, fast_single_token=False)
     assert sum(fast, []) == pytest.approx(sum(slow, []), abs=1e-9)
 
 
 def test_batched_generation_matches_one_by_one(tiny):
     model, tok = tiny
     prompts = ["def f(x):\n    return", "Question: 1 + 1?\nAnswer:", "a", "import os\nimport sys\n\nclass A:"]
-    batched = ev.generate(model, tok, prompts, max_new_tokens=6, batch_size=4)
-    single = [ev.generate(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    batched = gen.generate(model, tok, prompts, max_new_tokens=6, batch_size=4)
+    single = [gen.generate(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert batched == single
     assert any(batched)
 
 
 def test_mmlu_and_gsm8k_on_a_tiny_model(tiny, tmp_path, monkeypatch):
     model, tok = tiny
-    rows = ev.load_benchmark("mmlu", write_jsonl(tmp_path / "mmlu.jsonl", MMLU))
-    res = ev.evaluate_mmlu(model, tok, rows, batch_size=2, show=False)
+    rows = load("mmlu", write_jsonl(tmp_path / "mmlu.jsonl", MMLU))
+    res = runner.evaluate_mmlu(model, tok, rows, batch_size=2, show=False)
     assert res["n"] == 3 and 0 <= res["accuracy"] <= 1 and len(res["per_subject"]) == 3
     assert all(len(r["loglikelihoods"]) == 4 and r["pred"] in range(4) for r in res["per_example"])
-    gsm = ev.load_benchmark("gsm8k", write_jsonl(tmp_path / "gsm.jsonl", GSM8K))
-    res = ev.evaluate_gsm8k(model, tok, gsm, batch_size=2, max_new_tokens=4, show=False)
+    gsm = load("gsm8k", write_jsonl(tmp_path / "gsm.jsonl", GSM8K))
+    res = runner.evaluate_gsm8k(model, tok, gsm, batch_size=2, max_new_tokens=4, show=False)
     assert res["n"] == 3 and 0 <= res["accuracy"] <= 1
     # scoring, with generations we control
-    answers = iter(["3 + 4 = 7. The answer is 7.", "It costs $1,000.", "It is 3 degrees."])
-    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, *a, **k: [next(answers) for _ in prompts])
-    res = ev.evaluate_gsm8k(model, tok, gsm, batch_size=8, show=False)
-    assert [r["correct"] for r in res["per_example"]] == [True, True, False]
-    assert res["accuracy"] == pytest.approx(2 / 3)
+    answers = iter(["3 + 4 = 7.\n#### 7", "It costs 1,200 - 200 = $1,000.", "It is 3 degrees.\n#### 3"])
+    monkeypatch.setattr(runner, "generate", lambda model, tok, prompts, *a, **k: [next(answers) for _ in prompts])
+    res = runner.evaluate_gsm8k(model, tok, gsm, batch_size=8, show=False)
+    # strict-match needs '#### N'; flexible-extract takes the last number
+    assert [r["strict"] for r in res["per_example"]] == [True, False, False]
+    assert [r["flexible"] for r in res["per_example"]] == [True, True, False]
+    assert (res["accuracy"], res["accuracy_flexible"]) == (pytest.approx(1 / 3), pytest.approx(2 / 3))
 
 
 def test_code_benchmarks(tiny, tmp_path, monkeypatch):
     model, tok = tiny
     monkeypatch.delenv(sandbox.ENV_FLAG, raising=False)
-    he = ev.load_benchmark("humaneval", write_jsonl(tmp_path / "he.jsonl", HUMANEVAL))
-    mbpp = ev.load_benchmark("mbpp", write_jsonl(tmp_path / "mbpp.jsonl", MBPP))
+    he = load("humaneval", write_jsonl(tmp_path / "he.jsonl", HUMANEVAL))
+    mbpp = load("mbpp", write_jsonl(tmp_path / "mbpp.jsonl", MBPP))
     with pytest.raises(sandbox.ExecutionNotAllowed, match="--allow-code-execution"):
-        ev.evaluate_humaneval(model, tok, he, show=False)
+        runner.evaluate_humaneval(model, tok, he, show=False)
     # the tiny model's own completions run (and fail)
-    res = ev.evaluate_humaneval(model, tok, he, max_new_tokens=4, show=False, allow_code_execution=True)
+    res = runner.evaluate_humaneval(model, tok, he, max_new_tokens=4, show=False, allow_code_execution=True)
     assert res["n"] == 2 and res["pass@1"] == 0.0 and all(r["status"] == "failed" for r in res["per_example"])
     # reference solutions as completions pass; a wrong one fails
-    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, *a, **k: [
+    monkeypatch.setattr(runner, "generate", lambda model, tok, prompts, *a, **k: [
         r["canonical_solution"] for r in he][:len(prompts)])
-    assert ev.evaluate_humaneval(model, tok, he, show=False, allow_code_execution=True)["pass@1"] == 1.0
+    assert runner.evaluate_humaneval(model, tok, he, show=False, allow_code_execution=True)["pass@1"] == 1.0
     codes = iter([MBPP[0]["code"], "def pi2():\n    return 3"])
-    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, *a, **k: [next(codes) for _ in prompts])
-    res = ev.evaluate_mbpp(model, tok, mbpp, show=False, allow_code_execution=True)
+    monkeypatch.setattr(runner, "generate", lambda model, tok, prompts, *a, **k: [next(codes) for _ in prompts])
+    res = runner.evaluate_mbpp(model, tok, mbpp, show=False, allow_code_execution=True)
     assert [r["passed"] for r in res["per_example"]] == [True, False] and res["pass@1"] == 0.5
 
 
@@ -236,10 +206,11 @@ def test_nll_matches_the_pipeline_computation(tiny):
     from semalign_ds import data as data_mod
     from semalign_ds.models import Adapter
     model, tok = tiny
-    rows = ev.load_benchmark("nll", limit=5)  # embedded:humaneval
-    res = ev.evaluate_nll(model, tok, rows, batch_size=2, show=False)
-    tokenized, _ = data_mod.tokenize(rows, tok, 1024)
-    total, count = ev.response_nll(Adapter(model), tokenized, 0, 5, "cpu", show=False)
+    rows = load("nll", limit=5)  # embedded:humaneval
+    res = runner.evaluate_nll(model, tok, rows, batch_size=2, show=False)
+    assert res["chat_template"] == "auto"  # the config's default, as the pipeline
+    tokenized, _ = data_mod.tokenize(rows, tok, 1024, "response", "auto")
+    total, count = runner.response_nll(Adapter(model), tokenized, 0, 5, "cpu", show=False)
     assert res["tokens"] == count and res["n"] == 5
     assert res["nll"] == pytest.approx(total / count, rel=1e-6)  # response_nll takes logits to float32
 
@@ -248,31 +219,10 @@ def test_nll_matches_the_pipeline_computation(tiny):
 # report
 
 def read_png(path):
-    with open(path, "rb") as f:
-        blob = f.read()
-    assert blob[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(blob):
-        (length,), kind = struct.unpack(">I", blob[pos:pos + 4]), blob[pos + 4:pos + 8]
-        payload = blob[pos + 8:pos + 8 + length]
-        assert struct.unpack(">I", blob[pos + 8 + length:pos + 12 + length])[0] == zlib.crc32(kind + payload)
-        chunks[kind] = chunks.get(kind, b"") + payload
-        pos += 12 + length
-    width, height, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    raw = zlib.decompress(chunks[b"IDAT"])
-    assert (depth, color) == (8, 2) and len(raw) == height * (3 * width + 1)
-    return width, height, raw
-
-
-def test_png_encoder_round_trip(tmp_path):
-    import numpy as np
-    img = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
-    path = tmp_path / "x.png"
-    path.write_bytes(report.encode_png(img))
-    width, height, raw = read_png(path)
-    rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, 3 * width + 1)
-    assert (width, height) == (5, 7) and (rows[:, 0] == 0).all()
-    assert (rows[:, 1:].reshape(7, 5, 3) == img).all()
+    from PIL import Image
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        return img.size
 
 
 def test_evaluate_models_writes_the_report(tmp_path, monkeypatch, capsys):
@@ -281,11 +231,12 @@ def test_evaluate_models_writes_the_report(tmp_path, monkeypatch, capsys):
             "mbpp": write_jsonl(tmp_path / "mbpp.jsonl", MBPP)}
     models = {"source": SOURCE, "target": os.path.join(TINY, "target.json")}
     with pytest.raises(sandbox.ExecutionNotAllowed):  # refused before any model loads
-        ev.evaluate_models(models, ["mbpp"], str(tmp_path / "no"), data_paths=data)
+        runner.evaluate_models(models, ["mbpp"], str(tmp_path / "no"), data_paths=data)
     assert not (tmp_path / "no").exists()
     out = tmp_path / "report"
-    report = ev.evaluate_models(models, ["mmlu", "gsm8k", "mbpp", "nll"], str(out), data_paths=data, limit=2,
-                                max_new_tokens=3, allow_code_execution=True, show=False)
+    zero = {"mmlu": 0, "gsm8k": 0, "mbpp": 0}
+    report = runner.evaluate_models(models, ["mmlu", "gsm8k", "mbpp", "nll"], str(out), data_paths=data, limit=2,
+                                    max_new_tokens=3, allow_code_execution=True, show=False, num_fewshot=zero)
     for name in ("report.md", "report.json", "report.png", "samples/source/mmlu.jsonl",
                  "samples/target/mbpp.jsonl"):
         assert (out / name).is_file(), name
@@ -294,5 +245,88 @@ def test_evaluate_models_writes_the_report(tmp_path, monkeypatch, capsys):
     table = (out / "report.md").read_text()
     assert "| model | MMLU acc (%) | GSM8K acc (%) | MBPP pass@1 (%) | NLL nats/token |" in table
     assert "| target |" in table and table.split("\n\n")[1] in capsys.readouterr().out  # printed at the end
-    width, height, _ = read_png(out / "report.png")
+    assert "- mmlu: 0-shot (lm-eval mmlu prompt)" in table
+    width, height = read_png(out / "report.png")
     assert width > 300 and height > 200
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sampled pass@k, the NLL's chat-template setting, the launcher's options
+
+def test_sampled_generation_is_seeded_per_prompt(tiny):
+    model, tok = tiny
+    prompts = ["def f(x):\n    return", "Question: 1 + 1?\nAnswer:"]
+    sampling = gen.Sampling(3, temperature=1.0, top_p=0.9, seed=11)
+    both = gen.generate(model, tok, prompts, 5, sampling=sampling, seeds=[4, 9])
+    alone = gen.generate(model, tok, prompts[1:], 5, sampling=sampling, seeds=[9])
+    assert both[1] == alone[0]  # a prompt's samples do not depend on the others in the call (or on the rank)
+    assert [len(s) for s in both] == [3, 3] and len(set(both[0])) > 1
+    assert gen.generate(model, tok, prompts[:1], 5, sampling=sampling, seeds=[5])[0] != both[0]
+    with pytest.raises(ConfigError, match="temperature > 0"):
+        gen.Sampling(2, temperature=0.0)
+
+
+def test_sampled_pass_at_k_of_the_code_benchmarks(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    he = load("humaneval", write_jsonl(tmp_path / "he.jsonl", HUMANEVAL))
+    right, wrong = HUMANEVAL[0]["canonical_solution"], "    return None\n"
+    outcomes = {HUMANEVAL[0]["prompt"]: [right, wrong, right], HUMANEVAL[1]["prompt"]: [wrong, wrong, wrong]}
+    seen = {}
+
+    def fake(model, tok, prompts, *args, sampling=None, seeds=None, **kwargs):
+        seen["sampling"], seen["seeds"] = sampling, seeds
+        return [outcomes[p] for p in prompts]
+    monkeypatch.setattr(runner, "generate", fake)
+    sampling = gen.Sampling(3, temperature=0.8, top_p=0.95)
+    res = runner.evaluate_humaneval(model, tok, he, show=False, allow_code_execution=True, sampling=sampling,
+                                    ks=(2, 3))
+    # problem 0: 2 of 3 pass (pass@1 2/3, pass@2 = pass@3 = 1); problem 1: none
+    assert res["pass@1"] == pytest.approx(1 / 3) and res["pass@2"] == res["pass@3"] == pytest.approx(0.5)
+    assert [r["passed"] for r in res["per_example"]] == [2, 0] and res["samples_per_problem"] == 3
+    assert seen["sampling"] is sampling and list(seen["seeds"]) == [0, 1]  # global indices seed the samples
+    with pytest.raises(ConfigError, match="pass@4 needs at least 4 samples"):
+        runner.evaluate_humaneval(model, tok, he, show=False, allow_code_execution=True, sampling=sampling,
+                                  ks=(4,))
+
+
+def test_nll_settings_are_the_runs_own(tmp_path):
+    run = tmp_path / "run" / "target"
+    run.mkdir(parents=True)
+    (run / "semalign_config.json").write_text(json.dumps({"chat_template": "off", "eval_max_seq_len": 333}))
+    assert runner.nll_settings(str(run)) == ("off", 333)  # as the pipeline evaluated that run
+    assert runner.nll_settings(str(run), "on", 77) == ("on", 77)  # --nll-chat-template, --nll-max-seq-len win
+    assert runner.nll_settings(SOURCE) == ("auto", 1024)  # the config's defaults
+
+
+def test_launcher_options():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("evaluate_launcher", os.path.join(ROOT, "launchers", "evaluate.py"))
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    assert launcher.num_fewshot("2") == {"mmlu": 2, "gsm8k": 2, "mbpp": 2}
+    assert launcher.num_fewshot("mmlu=0, gsm8k=8") == {"mmlu": 0, "gsm8k": 8}
+    with pytest.raises(ConfigError, match=r"\['humaneval'\] take no few-shot examples"):
+        launcher.num_fewshot("humaneval=1")
+    with pytest.raises(ConfigError, match="give a count"):
+        launcher.num_fewshot("many")
+    args = launcher.parser().parse_args(["--model", "m", "--output-dir", "o", "--samples", "5", "--pass-k", "1,2,10"])
+    sampling, ks = launcher.sampling(args)
+    assert (sampling.n, sampling.temperature, sampling.top_p, ks) == (5, 0.8, 0.95, [1, 2])
+    assert launcher.sampling(launcher.parser().parse_args(["--model", "m", "--output-dir", "o"])) == (None, (1,))
+
+
+def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(tiny, monkeypatch):
+    """All 164 packaged problems: each canonical solution, cut at the reference stop sequences as a generation
+    would be, passes in the sandbox; the first line alone (a wrong completion) fails."""
+    model, tok = tiny
+    rows = tasks.load_benchmark("humaneval")
+    assert len(rows) == 164
+    solutions = {r["context"]: r["canonical_solution"] for r in rows}
+    monkeypatch.setattr(runner, "generate", lambda model, tok, prompts, max_new, batch, stop, *a, **k: [
+        tasks.truncate_at(solutions[p], stop) for p in prompts])
+    limits = sandbox.Limits(timeout=20)
+    res = runner.evaluate_humaneval(model, tok, rows, show=False, allow_code_execution=True, limits=limits)
+    assert res["pass@1"] == 1.0, [r["task_id"] for r in res["per_example"] if not r["passed"]]
+    solutions = {r["context"]: "    pass\n" for r in rows}  # the fake generate reads the new table
+    res = runner.evaluate_humaneval(model, tok, rows[:20], show=False, allow_code_execution=True, limits=limits)
+    assert res["pass@1"] == 0.0

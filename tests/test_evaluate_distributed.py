@@ -41,6 +41,9 @@ def test_two_ranks_give_the_same_scores_as_one(tmp_path):
             "--max-new-tokens", "6", "--dtype", "float64", "--allow-code-execution"]
     for name, rows in data.items():
         args += [f"--data-{name}", write_jsonl(tmp_path / f"{name}.jsonl", rows)]
+    # one-shot prompts, the examples drawn from the fixtures themselves (mmlu: one row per subject)
+    args += ["--num-fewshot", "1"] + [f"--fewshot-{name}={tmp_path / f'{name}.jsonl'}" for name in ("mmlu", "gsm8k",
+                                                                                                   "mbpp")]
     one_out = launch(args + ["--output-dir", str(tmp_path / "one")], 1, tmp_path)
     launch(args + ["--output-dir", str(tmp_path / "two")], 2, tmp_path)
     one, one_samples = results(tmp_path / "one")
