@@ -113,7 +113,7 @@ def bound_rows(rows, max_row_chars=MAX_ROW_CHARS):
         raise ConfigError(f"max_row_chars: {max_row_chars!r}; give a positive number of characters")
     cut = 0
     for row in rows:
-        texts = [m for m in row["messages"]] if "messages" in row else [row]
+        texts = (row["messages"] or []) if "messages" in row else [row]
         keys = ("content",) if "messages" in row else ("prompt", "response")
         long = [(t, k) for t in texts for k in keys if isinstance(t.get(k), str) and len(t[k]) > max_row_chars]
         for t, k in long:
