@@ -13,11 +13,13 @@ tokens by default (`loss_on: response`), every token with `loss_on: all`.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -291,40 +293,50 @@ def tokenize(rows, tokenizer, max_seq_len, loss_on="response", chat_template="au
                              "rows"))
     dropped = Counter()
     seqs, masks = [], []
-    for row in rows:
-        if max_examples is not None and len(seqs) >= max_examples:
+
+    def prepared():  # (text, loss spans) of each row in turn, counting the rows dropped before tokenisation
+        for row in rows:
+            row = bound_rows([dict(row, messages=[dict(m) for m in row["messages"]]) if row.get("messages") else
+                              dict(row)], max_row_chars)[0]
+            text, spans, why = _text_and_loss_spans(row, tokenizer, use_template, origin)
+            if why:
+                dropped[why] += 1
+            else:
+                yield text, spans
+
+    pending = prepared()
+    while max_examples is None or len(seqs) < max_examples:
+        # batches for the tokenizer's speed, no larger than the rows still wanted, so no row is read past the last
+        chunk = list(itertools.islice(pending, 256 if max_examples is None else min(256, max_examples - len(seqs))))
+        if not chunk:
             break
-        row = bound_rows([dict(row, messages=[dict(m) for m in row["messages"]]) if row.get("messages") else
-                          dict(row)], max_row_chars)[0]
-        text, spans, why = _text_and_loss_spans(row, tokenizer, use_template, origin)
-        if why:
-            dropped[why] += 1
-            continue
-        encoded = tokenizer(text, add_special_tokens=not use_template, return_offsets_mapping=True)
-        ids = encoded["input_ids"]
-        starts, ends = torch.tensor(encoded["offset_mapping"], dtype=torch.long).reshape(-1, 2).unbind(1)
-        scored = torch.zeros(len(ids), dtype=torch.bool)  # token carries loss: its characters overlap a span
-        for a, b in spans:
-            scored |= (starts < b) & (ends > a) & (ends > starts)
-        ids, scored_kept = ids[:max_seq_len], scored[:max_seq_len]
-        if len(ids) < 2:
-            dropped["fewer than 2 tokens"] += 1
-            continue
-        # position t predicts token t+1: it counts when token t+1 carries loss (or always, loss_on=all)
-        mask = torch.ones(len(ids), dtype=torch.bool) if loss_on == "all" else torch.cat(
-            [scored_kept[1:], torch.zeros(1, dtype=torch.bool)])
-        mask[-1] = False
-        if not mask.any():
-            dropped[f"prompt fills max_seq_len={max_seq_len}" if scored[1:].any() else
-                    "no response tokens"] += 1
-            continue
-        seqs.append(torch.tensor(ids, dtype=torch.long))
-        masks.append(mask)
+        encoded = tokenizer([text for text, _ in chunk], add_special_tokens=not use_template,
+                            return_offsets_mapping=True)
+        for (_, spans), ids, offsets in zip(chunk, encoded["input_ids"], encoded["offset_mapping"]):
+            offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+            starts, ends = offsets[:, 0], offsets[:, 1]
+            scored = np.zeros(len(ids), dtype=bool)  # the token carries loss: its characters overlap a span
+            for a, b in spans:
+                scored |= (starts < b) & (ends > a) & (ends > starts)
+            ids = ids[:max_seq_len]
+            if len(ids) < 2:
+                dropped["fewer than 2 tokens"] += 1
+                continue
+            # position t predicts token t+1: it counts when token t+1 carries loss (or always, loss_on=all)
+            mask = np.zeros(len(ids), dtype=bool)
+            mask[:-1] = True if loss_on == "all" else scored[1:len(ids)]
+            if not mask.any():
+                dropped[f"prompt fills max_seq_len={max_seq_len}" if scored[1:].any() else
+                        "no response tokens"] += 1
+                continue
+            seqs.append(np.asarray(ids, dtype=np.int64))
+            masks.append(mask)
     if not seqs:
         why = "; ".join(f"{n} {reason}" for reason, n in dropped.items()) or "the data set is empty"
         raise ConfigError(f"{origin}: no usable rows ({sum(dropped.values())} dropped: {why})")
     offsets = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
-    return TokenizedSet(torch.cat(seqs), torch.cat(masks), offsets), dropped
+    return TokenizedSet(torch.from_numpy(np.concatenate(seqs)), torch.from_numpy(np.concatenate(masks)),
+                        offsets), dropped
 
 
 def _text_and_loss_spans(row, tokenizer, use_template, origin):
@@ -337,7 +349,11 @@ def _text_and_loss_spans(row, tokenizer, use_template, origin):
         text = tokenizer.apply_chat_template(messages, tokenize=False)
         spans, cursor = [], 0
         for i, m in enumerate(messages):
-            at = text.find(m["content"], cursor)
+            content = m["content"]
+            at = text.find(content, cursor)
+            if at < 0:  # many templates trim each turn
+                content = content.strip()
+                at = text.find(content, cursor)
             scored = m["role"] == "assistant" and i >= loss_from
             if at < 0:
                 if scored:
@@ -345,7 +361,7 @@ def _text_and_loss_spans(row, tokenizer, use_template, origin):
                                       f"the templated chat: {m['content'][:60]!r}), so its tokens cannot be found; "
                                       f"use a template that keeps assistant turns as they are")
                 continue  # a system or user turn the template rewrote: context either way
-            cursor = at + len(m["content"])
+            cursor = at + len(content)
             if scored:  # the turn's end (the EOS that follows it, if any) is learned too: it is when to stop
                 spans.append((at, cursor + len(eos) if eos and text.startswith(eos, cursor) else cursor))
         return text, spans, None

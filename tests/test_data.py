@@ -80,6 +80,11 @@ def test_messages_score_assistant_turns_only(chat_tok, tmp_path):
     assert _runs(ts, 1, chat_tok) == ["Bye.<|endoftext|>"]
     text = chat_tok.apply_chat_template(chat, tokenize=False)
     assert ts.ids[:int(ts.offsets[1])].tolist() == chat_tok(text, add_special_tokens=False)["input_ids"]
+    trimming = AutoTokenizer.from_pretrained(TINY)
+    trimming.chat_template = CHATML.replace("m.content }}", "m.content | trim }}")
+    padded = [dict(m, content=f"  {m['content']}\n") for m in chat]
+    trimmed, _ = data.tokenize([{"messages": padded, "loss_from": 0}], trimming, max_seq_len=256)
+    assert _runs(trimmed, 0, trimming) == ["Bye.<|endoftext|>", "It is 2.<|endoftext|>"]
     with pytest.raises(ConfigError, match="chat template.*tokenizer has no chat template.*prompt/response"):
         data.tokenize(rows, AutoTokenizer.from_pretrained(TINY), max_seq_len=256)
     with pytest.raises(ConfigError, match="chat_template is off: set chat_template to auto or on"):
