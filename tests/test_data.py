@@ -201,3 +201,17 @@ print(rows.cut, len(ts), int(ts.lengths[0]), time.perf_counter() - t0, before / 
     assert float(seconds) < 30 and float(peak_mb) < 1500  # tokenised whole, the row took 7.2 GB
     rows = data.bound_rows(data.Rows([{"messages": [{"role": "user", "content": "ab" * 9}]}], "messages"), 5)
     assert rows[0]["messages"][0]["content"] == "ababa" and rows.cut == 1
+
+
+def test_csv_and_parquet_errors_name_the_file(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match=r"empty.csv' is an empty file"):
+        data.read_records(str(empty))
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(bytes(range(256)) * 7)
+    with pytest.raises(ConfigError, match=r"broken.parquet' \(split 'train'\): \w+: .*Check that it is a valid"):
+        data.read_records(str(broken), name="mmlu")
+    good = tmp_path / "good.csv"
+    good.write_text("prompt,response\nab,cd\n")
+    assert data.read_rows(str(good)) == [{"prompt": "ab", "response": "cd"}]
