@@ -167,7 +167,7 @@ def read_records(spec, split="train", config_name=None, name="data"):
         hint = ("Without network access, give a local file" if not os.path.exists(spec) else
                 "Check that it is a valid, UTF-8 file of the kind its name says")
         raise ConfigError(f"{name}: could not read {spec!r} (split {split!r}): {type(cause).__name__}: "
-                          f"{str(cause)[:300]}. {hint}") from err
+                          f"{str(cause)[:300].rstrip('.')}. {hint}") from err
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise ConfigError(f"{name}: {spec!r} has no split {split!r}; splits: {list(ds)}")
