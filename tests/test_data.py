@@ -216,3 +216,19 @@ def test_csv_and_parquet_errors_name_the_file(tmp_path):
     good = tmp_path / "good.csv"
     good.write_text("prompt,response\nab,cd\n")
     assert data.read_rows(str(good)) == [{"prompt": "ab", "response": "cd"}]
+
+
+def test_tokenize_itself_cuts_rows_it_is_given(tok, monkeypatch):
+    seen, real = [], type(tok).__call__
+
+    def spy(self, text, *args, **kwargs):
+        seen.extend(len(t) for t in (text if isinstance(text, list) else [text]))
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "__call__", spy)
+    rows = [{"prompt": "p" * 1500, "response": "x = 1\n" * 777}]  # as the NLL evaluation passes them
+    response_tokens = len(tok(rows[0]["response"][:1001])["input_ids"])
+    seen.clear()
+    ts, _ = data.tokenize(rows, tok, max_seq_len=2000, chat_template="off", max_row_chars=1001)
+    assert seen == [2002] and int(ts.loss.sum()) == response_tokens
+    assert rows[0]["prompt"] == "p" * 1500  # the caller's rows are left as they were
