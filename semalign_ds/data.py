@@ -349,12 +349,15 @@ def _text_and_loss_spans(row, tokenizer, use_template, origin):
         text = tokenizer.apply_chat_template(messages, tokenize=False)
         spans, cursor = [], 0
         for i, m in enumerate(messages):
+            scored = m["role"] == "assistant" and i >= loss_from
+            if scored:  # search after the turn's header, which could hold a short reply's text ("assistant")
+                header = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+                cursor = max(cursor, len(header) if text.startswith(header) else 0)
             content = m["content"]
             at = text.find(content, cursor)
             if at < 0:  # many templates trim each turn
                 content = content.strip()
                 at = text.find(content, cursor)
-            scored = m["role"] == "assistant" and i >= loss_from
             if at < 0:
                 if scored:
                     raise ConfigError(f"{origin}: the chat template rewrites an assistant turn (its text is not in "

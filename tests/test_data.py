@@ -78,6 +78,10 @@ def test_messages_score_assistant_turns_only(chat_tok, tmp_path):
     # the user's "Bye." comes first and is context: only the assistant turns and the EOS ending each are scored
     assert _runs(ts, 0, chat_tok) == ["Bye.<|endoftext|>", "It is 2.<|endoftext|>"]
     assert _runs(ts, 1, chat_tok) == ["Bye.<|endoftext|>"]
+    # a reply whose text is also in the turn's header ("<|im_start|>assistant") is found after the header
+    short, _ = data.tokenize([{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "ss"}],
+                               "loss_from": 0}], chat_tok, max_seq_len=256)
+    assert _runs(short, 0, chat_tok) == ["ss<|endoftext|>"]
     text = chat_tok.apply_chat_template(chat, tokenize=False)
     assert ts.ids[:int(ts.offsets[1])].tolist() == chat_tok(text, add_special_tokens=False)["input_ids"]
     trimming = AutoTokenizer.from_pretrained(TINY)
