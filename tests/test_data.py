@@ -13,19 +13,107 @@ def tok():
     return AutoTokenizer.from_pretrained(TINY)
 
 
-def test_loss_positions_score_exactly_the_response_tokens(tok):
+def _scored(ts, i, tok):
+    """Tokens scored in sequence i (position t scores token t+1) and its tokens."""
+    a, b = int(ts.offsets[i]), int(ts.offsets[i + 1])
+    ids, loss = ts.ids[a:b].tolist(), ts.loss[a:b].tolist()
+    return tok.convert_ids_to_tokens([ids[t + 1] for t in range(len(ids)) if loss[t]]), \
+        tok.convert_ids_to_tokens(ids)
+
+
+def test_prompt_and_response_tokenised_together_loss_by_offsets(tok):
     rows = [{"prompt": "def f(x):\n", "response": "    return x + 1\n"},
             {"prompt": "import os\n", "response": "print(os.sep)\n"}]
     ts, dropped = data.tokenize(rows, tok, max_seq_len=64, chat_template="off")
     assert not dropped and len(ts) == 2
-    for i, row in enumerate(rows):
-        a, b = int(ts.offsets[i]), int(ts.offsets[i + 1])
-        ids, loss = ts.ids[a:b].tolist(), ts.loss[a:b].tolist()
-        n_prompt = len(tok(row["prompt"])["input_ids"])
-        scored = [ids[t + 1] for t in range(len(ids)) if loss[t]]  # position t scores token t+1
-        assert scored == tok(row["response"])["input_ids"] == ids[n_prompt:]
+    scored, tokens = _scored(ts, 0, tok)
+    # one string: "\n    " is one token that straddles the boundary, and counts as response (no extra token there)
+    assert tokens == ["def", "Ġf", "(", "x", "):", "ĊĠĠĠ", "Ġreturn", "Ġ", "x", "Ġ+", "Ġ1", "Ċ"]
+    assert scored == tokens[5:]
+    assert len(tokens) < len(tok(rows[0]["prompt"])["input_ids"]) + len(tok(rows[0]["response"])["input_ids"])
+    scored, tokens = _scored(ts, 1, tok)
+    assert tokens == ["i", "mp", "ort", "Ġo", "s", "Ċ", "p", "r", "int", "(", "o", "s", ".", "se", "p", ")", "Ċ"]
+    assert scored == tokens[6:]
+    assert ts.loss.tolist() == [False] * 4 + [True] * 7 + [False] + [False] * 5 + [True] * 11 + [False]
     all_ts, _ = data.tokenize(rows, tok, max_seq_len=64, loss_on="all", chat_template="off")
     assert int(all_ts.loss.sum()) == int(all_ts.offsets[-1]) - 2
+    cut, _ = data.tokenize(rows[:1], tok, max_seq_len=8, chat_template="off")
+    assert _scored(cut, 0, tok)[0] == ["ĊĠĠĠ", "Ġreturn", "Ġ"]
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|endoftext|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    chat = AutoTokenizer.from_pretrained(TINY)
+    chat.chat_template = CHATML
+    return chat
+
+
+def _runs(ts, i, tok):
+    """The scored text of sequence i, one string per run of consecutive scored tokens."""
+    a, b = int(ts.offsets[i]), int(ts.offsets[i + 1])
+    ids, loss = ts.ids[a:b].tolist(), ts.loss[a:b].tolist()
+    runs, previous = [], False
+    for t in range(b - a - 1):
+        if loss[t]:
+            piece = tok.decode([ids[t + 1]])
+            runs[-1:] = [runs[-1] + piece] if previous else runs[-1:] + [piece]
+        previous = loss[t]
+    return runs
+
+
+def test_messages_score_assistant_turns_only(chat_tok, tmp_path):
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Bye."},
+            {"role": "assistant", "content": "Bye."}, {"role": "user", "content": "Sum 1 and 1?"},
+            {"role": "assistant", "content": "It is 2."}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": chat}) + "\n" + json.dumps({"messages": chat[:3]}) + "\n")
+    rows = data.read_rows(str(path))
+    assert rows.layout == "messages" and "layout messages" in rows.describe()
+    ts, dropped = data.tokenize(rows, chat_tok, max_seq_len=256)
+    assert not dropped
+    # the user's "Bye." comes first and is context: only the assistant turns and the EOS ending each are scored
+    assert _runs(ts, 0, chat_tok) == ["Bye.<|endoftext|>", "It is 2.<|endoftext|>"]
+    assert _runs(ts, 1, chat_tok) == ["Bye.<|endoftext|>"]
+    # a reply whose text is also in the turn's header ("<|im_start|>assistant") is found after the header
+    short, _ = data.tokenize([{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "ss"}],
+                               "loss_from": 0}], chat_tok, max_seq_len=256)
+    assert _runs(short, 0, chat_tok) == ["ss<|endoftext|>"]
+    text = chat_tok.apply_chat_template(chat, tokenize=False)
+    assert ts.ids[:int(ts.offsets[1])].tolist() == chat_tok(text, add_special_tokens=False)["input_ids"]
+    trimming = AutoTokenizer.from_pretrained(TINY)
+    trimming.chat_template = CHATML.replace("m.content }}", "m.content | trim }}")
+    padded = [dict(m, content=f"  {m['content']}\n") for m in chat]
+    trimmed, _ = data.tokenize([{"messages": padded, "loss_from": 0}], trimming, max_seq_len=256)
+    assert _runs(trimmed, 0, trimming) == ["Bye.<|endoftext|>", "It is 2.<|endoftext|>"]
+    with pytest.raises(ConfigError, match="chat template.*tokenizer has no chat template.*prompt/response"):
+        data.tokenize(rows, AutoTokenizer.from_pretrained(TINY), max_seq_len=256)
+    with pytest.raises(ConfigError, match="chat_template is off: set chat_template to auto or on"):
+        data.tokenize(rows, chat_tok, max_seq_len=256, chat_template="off")
+
+
+def test_prompt_completion_rows_plain_and_conversational(chat_tok, tok, tmp_path):
+    path = tmp_path / "pc.jsonl"
+    path.write_text(json.dumps({"prompt": "x = ", "completion": "41 + 1\n"}) + "\n")
+    rows = data.read_rows(str(path))
+    assert rows.layout == "prompt_completion" and list(rows) == [{"prompt": "x = ", "response": "41 + 1\n"}]
+    ts, _ = data.tokenize(rows, tok, max_seq_len=64, chat_template="off")
+    assert "".join(_runs(ts, 0, tok)) == "41 + 1\n"
+    convo = {"prompt": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+                        {"role": "user", "content": "Name?"}],
+             "completion": [{"role": "assistant", "content": "Tiny."}]}
+    path.write_text(json.dumps(convo) + "\n" + json.dumps(dict(convo, completion="Small.")) + "\n")
+    rows = data.read_rows(str(path), data_format="prompt_completion")
+    assert rows[0] == {"messages": convo["prompt"] + convo["completion"], "loss_from": 3}
+    ts, _ = data.tokenize(rows, chat_tok, max_seq_len=256)
+    # the prompt's own assistant turn is context; the completion is scored
+    assert _runs(ts, 0, chat_tok) == ["Tiny.<|endoftext|>"] and _runs(ts, 1, chat_tok) == ["Small.<|endoftext|>"]
+    # a string prompt through the template: the response and the EOS appended to it are scored, nothing else
+    plain, _ = data.tokenize([{"prompt": "Name?", "response": "Tiny."}], chat_tok, max_seq_len=256)
+    assert _runs(plain, 0, chat_tok) == ["Tiny.<|endoftext|>"]
 
 
 def test_batch_is_right_padded(tok):
@@ -53,3 +141,98 @@ def test_read_rows_jsonl_and_field_errors(tmp_path):
         data.read_rows(str(path))
     with pytest.raises(ConfigError, match="data not found"):
         data.read_rows("nonexistent_file_here")
+
+
+@pytest.mark.parametrize("content, match", [
+    (b'{"prompt": "caf\xe9", "response": "x"}\n', r"is not UTF-8 text \(byte 15 of the file\): save it as UTF-8"),
+    (b"\x00\x01\x02\x03binary", "holds NUL bytes, so it is binary"),
+    (b"", "is an empty file"),
+    (b"  \n", "is an empty file"),
+    (b"[1, 2]", r"is not a list of records: item 0 is a int, not an object"),
+    (b"3", "holds a JSON int, not a list of records"),
+    (b'[{"prompt": "a", "response": "b"},', r"is not valid JSON \(line 1"),
+    (b'{"prompt": "a", "response": "b"}\n{"prompt": "c"\n', r"line 2: not JSON"),
+    (b'{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n',
+     r"row 1: no field 'response' \(its fields: \['prompt'\]\)"),
+    (b'{"prompt": "a", "response": "b"}\n{"prompt": 3, "response": "c"}\n',
+     r"row 1, field 'prompt': a int, where the prompt_response layout needs str"),
+    (b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]}\n',
+     r"row 0, field 'messages': a chat message must be \{'role': str, 'content': str\}"),
+])
+def test_bad_data_files_get_an_error_naming_the_file_and_the_fix(tmp_path, content, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=match) as err:
+        data.read_rows(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_json_list_file_and_explicit_layout_errors(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"prompt": "p", "response": "r"}, {"prompt": "q", "response": None}]))
+    rows = data.read_rows(str(path), data_format="prompt_response")
+    assert list(rows) == [{"prompt": "p", "response": "r"}, {"prompt": "q", "response": None}]
+    with pytest.raises(ConfigError, match=r"has no field\(s\) \['messages'\]"):
+        data.read_rows(str(path), data_format="messages")
+    with pytest.raises(ConfigError, match="data_format: 'chat' is not a layout"):
+        data.read_rows(str(path), data_format="chat")
+
+
+def test_a_huge_row_is_cut_before_tokenisation(tmp_path):
+    """A 33 MB response is cut to max_row_chars before the tokenizer sees it: time and memory stay small."""
+    import subprocess
+    import sys
+    path = tmp_path / "huge.jsonl"
+    response = "x = [1, 2, 3]\n" * (33_000_000 // 14)
+    path.write_text(json.dumps({"prompt": "def f():\n", "response": response}) + "\n"
+                    + json.dumps({"prompt": "a", "response": "b\n"}) + "\n")
+    del response
+    script = f"""
+import resource, sys, time
+from transformers import AutoTokenizer
+from semalign_ds import data
+tok = AutoTokenizer.from_pretrained({TINY!r})
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+rows = data.read_rows({str(path)!r})
+ts, _ = data.tokenize(rows, tok, max_seq_len=128, chat_template="off")
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(rows.cut, len(ts), int(ts.lengths[0]), time.perf_counter() - t0, before / 1024, peak / 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    cut, kept, length, seconds, before_mb, peak_mb = out.split()[-6:]
+    print(f"33 MB row: {float(seconds):.2f} s, peak RSS {float(peak_mb):.0f} MB ({float(before_mb):.0f} MB before)")
+    assert (int(cut), int(kept), int(length)) == (1, 2, 128)
+    assert float(seconds) < 30 and float(peak_mb) < 1500  # tokenised whole, the row took 7.2 GB
+    rows = data.bound_rows(data.Rows([{"messages": [{"role": "user", "content": "ab" * 9}]}], "messages"), 5)
+    assert rows[0]["messages"][0]["content"] == "ababa" and rows.cut == 1
+
+
+def test_csv_and_parquet_errors_name_the_file(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match=r"empty.csv' is an empty file"):
+        data.read_records(str(empty))
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(bytes(range(256)) * 7)
+    with pytest.raises(ConfigError, match=r"broken.parquet' \(split 'train'\): \w+: .*Check that it is a valid"):
+        data.read_records(str(broken), name="mmlu")
+    good = tmp_path / "good.csv"
+    good.write_text("prompt,response\nab,cd\n")
+    assert data.read_rows(str(good)) == [{"prompt": "ab", "response": "cd"}]
+
+
+def test_tokenize_itself_cuts_rows_it_is_given(tok, monkeypatch):
+    seen, real = [], type(tok).__call__
+
+    def spy(self, text, *args, **kwargs):
+        seen.extend(len(t) for t in (text if isinstance(text, list) else [text]))
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "__call__", spy)
+    rows = [{"prompt": "p" * 1500, "response": "x = 1\n" * 777}]  # as the NLL evaluation passes them
+    response_tokens = len(tok(rows[0]["response"][:1001])["input_ids"])
+    seen.clear()
+    ts, _ = data.tokenize(rows, tok, max_seq_len=2000, chat_template="off", max_row_chars=1001)
+    assert seen == [2002] and int(ts.loss.sum()) == response_tokens
+    assert rows[0]["prompt"] == "p" * 1500  # the caller's rows are left as they were
