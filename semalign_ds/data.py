@@ -238,6 +238,14 @@ def check_data_path(spec, role="data"):
         raise ConfigError(f"{role} not found: {spec!r}")
 
 
+# version 2: prompt and response tokenised together, the loss found by character offsets
+TOKENIZATION_VERSION = 2
+
+
+class StaleTokenization(ValueError):
+    pass
+
+
 @dataclass
 class TokenizedSet:
     """Sequences stored flat: ids [total], loss [total] bool (position t scores token t+1), offsets [n+1]."""
@@ -271,10 +279,13 @@ class TokenizedSet:
         return ids, attn, loss
 
     def tensors(self):
-        return {"ids": self.ids, "loss": self.loss.to(torch.uint8), "offsets": self.offsets}
+        return {"ids": self.ids, "loss": self.loss.to(torch.uint8), "offsets": self.offsets,
+                "version": torch.tensor([TOKENIZATION_VERSION])}
 
     @classmethod
     def from_tensors(cls, t):
+        if "version" not in t or int(t["version"][0]) != TOKENIZATION_VERSION:
+            raise StaleTokenization("the tokenised set was made by an earlier version of the tokenisation")
         return cls(t["ids"], t["loss"].bool(), t["offsets"])
 
     @classmethod

@@ -132,6 +132,8 @@ class Monitor:
         """The run continues `tag` from `step`: what was logged for it at or after `step` is not shown twice."""
         if not self.enabled:
             return
+        if not any(r.get("tag") == tag and r.get("step", -1) >= step for r in _records(self.path("metrics.jsonl"))):
+            return  # nothing of this tag to take back (a stage that starts afresh)
         self.purge[tag] = step
         if self.writer is not None:  # the next scalar reopens it with purge_step
             self.writer.close()

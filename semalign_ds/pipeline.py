@@ -233,12 +233,13 @@ def tokenized(cfg, rd, tokenizer, name, spec, max_examples, max_seq_len):
     try:
         if rundir.verified(path):
             return data_mod.TokenizedSet.from_tensors(rundir.load_tensors(path))
-    except rundir.DamagedFile as err:
+    except (rundir.DamagedFile, data_mod.StaleTokenization) as err:
         if distributed.rank() == 0:
             print(f"{err}: tokenising the {name} set again", flush=True)
-    rows = data_mod.read_rows(spec, cfg.prompt_field, cfg.response_field, cfg.data_split, cfg.seed)
+    rows = data_mod.read_rows(spec, cfg.prompt_field, cfg.response_field, cfg.data_split, cfg.seed,
+                              cfg.data_format, cfg.messages_field, cfg.completion_field, cfg.max_row_chars)
     result, dropped = data_mod.tokenize(rows, tokenizer, max_seq_len, cfg.loss_on, cfg.chat_template,
-                                        max_examples, origin=spec)
+                                        max_examples, origin=spec, max_row_chars=cfg.max_row_chars)
     if distributed.rank() == 0:
         print(f"{name} set {spec}: {len(result)} sequences, {int(result.offsets[-1])} tokens, "
               f"{int(result.loss.sum())} loss positions" +
@@ -259,7 +260,8 @@ def open_run_dir(s, state):
             if tokens is not None and not rundir.intact(path):
                 rundir.save_tensors(path, tokens.tensors())
     distributed.barrier()
-    s.monitor = Monitor(rd.root, enabled=s.main)
+    s.monitor = Monitor(rd.root, enabled=s.main, report_to=s.cfg.report_to, hparams=s.cfg.to_dict(),
+                        run_name=os.path.basename(os.path.abspath(rd.root)))
 
 
 def check_reused_files(s, state):

@@ -166,6 +166,7 @@ def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss):
     start, history = (meta["step"], meta["history"]) if meta else (0, [])
     if meta and s.main:
         print(f"{desc}: resuming at step {start} of {steps}")
+    s.monitor.resume(tag, start)  # steps logged after the checkpoint are logged again, not twice
     counts = s.data.loss_counts
     order = batch_order(len(s.data), cfg.batch_size, steps, cfg.seed, seed_stage)
     owned = set(members)
