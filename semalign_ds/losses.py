@@ -9,6 +9,10 @@ linear_kl_loss: tau^2 * KL(softmax(W_s x_s / tau) || softmax(W_t x_t / tau)).
 The target side (y, x_s, W_s, and W in z*) is a constant: gradients flow to x (x_t) and, when it requires grad, to
 the weight through the trainable side's logits only.
 
+Precision: every back end computes in float32 (float64 for float64 inputs) whatever the input dtype, and the
+Fisher loss projects x - y (formed in float32) instead of subtracting z* from z: near convergence z and z* agree
+to more digits than bf16 holds (rounding them first made the loss 18% off at |x - y| / |x| = 1%).
+
 Back ends:
   naive    materialises the [N, V] logits with autograd; the reference.
   chunked  one pass over row blocks of [chunk, V], computing loss and gradients together; never more than a few
@@ -22,6 +26,7 @@ import torch
 BACKENDS = ("auto", "naive", "chunked", "triton")
 REDUCTIONS = ("mean", "sum", "none")
 _CHUNK_ELEMENTS = 1 << 24  # rows per block = this / V: ~64 MiB per fp32 [chunk, V] block
+_W_BLOCK_ELEMENTS = 1 << 22  # vocabulary rows per upcast block of a half-precision head = this / d: ~16 MiB
 
 
 def fisher_quadratic_loss(x, y, weight, temperature=1.0, mask=None, reduction="mean", backend="auto",
@@ -129,11 +134,17 @@ def _chunk_rows(weight, chunk_size):
 
 def _fisher_naive(x, y, weight, tau):
     dt = acc_dtype(x, y, weight)
-    z = (x @ weight.T).to(dt)
+    xf, yf, wf = x.to(dt), y.to(dt), weight.to(dt)
     with torch.no_grad():
-        z_star = (y @ weight.T).to(dt)
-        p = torch.softmax(z_star / tau, dim=-1)
-    delta = (z - z_star) / tau
+        p = torch.softmax(yf @ wf.T / tau, dim=-1)
+    # z - z* = W (x - y), projected in the accumulation dtype: rounding z and z* before subtracting would lose
+    # delta near convergence. The weight's gradient must come through z = W x alone (z* is a constant target):
+    # zw - zw.detach() is exactly zero in value and carries that gradient.
+    delta = (xf - yf) @ wf.detach().T
+    if weight.requires_grad:
+        zw = xf.detach() @ wf.T
+        delta = delta + (zw - zw.detach())
+    delta = delta / tau
     mean = (p * delta).sum(-1)
     return tau * tau / 2 * ((p * delta * delta).sum(-1) - mean * mean)
 
@@ -141,19 +152,19 @@ def _fisher_naive(x, y, weight, tau):
 def _kl_naive(x_t, weight_t, x_s, weight_s, tau):
     dt = acc_dtype(x_t, weight_t, x_s, weight_s)
     with torch.no_grad():
-        log_ps = torch.log_softmax((x_s @ weight_s.T).to(dt) / tau, dim=-1)
-    log_pt = torch.log_softmax((x_t @ weight_t.T).to(dt) / tau, dim=-1)
+        log_ps = torch.log_softmax(x_s.to(dt) @ weight_s.to(dt).T / tau, dim=-1)
+    log_pt = torch.log_softmax(x_t.to(dt) @ weight_t.to(dt).T / tau, dim=-1)
     return tau * tau * (log_ps.exp() * (log_ps - log_pt)).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # chunked back end: per block of rows, the loss and dloss/dlogits together; gradients kept for backward
 
-def _fisher_block(xc, weight, tau, y):
-    """Per-row loss [c] and dloss/dz [c, V] (z = weight @ x) for one block of rows."""
-    dt = acc_dtype(xc, weight)
-    z_star = (y @ weight.T).to(dt)
-    delta = (xc @ weight.T).to(dt).sub_(z_star).div_(tau)
+def _fisher_block(xc, weight, tau, dt, y):
+    """Per-row loss [c] and dloss/dz [c, V] (z = weight @ x) for one block of rows, in dt."""
+    y = y.to(dt)
+    z_star = _project(y, weight, dt)
+    delta = _project(xc.to(dt) - y, weight, dt).div_(tau)  # W (x - y): exact near convergence
     p = _flush_tail(torch.softmax(z_star.div_(tau), dim=-1))
     del z_star
     mean = (p * delta).sum(-1, keepdim=True)
@@ -162,15 +173,47 @@ def _fisher_block(xc, weight, tau, y):
     return loss, p.mul_(delta).mul_(tau)
 
 
-def _kl_block(xc, weight_t, tau, x_s, weight_s):
-    dt = acc_dtype(xc, weight_t, x_s, weight_s)
-    log_ps = torch.log_softmax((x_s @ weight_s.T).to(dt).div_(tau), dim=-1)
-    log_pt = torch.log_softmax((xc @ weight_t.T).to(dt).div_(tau), dim=-1)
+def _kl_block(xc, weight_t, tau, dt, x_s, weight_s):
+    log_ps = torch.log_softmax(_project(x_s.to(dt), weight_s, dt).div_(tau), dim=-1)
+    log_pt = torch.log_softmax(_project(xc.to(dt), weight_t, dt).div_(tau), dim=-1)
     ps = _flush_tail(log_ps.exp())
     loss = tau * tau * (ps * (log_ps - log_pt)).sum(-1)
     del log_ps
     # d/dz_t of tau^2 KL with z_t = W_t x / tau: tau * (p_t - p_s)
     return loss, _flush_tail(log_pt.exp_()).sub_(ps).mul_(tau)
+
+
+def _vocab_blocks(weight, dt):
+    """(start, block of weight in dt) over the vocabulary: a half-precision head is upcast a block at a time
+    (~16 MiB each), never whole; a head already in dt is one block, no copy."""
+    if weight.dtype == dt:
+        yield 0, weight
+        return
+    step = max(1, _W_BLOCK_ELEMENTS // weight.shape[1])
+    for v0 in range(0, weight.shape[0], step):
+        yield v0, weight[v0:v0 + step].to(dt)
+
+
+def _project(a, weight, dt):
+    """a [c, d] (in dt) @ weight.T -> [c, V] in dt, with the weight upcast block by block."""
+    if weight.dtype == dt:
+        return a @ weight.T
+    out = torch.empty(a.shape[0], weight.shape[0], dtype=dt, device=a.device)
+    for v0, wb in _vocab_blocks(weight, dt):
+        out[:, v0:v0 + wb.shape[0]] = a @ wb.T
+    return out
+
+
+def _back_project(dz, xc, weight, dt, grad_w):
+    """dz [c, V] @ weight -> [c, d] in dt; adds dz^T @ xc into grad_w (float32 or float64) when given."""
+    out = torch.zeros(dz.shape[0], weight.shape[1], dtype=dt, device=dz.device)
+    xc = xc.to(dt)
+    for v0, wb in _vocab_blocks(weight, dt):
+        block = dz[:, v0:v0 + wb.shape[0]]
+        out.addmm_(block, wb)
+        if grad_w is not None:
+            grad_w[v0:v0 + wb.shape[0]].addmm_(block.T, xc)
+    return out
 
 
 def _flush_tail(p):
@@ -192,11 +235,9 @@ class _ChunkedLoss(torch.autograd.Function):
         for start in range(0, rows.numel(), chunk):
             idx = rows[start:start + chunk]
             xc = x[idx]
-            loss, dz = block_fn(xc, weight, tau, *(t[idx] for t in row_inputs), *consts)
+            loss, dz = block_fn(xc, weight, tau, dt, *(t[idx] for t in row_inputs), *consts)
             per_row[idx] = loss
-            grad_x[idx] = (dz.to(weight.dtype) @ weight).to(dt)
-            if want_w:
-                grad_w += (dz.to(weight.dtype).T @ xc).to(dt)
+            grad_x[idx] = _back_project(dz, xc, weight, dt, grad_w)
         count = rows.numel()
         ctx.save_for_backward(grad_x, mask, grad_w if want_w else None)
         ctx.reduction, ctx.count = reduction, count
