@@ -147,7 +147,7 @@ def fisher_topk_loss(x, weight, ids, zstar, tail, temperature=1.0, tail_mode="re
     chunk = int(chunk_size) if chunk_size is not None else max(1, _GATHER_ELEMENTS // max(k * x.shape[1], 1))
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    block = functools.partial(_topk_block, bucket=(tail_mode == "bucket"))
+    block = functools.partial(_topk_block, bucket=(tail_mode == "bucket"), scratch={})
     return _ChunkedLoss.apply(block, x, weight, (ids, zstar, tail), (), temperature, mask, reduction, chunk)
 
 
@@ -319,10 +319,10 @@ def _back_project(dz, xc, weight, dt, grad_w):
     return out
 
 
-def _topk_block(xc, weight, tau, dt, grad_w, ids, zstar, tail, bucket):
+def _topk_block(xc, weight, tau, dt, grad_w, ids, zstar, tail, bucket, scratch):
     """fisher_topk_loss on one block of rows: gather the k rows of W per row, [c, k, d] in dt."""
     ids = ids.long()
-    wg = weight[ids].to(dt)
+    wg = _gather_rows(weight, ids, dt, scratch)
     xc = xc.to(dt)
     zs = zstar.to(dt) / tau
     delta = torch.bmm(wg, xc.unsqueeze(2)).squeeze(2).div_(tau).sub_(zs)
@@ -338,6 +338,24 @@ def _topk_block(xc, weight, tau, dt, grad_w, ids, zstar, tail, bucket):
     if grad_w is not None:
         grad_w.index_add_(0, ids.reshape(-1), (coef.unsqueeze(2) * xc.unsqueeze(1)).reshape(-1, xc.shape[1]))
     return tau * tau / 2 * loss, torch.bmm(coef.unsqueeze(1), wg).squeeze(1)
+
+
+def _gather_rows(weight, ids, dt, scratch):
+    """weight[ids] in dt, [c, k, d], written into buffers kept in `scratch` across the blocks of one call: a
+    fresh ~64 MiB tensor per block costs more in page faults than the gather itself (4x on CPU)."""
+    flat = ids.reshape(-1)
+    rows = flat.numel()
+
+    def buffer(dtype):
+        buf = scratch.get(dtype)
+        if buf is None or buf.shape[0] < rows:
+            buf = scratch[dtype] = torch.empty(rows, weight.shape[1], dtype=dtype, device=weight.device)
+        return buf[:rows]
+
+    out = torch.index_select(weight.detach(), 0, flat, out=buffer(weight.dtype))
+    if weight.dtype != dt:
+        out = buffer(dt).copy_(out)
+    return out.view(*ids.shape, weight.shape[1])
 
 
 def _flush_tail(p):
