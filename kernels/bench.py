@@ -295,7 +295,7 @@ def _run_one(args, device, dev_name, torch_v, triton_v, date, loss, backend, dt,
     flops = _floor(loss, backend, n, v, d, d_s, args.train_weight)
     row.update(median_ms=f"{med * 1e3:.1f}", min_ms=f"{min(res['times']) * 1e3:.1f}",
                max_ms=f"{max(res['times']) * 1e3:.1f}", peak_mib=f"{res['peak'] / 2**20:.0f}",
-               floor_gflop=f"{flops / 1e9:.1f}", tflops=f"{flops / med / 1e12:.3f}",
+               floor_gflop=f"{flops / 1e9:.1f}", tflops=f"{flops / med / 1e12:.3g}",
                mm_tflops=f"{res['mm_flops'] / 1e12:.3f}", frac_of_mm=f"{flops / med / res['mm_flops']:.3f}")
     if "support_s" in res:
         row["note"] = "; ".join(filter(None, [f"support {res['support_s']:.1f} s", row["note"]]))
