@@ -2,14 +2,19 @@
 
     python -m semalign_ds.kernels.bench --cpu-default          # the CPU case the project tracks
     python -m semalign_ds.kernels.bench --n 8192 --v 128256 --d 4096 --dtype bf16 --backends chunked triton
+    python -m semalign_ds.kernels.bench --cpu-topk                 # top-k Fisher against exact, embedded default
 
 Every case runs in a fresh subprocess (an out-of-memory naive case cannot take the others down, and CPU peak
 memory is that process's own). Peak memory is the increase over the inputs: torch.cuda.max_memory_allocated on
 a GPU, the resident-set high-water mark (/proc/self/status VmHWM, reset through /proc/self/clear_refs) on a CPU.
 The FLOP floor is 8*N*V*d for the Fisher loss and 2*N*V*(d_s + 3*d_t) for KL (METHOD.md; a trainable weight
 adds 2*N*V*d_t); "of mm" is the achieved FLOP rate over a plain matrix multiply measured on the same device and
-dtype with the case's d. The floor is the fused one-pass formulation's: naive and chunked form dloss/dz and
-multiply by W once (6*N*V*d for Fisher, 2*N*V*(d_s + 2*d_t) for KL), so their fraction can exceed 1.
+dtype with the case's d (on a CPU in float32 whatever the case's dtype: the CPU back ends compute in float32).
+The floor is the fused one-pass formulation's: naive and chunked form dloss/dz and multiply by W once (6*N*V*d
+for Fisher, 2*N*V*(d_s + 2*d_t) for KL), so their fraction can exceed 1.
+Top-k Fisher (backend "topk<k>", --topk): the support (ids, z*, tail) is computed once before timing, as the cache
+does, and its time goes into the note; the loss's floor is 4*N*k*d (W_S x and the gradient's k-row product; a
+trainable weight adds 2*N*k*d). Its speed-up is read from median_ms against the exact back ends'.
 Rows are printed and appended to kernels/bench_results.csv with device, versions, date and load average.
 """
 from __future__ import annotations
@@ -91,7 +96,7 @@ def _matmul_rate(torch, device, dtype, d, rows, cols=8192):
 def run_case(case):
     import torch
 
-    from semalign_ds.losses import fisher_quadratic_loss, linear_kl_loss
+    from semalign_ds.losses import fisher_quadratic_loss, fisher_topk_loss, fisher_topk_support, linear_kl_loss
 
     device = torch.device(case["device"])
     if device.type == "cpu":
@@ -106,21 +111,32 @@ def run_case(case):
     # logits of order one, a target near the input (where training spends its time), a tenth of rows masked
     x = rand(n, d).requires_grad_()
     w = rand(v, d, scale=d ** -0.5).requires_grad_(case["train_weight"])
+    mask = torch.rand(n, generator=gen, device=device) > 0.1
+    backend, extra = case["backend"], {}
     if case["loss"] == "fisher":
         y = (x.detach().float() + 0.3 * torch.randn(n, d, generator=gen, device=device)).to(dtype)
-        args = (x, y, w)
-        fn = fisher_quadratic_loss
+        if backend.startswith("topk"):
+            _sync(torch, device)
+            t = time.perf_counter()
+            support = fisher_topk_support(y, w.detach(), int(backend[4:]), 2.0)
+            _sync(torch, device)
+            extra["support_s"] = time.perf_counter() - t
+
+            def loss_fn():
+                return fisher_topk_loss(x, w, *support, temperature=2.0, mask=mask)
+        else:
+            def loss_fn():
+                return fisher_quadratic_loss(x, y, w, temperature=2.0, mask=mask, backend=backend)
     else:
         x_s, w_s = rand(n, d_s), rand(v, d_s, scale=d_s ** -0.5)
-        args = (x, w, x_s, w_s)
-        fn = linear_kl_loss
-    mask = torch.rand(n, generator=gen, device=device) > 0.1
+
+        def loss_fn():
+            return linear_kl_loss(x, w, x_s, w_s, temperature=2.0, mask=mask, backend=backend)
 
     def step():
         x.grad = None
         w.grad = None
-        loss = fn(*args, temperature=2.0, mask=mask, backend=case["backend"])
-        loss.backward()
+        loss_fn().backward()
 
     # CPU: the peak is read on the first step. Later steps reuse heap memory that glibc keeps after the first
     # frees (its mmap threshold grows with them), so their high-water mark barely moves above the inputs.
@@ -143,14 +159,17 @@ def run_case(case):
         times.append(time.perf_counter() - t)
     if device.type == "cuda":
         peak = _peak(torch, device) - base
-    mm = _matmul_rate(torch, device, dtype, d, rows=min(n, 8192))
-    return {"times": times, "peak": peak, "mm_flops": mm}
+    mm = _matmul_rate(torch, device, dtype if device.type == "cuda" else torch.float32, d, rows=min(n, 8192))
+    return {"times": times, "peak": peak, "mm_flops": mm, **extra}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # driver
 
-def _floor(loss, n, v, d, d_s, train_weight):
+def _floor(loss, backend, n, v, d, d_s, train_weight):
+    if backend.startswith("topk"):
+        k = int(backend[4:])
+        return 4 * n * k * d + (2 * n * k * d if train_weight else 0)
     flops = 8 * n * v * d if loss == "fisher" else 2 * n * v * (d_s + 3 * d)
     return flops + (2 * n * v * d if train_weight else 0)
 
@@ -182,8 +201,12 @@ def main(argv=None):
     p.add_argument("--d-s", type=int, default=None, help="source width for KL (default: d)")
     p.add_argument("--dtype", nargs="+", default=None, choices=sorted(DTYPES),
                    help="default: bf16 on a GPU, fp32 on a CPU")
+    p.add_argument("--cpu-topk", action="store_true",
+                   help="top-k Fisher at k=64, 256, 1024 against exact chunked: N=2048 V=49152 d=576, fp32 and bf16")
     p.add_argument("--backends", nargs="+", default=None, choices=["naive", "chunked", "triton"],
                    help="default: all three on a GPU, naive and chunked on a CPU")
+    p.add_argument("--topk", type=int, nargs="+", default=[],
+                   help="also time the top-k Fisher loss at these k (Fisher only)")
     p.add_argument("--loss", nargs="+", default=["fisher", "kl"], choices=["fisher", "kl"])
     p.add_argument("--train-weight", action="store_true", help="the head weight requires grad (dW timed too)")
     p.add_argument("--repeats", type=int, default=3)
@@ -205,6 +228,10 @@ def main(argv=None):
     if args.cpu_default:
         device, args.n, args.v, args.d, args.dtype, args.backends = "cpu", [8192], [49152], [576], ["fp32"], \
             ["naive", "chunked"]
+    if args.cpu_topk:
+        device, args.n, args.v, args.d, args.dtype, args.backends, args.loss = "cpu", [2048], [49152], [576], \
+            ["fp32", "bf16"], ["chunked"], ["fisher"]
+        args.topk = args.topk or [64, 256, 1024]
     dtypes = args.dtype or (["bf16"] if device == "cuda" else ["fp32"])
     backends = args.backends or (["naive", "chunked", "triton"] if device == "cuda" else ["naive", "chunked"])
     if device != "cuda" and "triton" in backends:
@@ -224,7 +251,7 @@ def main(argv=None):
             for n in args.n:
                 for v in args.v:
                     for d in args.d:
-                        for backend in backends:
+                        for backend in backends + ([f"topk{k}" for k in args.topk] if loss == "fisher" else []):
                             row = _run_one(args, device, dev_name, torch_v, triton_v, date, loss, backend, dt, n,
                                            v, d)
                             rows.append(row)
@@ -265,11 +292,13 @@ def _run_one(args, device, dev_name, torch_v, triton_v, date, loss, backend, dt,
         return row
     res = json.loads(result)
     med = statistics.median(res["times"])
-    flops = _floor(loss, n, v, d, d_s, args.train_weight)
+    flops = _floor(loss, backend, n, v, d, d_s, args.train_weight)
     row.update(median_ms=f"{med * 1e3:.1f}", min_ms=f"{min(res['times']) * 1e3:.1f}",
                max_ms=f"{max(res['times']) * 1e3:.1f}", peak_mib=f"{res['peak'] / 2**20:.0f}",
-               floor_gflop=f"{flops / 1e9:.1f}", tflops=f"{flops / med / 1e12:.3f}",
-               mm_tflops=f"{res['mm_flops'] / 1e12:.3f}", frac_of_mm=f"{flops / med / res['mm_flops']:.2f}")
+               floor_gflop=f"{flops / 1e9:.1f}", tflops=f"{flops / med / 1e12:.3g}",
+               mm_tflops=f"{res['mm_flops'] / 1e12:.3f}", frac_of_mm=f"{flops / med / res['mm_flops']:.3f}")
+    if "support_s" in res:
+        row["note"] = "; ".join(filter(None, [f"support {res['support_s']:.1f} s", row["note"]]))
     return row
 
 
