@@ -26,6 +26,7 @@ from semalign_ds.alignment import align, source_direction
 from semalign_ds.config import ConfigError
 from semalign_ds.data import index_batches
 from semalign_ds.faults import fault_point
+from semalign_ds.losses import fisher_topk_support
 
 
 class CacheMismatch(ConfigError):
@@ -36,9 +37,14 @@ class CorruptShard(RuntimeError):
     pass
 
 
-def batch_entries(adapter_s, ids, attn, loss_mask, pairs, m, normalize=True, runner=None, source_states=False):
+def batch_entries(adapter_s, ids, attn, loss_mask, pairs, m, normalize=True, runner=None, source_states=False,
+                  topk=None):
     """{"aligned.k": [n, d_t] for k = 1..L_t, "source_final": [n, d_s]} for the loss positions of one batch; with
-    source_states, also the unit source states "source.k" [n, d_s] themselves (for the layer-wise baseline)."""
+    source_states, also the unit source states "source.k" [n, d_s] themselves (for the layer-wise baseline).
+
+    topk = (k, temperature, target final norm, target head, dtype): also, for every layer stage (k < L_t), the
+    top-k support of p* = softmax(W_t n_t(a) / tau) that the top-k Fisher loss trains on: "topk_ids.k" int32
+    [n, k], "topk_z.k" float32 [n, k] (z* = W_t n_t(a)) and "topk_tail.k" float32 [n] (the mass outside)."""
     states = adapter_s.hidden_states(ids, attn, runner=runner)  # states[l] = h^(l)
     norm = adapter_s.norm if normalize else None
     out = {}
@@ -47,6 +53,11 @@ def batch_entries(adapter_s, ids, attn, loss_mask, pairs, m, normalize=True, run
         out[f"aligned.{k}"] = align(m, u)
         if source_states:
             out[f"source.{k}"] = u
+        if topk is not None and k < len(pairs):
+            size, tau, norm_t, head_t, dtype = topk
+            y = norm_t(out[f"aligned.{k}"].to(dtype))  # as the exact loss forms its target
+            out[f"topk_ids.{k}"], out[f"topk_z.{k}"], out[f"topk_tail.{k}"] = fisher_topk_support(y, head_t, size,
+                                                                                                   tau)
     out["source_final"] = adapter_s.norm(states[-1][loss_mask]).float()
     return out
 
@@ -198,7 +209,12 @@ class ActivationCache:
         return torch.cat(parts)
 
 
-def phase(s, src, runner, head_s, plan, m):
+def uses_topk(cfg):
+    """The layer stages train on the cached top-k support (fisher_topk > 0, SemAlign's Fisher objective)."""
+    return cfg.fisher_topk > 0 and cfg.method == "semalign" and cfg.layer_objective == "fisher"
+
+
+def phase(s, src, runner, head_s, plan, m, tgt=None, head_t=None):
     """Run the source over the transfer set once and write the cache; shards already written and intact are
     kept. Every rank writes its own shards and issues the same number of forwards (ZeRO-3 gathers collectively)."""
     cfg = s.cfg
@@ -213,6 +229,10 @@ def phase(s, src, runner, head_s, plan, m):
               "data_sha256": rundir.sha256(s.rd.path("data", "transfer.safetensors")),
               "tokenizer": type(s.tokenizer).__name__ + f":{len(s.tokenizer)}",
               "normalize_source": cfg.normalize_source, "dtype": cfg.dtype, "source_states": source_states}
+    topk = None
+    if uses_topk(cfg):
+        header.update(fisher_topk=cfg.fisher_topk, temperature=cfg.temperature)
+        topk = (cfg.fisher_topk, cfg.temperature, tgt.norm, head_t.detach(), s.dtype)
     if s.main:
         store.open(header)
         if not rundir.intact(store.head_path()):
@@ -231,7 +251,7 @@ def phase(s, src, runner, head_s, plan, m):
         ids, attn, loss = (t.to(s.device) for t in s.data.batch(idx, s.pad_id))
         with torch.no_grad():
             out = batch_entries(src, ids, attn, loss, plan["pairs"], m, cfg.normalize_source, runner,
-                                source_states)
+                                source_states, topk)
         if not real:
             continue
         tokens += int(attn.sum())

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from semalign_ds.data import index_batches
-from semalign_ds.losses import fisher_quadratic_loss, linear_kl_loss
+from semalign_ds.losses import fisher_quadratic_loss, fisher_topk_loss, linear_kl_loss
 
 
 class Frontier:
@@ -101,6 +101,10 @@ def objective(x, targets, final, final_norm, head_weight, cfg, labels=None, norm
         if cfg.method == "layerwise":
             cos = F.cosine_similarity(projection(x).float(), targets["source"].float(), dim=-1)
             parts["cosine"] = (1 - cos).sum() / norm
+        elif "ids" in targets:  # the top-k support of p*, cached
+            parts["fisher"] = fisher_topk_loss(x, head_weight, targets["ids"], targets["z"], targets["tail"], tau,
+                                               cfg.topk_tail, reduction="sum") / norm
+            parts["tail_mass"] = targets["tail"].sum() / norm  # summed over ranks: the global batch's mean
         else:
             y = final_norm(targets["aligned"].to(x.dtype))
             parts["fisher"] = fisher_quadratic_loss(x, y, head_weight, tau, reduction="sum", backend=backend) / norm

@@ -118,7 +118,7 @@ def _run(cfg):
 
     if "cache" not in state["done"]:
         m = alignment.phase(s, head_t, head_s)
-        cache.phase(s, src, runner, head_s, plan, m)
+        cache.phase(s, src, runner, head_s, plan, m, tgt, head_t)
         mark(s, state, "cache")
     if needs_source:
         del source, src, runner, head_s

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from semalign_ds import distributed, engines, rundir, summary
+from semalign_ds import cache, distributed, engines, rundir, summary
 from semalign_ds.data import batch_order
 from semalign_ds.frontier import Frontier, objective, stage_loss
 from semalign_ds.faults import fault_point
@@ -51,6 +51,8 @@ def phase(s, state, tgt, head_t, store, mark):
             out = {}
         elif cfg.method == "layerwise":
             out = {"source": store.rows(f"source.{k}", mine, counts)}
+        elif cache.uses_topk(cfg) and not final:
+            out = {name: store.rows(f"topk_{name}.{k}", mine, counts) for name in ("ids", "z", "tail")}
         else:
             out = {"aligned": store.rows(f"aligned.{k}", mine, counts)}
         if final:
