@@ -151,8 +151,9 @@ class ActivationCache:
     def write(self, i, tensors: dict):
         data, side = self._paths(i)
         tmp = data + ".tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        rundir.commit(tmp, data)
+        with rundir.writing(data):
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+            rundir.commit(tmp, data)
         tokens = int(tensors["source_final"].shape[0])
         rundir.write_json(side, {"file": os.path.basename(data), "examples": list(self.shard_range(i)),
                             "tokens": tokens, "sha256": rundir.sha256(data),

@@ -85,6 +85,7 @@ def _run(cfg):
     # far-tail softmax probabilities times small differences are denormal floats, several times slower on CPUs
     torch.set_flush_denormal(True)
     rd = rundir.RunDir(cfg.output_dir)
+    rd.check_usable()
     state = resume_state(cfg, rd)
     s = prepare(cfg, rd)  # before anything is written or any model runs: bad input fails here
     open_run_dir(s, state)
@@ -130,9 +131,10 @@ def _run(cfg):
 
     if "export" not in state["done"]:
         if s.main:
-            export.save_hf(target, s.tokenizer, rd.path("target"),
-                           {"semalign_plan.json": plan, "semalign_metrics.json": metrics,
-                            "semalign_config.json": cfg.to_dict()})
+            with rundir.writing(rd.path("target")):
+                export.save_hf(target, s.tokenizer, rd.path("target"),
+                               {"semalign_plan.json": plan, "semalign_metrics.json": metrics,
+                                "semalign_config.json": cfg.to_dict()})
         mark(s, state, "export")
     if s.eval_data is not None:
         if "eval_after" not in state["done"]:

@@ -10,11 +10,13 @@
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 
@@ -45,6 +47,27 @@ def _disk_error(path, err):
     return ConfigError(f"cannot write {path}: {err}")
 
 
+@contextlib.contextmanager
+def writing(path):
+    """Writes of `path` inside the block that fail because the device is full (or read-only) stop the run with a
+    message naming the path and the fix. torch's and DeepSpeed's C++ writers say only "iostream error", so the
+    free space is looked at too."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as err:
+        folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        try:
+            full = shutil.disk_usage(folder).free < (64 << 20)
+        except OSError:
+            full = False
+        if full or (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)):
+            raise ConfigError(f"no space left on the device holding {path}: free space there or set another "
+                              f"output_dir; rerun the same command to resume") from err
+        if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise _disk_error(path, err) from err
+        raise
+
+
 def commit(tmp, path):
     """fsync `tmp` and rename it over `path`: a crash leaves the old file or the new one, never a mix."""
     with open(tmp, "rb") as f:
@@ -55,12 +78,12 @@ def commit(tmp, path):
 def write_json(path, value):
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            json.dump(value, f, indent=2)
-        commit(tmp, path)
-    except OSError as err:
+        with writing(path):
+            with open(tmp, "w") as f:
+                json.dump(value, f, indent=2)
+            commit(tmp, path)
+    finally:
         _remove(tmp)
-        raise _disk_error(path, err) from err
 
 
 def read_json(path, what="file"):
@@ -90,15 +113,15 @@ def save_tensors(path, tensors: dict):
     """Save a safetensors file atomically with its checksum beside it (NAME.sha256)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-        digest = sha256(tmp)
-        commit(tmp, path)
-        with open(path + ".sha256.tmp", "w") as f:
-            f.write(digest + "\n")
-        commit(path + ".sha256.tmp", path + ".sha256")
-    except (OSError, SafetensorError, RuntimeError) as err:
+        with writing(path):
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+            digest = sha256(tmp)
+            commit(tmp, path)
+            with open(path + ".sha256.tmp", "w") as f:
+                f.write(digest + "\n")
+            commit(path + ".sha256.tmp", path + ".sha256")
+    finally:
         _remove(tmp)
-        raise _disk_error(path, err) from err
     return digest
 
 
@@ -158,8 +181,23 @@ class RunDir:
     def path(self, *parts):
         return os.path.join(self.root, *parts)
 
+    def check_usable(self):
+        """Refuse an output_dir that is a file or lies on storage this process cannot write, creating nothing."""
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise ConfigError(f"output_dir: {self.root} exists and is not a folder; choose another output_dir")
+        probe = os.path.abspath(self.root)
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            raise ConfigError(f"output_dir: {probe} is a file, so {self.root} cannot be made; choose another "
+                              f"output_dir")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise ConfigError(f"cannot write {self.root} ({probe} is read-only or not writable by this user): "
+                              f"choose an output_dir you can write to")
+
     def make(self, *folders):
-        for folder in ("",) + folders:
+        self.check_usable()
+        for folder in folders:
             path = self.path(folder)
             if os.path.exists(path) and not os.path.isdir(path):
                 raise ConfigError(f"output_dir: {path} exists and is not a folder; choose another output_dir")

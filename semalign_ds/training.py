@@ -257,7 +257,8 @@ def save_checkpoint(s, stage, folder, meta):
     tag = f"step-{meta['step']:08d}"
     os.makedirs(os.path.join(folder, tag), exist_ok=True)
     distributed.barrier()
-    stage.save(folder, tag)
+    with rundir.writing(os.path.join(folder, tag)):
+        stage.save(folder, tag)
     fault_point("checkpoint_saved", s.rank)  # every rank's files written, the pointer not yet moved
     distributed.barrier()
     pointer = os.path.join(folder, "latest.json")

@@ -218,3 +218,33 @@ def test_a_killed_launcher_leaves_no_worker(tmp_path):
     proc = launch(out, 2)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert checksum(out) == golden(2)
+
+
+def test_a_full_disk_names_the_path(tmp_path):
+    """The output directory on a device that fills up mid-run (a 400 KiB tmpfs, mounted by this test as root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(small)], check=True)
+    try:
+        with pytest.raises(ConfigError, match=f"no space left on the device holding {small}"):
+            in_process(small / "run")
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_an_output_dir_that_is_a_file_or_read_only(tmp_path):
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match="exists and is not a folder"):
+        in_process(afile)
+    if os.geteuid() == 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)], check=True)
+        try:
+            with pytest.raises(ConfigError, match="choose an output_dir you can write to"):
+                in_process(ro / "run")
+        finally:
+            subprocess.run(["umount", str(ro)], check=True)
