@@ -82,13 +82,13 @@ class ActivationCache:
         header = dict(header, n_examples=self.n_examples, shard_examples=self.shard_examples)
         if os.path.isfile(path):
             try:
-                old = rundir.read_json(path, "the cache manifest")
+                old = rundir.read_json_checked(path, "the cache manifest")
             except rundir.DamagedFile as err:  # what the shards were made from is unknown: make them again
                 print(f"{err}: starting the cache over", flush=True)
                 for name in os.listdir(self.folder):
                     if name.startswith("shard-"):
                         os.remove(os.path.join(self.folder, name))
-                rundir.write_json(path, header)
+                rundir.write_json_checked(path, header)
                 return self
             summary = ("shards", "tokens")  # written once the cache is complete
             diff = sorted(k for k in (set(old) | set(header)) - set(summary) if old.get(k) != header.get(k))
@@ -96,16 +96,16 @@ class ActivationCache:
                 raise CacheMismatch(f"the activation cache in {self.folder} was made for other inputs (differs "
                                     f"in: {', '.join(diff)}); delete that folder or use a new output_dir")
         else:
-            rundir.write_json(path, header)
+            rundir.write_json_checked(path, header)
         return self
 
     def write_manifest_summary(self):
         """The manifest, completed with each shard's entry, once every shard is written."""
         path = os.path.join(self.folder, "manifest.json")
-        manifest = rundir.read_json(path, "the cache manifest")
+        manifest = rundir.read_json_checked(path, "the cache manifest")
         manifest["shards"] = [self.entry(i) for i in range(self.n_shards)]
         manifest["tokens"] = sum(e["tokens"] for e in manifest["shards"])
-        rundir.write_json(path, manifest)
+        rundir.write_json_checked(path, manifest)
         return manifest
 
     # --- shards --------------------------------------------------------------------------------------------

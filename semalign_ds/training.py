@@ -263,9 +263,9 @@ def save_checkpoint(s, stage, folder, meta):
     distributed.barrier()
     pointer = os.path.join(folder, "latest.json")
     if s.main:
-        old = rundir.read_json(pointer) if os.path.isfile(pointer) else {}
+        old = rundir.read_json(pointer) if rundir.intact(pointer) else {}
         entry = {"tag": tag, "meta": meta, "files": _checksums(os.path.join(folder, tag))}
-        rundir.write_json(pointer, {"current": entry, "previous": old.get("current")})
+        rundir.write_json_checked(pointer, {"current": entry, "previous": old.get("current")})
         keep = {tag, (old.get("current") or {}).get("tag")}
         for name in os.listdir(folder):
             if name.startswith("step-") and name not in keep:
@@ -279,10 +279,11 @@ def load_checkpoint(s, stage, folder):
     if not os.path.isfile(pointer):
         return None
     try:
-        entries = rundir.read_json(pointer, "the checkpoint pointer")
+        entries = rundir.read_json_checked(pointer, "the checkpoint pointer")
     except rundir.DamagedFile as err:
         entries = {}
-        print(f"{err}; starting the stage over", flush=True)
+        if s.main:
+            print(f"{err}; starting the stage over", flush=True)
     for which in ("current", "previous"):
         entry = entries.get(which)
         if not entry:
