@@ -55,7 +55,7 @@ def tiny_model_dir(tmp_path, name, arch="llama", layers=4, **extra):
 
 def random_model(arch="llama", layers=3, seed=0, dtype=torch.float64, **extra):
     from transformers import AutoConfig, AutoModelForCausalLM
-    cfg = dict(ARCH_CONFIGS[arch], vocab_size=97, **extra)
+    cfg = dict(ARCH_CONFIGS[arch], **{"vocab_size": 97, **extra})
     cfg["n_layer" if arch == "gpt2" else "num_hidden_layers"] = layers
     model_type = cfg.pop("model_type")
     config = AutoConfig.for_model(model_type, **cfg)
