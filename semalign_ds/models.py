@@ -307,15 +307,16 @@ def check_same_vocabulary(tok_s, tok_t, name_s, name_t, head_rows_s, head_rows_t
     by_id_s, by_id_t = _tokens_by_id(tok_s, shared), _tokens_by_id(tok_t, shared)
     diff = [(i, by_id_s[i], by_id_t[i]) for i in range(shared) if by_id_s[i] != by_id_t[i]]
     if diff:
-        problems.append(f"{len(diff)} of the {shared} shared ids hold different tokens (id, source, target: "
+        problems.append(f"{len(diff)} tokens have different ids (of the {shared} shared ids; id, source, target: "
                         f"{diff[:3]})")
     if head_rows_s < v_s or head_rows_t < v_t:
         problems.append(f"an LM head has fewer rows than its tokenizer's vocabulary "
                         f"(source {head_rows_s} for {v_s}, target {head_rows_t} for {v_t})")
     if problems:
-        raise ConfigError(f"source and target must share one tokenizer (or a prefix of token ids): "
-                          f"{'; '.join(problems)}. Source tokenizer: {name_s} ({type(tok_s).__name__}, {v_s} "
-                          f"tokens); target tokenizer: {name_t} ({type(tok_t).__name__}, {v_t} tokens)")
+        raise ConfigError(f"source and target must share one tokenizer: {'; '.join(problems)}. Source tokenizer: "
+                          f"{name_s} ({type(tok_s).__name__}, {v_s} tokens); target tokenizer: {name_t} "
+                          f"({type(tok_t).__name__}, {v_t} tokens). Vocabularies that share a prefix of ids (one "
+                          f"extends the other) are accepted")
     return shared
 
 

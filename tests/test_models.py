@@ -136,8 +136,8 @@ def test_vocabularies_sharing_a_prefix_are_aligned_on_it(tmp_path):
     assert models.check_same_vocabulary(base, wizard, "b", "w", 512, 520) == 512
     assert models.check_same_vocabulary(base, base, "b", "b", 512, 512) == 512
     swapped = _tokenizer(tmp_path, "swapped", swap=(300, 301))
-    with pytest.raises(ConfigError, match=r"2 of the 512 shared ids hold different tokens \(id, source, target: "
-                                          r"\[\(300, "):
+    with pytest.raises(ConfigError, match=r"2 tokens have different ids \(of the 512 shared ids; id, "
+                                          r"source, target: \[\(300, "):
         models.check_same_vocabulary(wizard, swapped, "w", "s", 513, 512)
     with pytest.raises(ConfigError, match="fewer rows.*source 512 for 513"):
         models.check_same_vocabulary(wizard, base, "w", "b", 512, 512)
