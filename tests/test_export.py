@@ -49,8 +49,10 @@ def test_scaled_rope_is_written_where_4x_reads_it():
     assert out["rope_scaling"] == {"type": "yarn", "rope_type": "yarn", "factor": 4.0,
                                    "original_max_position_embeddings": 64}
     assert out["rope_parameters"] == rope
-    # keys already present are kept
+    # keys already present are kept; a config without rotary settings (GPT-2) is left as it is
     assert export.legacy_config({"rope_theta": 1.0, "rope_parameters": rope})["rope_theta"] == 1.0
+    gpt2 = {"model_type": "gpt2", "n_embd": 40, "n_positions": 256}
+    assert export.legacy_config(gpt2) == gpt2
 
 
 def test_gemma3_local_and_global_bases(tmp_path):
