@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import psutil
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -221,37 +223,73 @@ RUN_SETTINGS = {"max_examples": 16, "stage_steps": 120, "eval_max_examples": 4, 
                 "batch_size": 4, "cache_shard_examples": 8, "log_every": 1}
 
 
-def transfer(out, **popen):
-    cmd = [sys.executable, os.path.join(ROOT, "launchers", "transfer.py"), "--config", TINY_YAML, "--output-dir",
+def transfer(out, *launcher, **env):
+    cmd = [*launcher, os.path.join(ROOT, "launchers", "transfer.py"), "--config", TINY_YAML, "--output-dir",
            str(out)] + [f"--set={k}={v}" for k, v in RUN_SETTINGS.items()]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            **popen)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu", **env)
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_sigusr1_mid_stage_checkpoints_exits_75_and_the_rerun_gives_the_uninterrupted_target(tmp_path):
-    reference = transfer(tmp_path / "reference")
-    stopped = transfer(tmp_path / "run")
-    metrics = tmp_path / "run" / "metrics.jsonl"
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("slurm") / "uninterrupted"
+    proc = transfer(out, sys.executable)
+    log = proc.communicate(timeout=400)[0]
+    assert proc.returncode == 0, log[-3000:]
+    return load_file(os.path.join(out, "target", "model.safetensors"))
+
+
+def when_in_stage_2(proc, out):
+    metrics = out / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.exists() and any(json.loads(line)["tag"] == "stage_2" for line in open(metrics))):
-        assert time.time() < deadline and stopped.poll() is None, stopped.communicate()[0][-3000:]
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()[0][-3000:]
         time.sleep(0.2)
-    stopped.send_signal(signal.SIGUSR1)  # a process this test started
-    out = stopped.communicate(timeout=300)[0]
-    assert stopped.returncode == 75, out[-3000:]
-    assert "stage 2/3: stopped on request after step" in out, out[-3000:]
-    step = int(out.split("stopped on request after step ")[1].split()[0])
+
+
+def stopped_then_resumed(out, log, rerun):
+    """The step the run stopped after (its checkpoint is that step); the rerun resumes there and ends."""
+    assert "stage 2/3: stopped on request after step" in log, log[-3000:]
+    step = int(log.split("stopped on request after step ")[1].split()[0])
     assert 0 < step < RUN_SETTINGS["stage_steps"]
-    pointer = json.loads((tmp_path / "run" / "stages" / "checkpoint-stage_2" / "latest.json").read_text())
+    pointer = json.loads((out / "stages" / "checkpoint-stage_2" / "latest.json").read_text())
     assert pointer["current"]["meta"]["step"] == step
-    rerun = transfer(tmp_path / "run")
-    out = rerun.communicate(timeout=300)[0]
-    assert rerun.returncode == 0, out[-3000:]
-    assert f"stage 2/3: resuming at step {step} of {RUN_SETTINGS['stage_steps']}" in out, out[-3000:]
-    assert reference.communicate(timeout=300)[0] is not None and reference.returncode == 0
-    a, b = (load_file(os.path.join(r, "target", "model.safetensors")) for r in (tmp_path / "reference",
-                                                                                tmp_path / "run"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k  # one rank, same batches and optimizer state: bitwise
+    log = rerun.communicate(timeout=400)[0]
+    assert rerun.returncode == 0, log[-3000:]
+    assert f"stage 2/3: resuming at step {step} of {RUN_SETTINGS['stage_steps']}" in log, log[-3000:]
+    return load_file(os.path.join(out, "target", "model.safetensors"))
+
+
+def test_sigusr1_mid_stage_checkpoints_exits_75_and_the_rerun_gives_the_uninterrupted_target(tmp_path,
+                                                                                            uninterrupted):
+    out = tmp_path / "run"
+    proc = transfer(out, sys.executable)
+    when_in_stage_2(proc, out)
+    proc.send_signal(signal.SIGUSR1)  # a process this test started
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, log[-3000:]
+    target = stopped_then_resumed(out, log, transfer(out, sys.executable))
+    assert target.keys() == uninterrupted.keys()
+    for k in target:
+        assert torch.equal(target[k], uninterrupted[k]), k  # one rank, same batches and optimizer state: bitwise
+
+
+def test_two_torchrun_ranks_stop_after_the_same_step_when_one_gets_sigusr1(tmp_path, uninterrupted):
+    """USR1 to rank 0 alone: the request travels in the step's all-reduce and both ranks checkpoint the same step.
+    torchrun reports 1 for ranks that exit 75, so they run under rank.sh, as transfer.sbatch starts them."""
+    out, stopped = tmp_path / "run", tmp_path / "stopped"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = transfer(out, "bash", RANK_SH, *torchrun, "--no-python", "bash", RANK_SH, sys.executable, "-u",
+                    STOPPED_FILE=str(stopped))
+    when_in_stage_2(proc, out)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if p.cmdline()[:2] == [sys.executable, "-u"]]  # descendants of the process this test started
+    assert len(ranks) == 2
+    next(p for p in ranks if p.environ().get("RANK") == "0").send_signal(signal.SIGUSR1)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 1 and stopped.exists(), log[-3000:]
+    steps = re.findall(r"stopped on request after step (\d+)", log)
+    assert len(steps) == 2 and len(set(steps)) == 1, steps  # each rank's message: the same step
+    target = stopped_then_resumed(out, log, transfer(out, *torchrun))
+    for k in target:  # two ranks sum gradients in another order than one
+        torch.testing.assert_close(target[k], uninterrupted[k], rtol=1e-4, atol=2e-5, msg=k)

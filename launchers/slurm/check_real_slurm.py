@@ -2,11 +2,13 @@
 
 A job on the tiny config whose time limit falls in the middle of training must, STOP_LEAD before the limit (a
 quarter of it here), checkpoint and come back until the run ends, with the target of an uninterrupted run. The job
-is submitted with --no-requeue, so the first return is a resubmission with the job's own options (`scontrol
+is submitted with --no-requeue (unless --requeue), so the first return is a resubmission with the job's own options (`scontrol
 requeue` is refused); the resubmitted job may requeue itself. SLURM holds a requeued job for about 2 minutes
 (BeginTime); this check releases it at once (`scontrol update StartTime=now`), as an administrator could.
 
-    python launchers/slurm/check_real_slurm.py [--install] [--time-minutes 3] [--stage-steps 600]
+    python launchers/slurm/check_real_slurm.py [--install] [--time-minutes 3] [--stage-steps 600] [--requeue]
+
+With --requeue the job may requeue itself (no --no-requeue): the first return is `scontrol requeue`.
 
 It takes 5-8 minutes on 2 cores (two runs of the tiny config side by side, and restarts): too slow for CI, where
 tests/test_slurm.py checks the same script against SLURM stand-ins. The daemons it starts are stopped by their PIDs.
@@ -97,6 +99,8 @@ def main():
     p.add_argument("--install", action="store_true", help="apt-get install slurm-wlm munge first (root)")
     p.add_argument("--time-minutes", type=int, default=3)
     p.add_argument("--stage-steps", type=int, default=600)
+    p.add_argument("--requeue", action="store_true", help="let the job requeue itself (default: --no-requeue, "
+                   "so that it resubmits itself)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = p.parse_args()
     if os.geteuid() != 0:
@@ -133,10 +137,12 @@ def check(args, tmp, env):
                                   "--output-dir", os.path.join(tmp, "reference")] + settings, env=env, cwd=ROOT,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     first = subprocess.run(["sbatch", "--parsable", "--job-name=check", "--nodes=1", "--ntasks-per-node=1",
-                            "--cpus-per-task=1", f"--time={args.time_minutes}", "--no-requeue", f"--output={log}",
-                            os.path.join(ROOT, "launchers", "slurm", "transfer.sbatch")] + settings,
+                            "--cpus-per-task=1", f"--time={args.time_minutes}", f"--output={log}"]
+                           + ([] if args.requeue else ["--no-requeue"])
+                           + [os.path.join(ROOT, "launchers", "slurm", "transfer.sbatch")] + settings,
                            env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    print(f"submitted job {first}: --time={args.time_minutes} --no-requeue, stage_steps={args.stage_steps}")
+    print(f"submitted job {first}: --time={args.time_minutes}{'' if args.requeue else ' --no-requeue'}, "
+          f"stage_steps={args.stage_steps}")
     released, deadline = set(), time.time() + 30 * 60
     while time.time() < deadline:
         queue = subprocess.run(["squeue", "-h", "-o", "%i %T %r"], env=env, capture_output=True, text=True).stdout
@@ -164,7 +170,8 @@ def check(args, tmp, env):
           f"{text.count('requeueing job') - text.count('requeue refused')} requeue(s) ({len(released)} released from the requeue hold), "
           f"{text.count('resuming at step')} resume(s) inside a stage; wall {wall:.0f} s; target vs uninterrupted "
           f"run: max |diff| {diff:.3g}, bitwise identical: {bitwise}")
-    ok = (stops >= 1 and "resuming at step" in text and "requeue refused: resubmitting" in text
+    came_back = "requeueing job" in text and released if args.requeue else "requeue refused: resubmitting" in text
+    ok = (stops >= 1 and "resuming at step" in text and came_back
           and "launcher exited with status 0" in text and diff <= 2e-5)
     print("OK" if ok else f"FAILED (log: {log}; rerun with --keep to look at it)")
     return 0 if ok else 1
