@@ -56,8 +56,9 @@ sig=${1#--signal=}
 walk() { kill -s "$sig" "$1" 2>/dev/null; local c; for c in $(ps -o pid= --ppid "$1"); do walk "$c"; done; }
 for p in $(cat "$FAKE_DIR/tasks"); do walk "$p"; done
 """,
-    # squeue -o %L: the time left until FAKE_END (seconds since the epoch)
-    "squeue": '#!/bin/bash\nleft=$(( FAKE_END - $(date +%s) )); (( left < 0 )) && left=0\n'
+    # squeue -o %L: FAKE_LEFT as it is, else the time left until FAKE_END (seconds since the epoch)
+    "squeue": '#!/bin/bash\n[[ -n "$FAKE_LEFT" ]] && { echo "$FAKE_LEFT"; exit; }\n'
+              'left=$(( FAKE_END - $(date +%s) )); (( left < 0 )) && left=0\n'
               'printf "%d:%02d\\n" $((left / 60)) $((left % 60))\n',
     "scontrol": r"""#!/bin/bash
 echo "scontrol $*" >> "$FAKE_DIR/calls"
@@ -139,6 +140,16 @@ def test_a_time_limit_shorter_than_the_lead_stops_the_run_after_three_quarters_o
     stopped = float(next(line for line in calls(tmp_path) if line.startswith("rank stopped")).split()[-1])
     assert left - left // 4 - 2 <= stopped - t0 <= left - left // 4 + 2, (stopped - t0, out)
     assert calls(tmp_path)[-1] == "scontrol requeue 77"
+
+
+@pytest.mark.parametrize("left, said", [
+    ("1-02:03:09", "time limit in 93789 s: the run is asked to checkpoint and stop 300 s before it"),
+    ("08:00", "time limit in 480 s: the run is asked to checkpoint and stop 120 s before it"),
+    ("UNLIMITED", "no time limit read from squeue: the run stops early only on USR1 to this script")])
+def test_the_time_left_in_squeues_formats(tmp_path, left, said):
+    proc = start(fake_slurm(tmp_path, FAKE_RUN="finish", FAKE_LEFT=left))
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and said in out, out
 
 
 def test_a_refused_requeue_resubmits_with_the_jobs_own_options_and_arguments(tmp_path):

@@ -2,11 +2,11 @@
 
 A job on the tiny config whose time limit falls in the middle of training must, STOP_LEAD before the limit (a
 quarter of it here), checkpoint and come back until the run ends, with the target of an uninterrupted run. The job
-is submitted with --no-requeue (unless --requeue), so the first return is a resubmission with the job's own options (`scontrol
-requeue` is refused); the resubmitted job may requeue itself. SLURM holds a requeued job for about 2 minutes
+is submitted with --no-requeue (unless --requeue), so the first return is a resubmission with the job's own options
+(`scontrol requeue` is refused); the resubmitted job may requeue itself. SLURM holds a requeued job for about 2 minutes
 (BeginTime); this check releases it at once (`scontrol update StartTime=now`), as an administrator could.
 
-    python launchers/slurm/check_real_slurm.py [--install] [--time-minutes 3] [--stage-steps 600] [--requeue]
+    python launchers/slurm/check_real_slurm.py [--install] [--time-minutes 3] [--stage-steps 1500] [--requeue]
 
 With --requeue the job may requeue itself (no --no-requeue): the first return is `scontrol requeue`.
 
@@ -98,7 +98,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--install", action="store_true", help="apt-get install slurm-wlm munge first (root)")
     p.add_argument("--time-minutes", type=int, default=3)
-    p.add_argument("--stage-steps", type=int, default=600)
+    p.add_argument("--stage-steps", type=int, default=1500)
     p.add_argument("--requeue", action="store_true", help="let the job requeue itself (default: --no-requeue, "
                    "so that it resubmits itself)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
@@ -166,8 +166,9 @@ def check(args, tmp, env):
     diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
     bitwise = all(torch.equal(a[k], b[k]) for k in a)
     stops = text.count("the run checkpointed and stopped (75)")
+    requeues = text.count("requeueing job") - text.count("requeue refused")
     print(f"{stops} stop(s) with a checkpoint, {text.count('requeue refused: resubmitting')} resubmission(s), "
-          f"{text.count('requeueing job') - text.count('requeue refused')} requeue(s) ({len(released)} released from the requeue hold), "
+          f"{requeues} requeue(s) ({len(released)} released from the requeue hold), "
           f"{text.count('resuming at step')} resume(s) inside a stage; wall {wall:.0f} s; target vs uninterrupted "
           f"run: max |diff| {diff:.3g}, bitwise identical: {bitwise}")
     came_back = "requeueing job" in text and released if args.requeue else "requeue refused: resubmitting" in text
