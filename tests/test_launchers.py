@@ -4,7 +4,6 @@ the same target as a 1-rank run; TensorBoard scalars, the one-screen summary and
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -392,48 +391,7 @@ def test_sbatch_script_on_a_fake_two_node_allocation(reference, tmp_path, launch
     assert_same_target(out, reference)
 
 
-def signal_when_started(proc, calls):
-    """USR1 to the batch script once its step runs (the trap is set before the step starts)."""
-    deadline = time.time() + 60
-    while time.time() < deadline and not (calls.exists() and "python -u" in calls.read_text()):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGUSR1)
-
-
-def test_sbatch_script_requeues_itself_at_the_time_limit(tmp_path):
-    """USR1 (sent by SLURM before the time limit, --signal=B:USR1@300) makes the script requeue the job; the step
-    runs on until SLURM ends it, and its exit status is the script's. The ranks are a stand-in here."""
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    calls = tmp_path / "calls"
-    (stubs / "srun").write_text("#!/bin/bash\nwhile [[ $1 == -* ]]; do shift; done\nexec \"$@\"\n")
-    (stubs / "scontrol").write_text(f"#!/bin/bash\necho \"$*\" >> {calls}\n"
-                                    "[[ $1 == show ]] && echo node01\nexit 0\n")
-    (stubs / "fake-python").write_text(f"#!/bin/bash\necho \"python $*\" >> {calls}\n"
-                                       "[[ $1 == -u ]] && sleep 3\nexit 0\n")
-    for f in stubs.iterdir():
-        f.chmod(0o755)
-    job = {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node01", "SLURM_NNODES": "1", "SLURM_SUBMIT_DIR": ROOT,
-           "CONFIG": TINY_YAML, "RUN_DIR": str(tmp_path / "run"), "PYTHON": str(stubs / "fake-python"),
-           "SLURM_RESTART_COUNT": "2", "PATH": f"{stubs}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen(["bash", os.path.join(SLURM, "transfer.sbatch"), "--set=stage_steps=3"], env=env(**job),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    signal_when_started(proc, calls)
-    out = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 0, out
-    assert "(restart 2)" in out and "time limit near: requeueing job 77" in out
-    assert "launcher exited with status 0" in out
-    lines = calls.read_text().splitlines()
-    assert "requeue 77" in lines
-    assert any(line.startswith("python -u launchers/transfer.py --config") and "--set=stage_steps=3" in line
-               for line in lines)
-    calls.unlink()
-    job["SLURM_RESTART_COUNT"], job["MAX_RESTARTS"] = "3", "3"
-    proc = subprocess.Popen(["bash", os.path.join(SLURM, "transfer.sbatch")], env=env(**job),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    signal_when_started(proc, calls)
-    out = proc.communicate(timeout=60)[0]
-    assert "3 restarts done (MAX_RESTARTS=3): not requeueing" in out
+# the batch script's stop and return (USR1, time limit, requeue, resubmission): tests/test_slurm.py
 
 
 # --- monitoring -------------------------------------------------------------------------------------------------------
