@@ -253,6 +253,9 @@ def phase(s, src, runner, head_s, plan, m, tgt=None, head_t=None):
         with torch.no_grad():
             out = batch_entries(src, ids, attn, loss, plan["pairs"], m, cfg.normalize_source, runner,
                                 source_states, topk)
+        if distributed.stop_agreed():  # SIGUSR1: keep the shards written so far and stop
+            raise distributed.Preempted("activation cache: stopped on request, the shards written so far are kept; "
+                                        "rerun the same command to resume")
         if not real:
             continue
         tokens += int(attn.sum())

@@ -68,7 +68,7 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    from semalign_ds import training
+    from semalign_ds import distributed
     try:
         cfg = config_mod.from_args(args, base=DEFAULT_RUN)
         if args.print_config:
@@ -84,9 +84,9 @@ def main(argv=None):
     except config_mod.ConfigError as err:
         print(f"semalign-ds: error: {err}", file=sys.stderr)
         return 2
-    except training.Preempted as stop:  # checkpointed on SIGUSR1: the same command resumes
+    except distributed.Preempted as stop:  # checkpointed on SIGUSR1: the same command resumes
         print(f"semalign-ds: {stop}", file=sys.stderr)
-        return training.EXIT_PREEMPTED
+        return distributed.EXIT_PREEMPTED
     return 0
 
 

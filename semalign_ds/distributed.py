@@ -374,6 +374,30 @@ def shutdown():
         dist.destroy_process_group()
 
 
+class Preempted(Exception):
+    """The run stopped on request (SIGUSR1, e.g. SLURM's warning before a time limit) at a point every rank agreed
+    on, after saving what it had (a checkpoint, or the cache shards written so far); rerunning the same command
+    resumes. The CLI exits with EXIT_PREEMPTED."""
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again
+_stop = {"requested": False}
+
+
+def request_stop(signum=None, frame=None):
+    """Signal handler: stop at the next point where every rank can agree to (an optimizer step, a cache batch)."""
+    _stop["requested"] = True
+
+
+def stop_requested():
+    return _stop["requested"]
+
+
+def stop_agreed():
+    """Whether any rank was asked to stop (a collective: every rank calls it at the same point)."""
+    return bool(all_reduce_sum(torch.tensor([float(_stop["requested"])]))[0] > 0)
+
+
 def abort(err):
     """End this rank at once after a failure, showing its error, so that the other ranks fail fast on the broken
     connection (and their launcher stops them) instead of waiting in a collective until the timeout. On one

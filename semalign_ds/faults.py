@@ -1,6 +1,6 @@
 """Fault injection for the resume and fault-tolerance tests: SEMALIGN_DS_FAULT="NAME:N[:RANK[:raise]]" sends
 SIGKILL to this process the N-th time it passes point NAME (on rank RANK; "*" or no RANK: every rank), or with
-":raise" raises an error there instead (a failing rank). Points: cache_shard (after a
+":raise" raises an error there instead (a failing rank), or with ":usr1" sends itself SIGUSR1 (a stop request). Points: cache_shard (after a
 cache shard is written), stage_step (after an optimizer step), checkpoint_saved (every rank's checkpoint files
 written, the pointer not yet moved)."""
 from __future__ import annotations
@@ -22,4 +22,7 @@ def fault_point(name, rank):
     if _COUNTS[name] == int(parts[1]):
         if len(parts) > 3 and parts[3] == "raise":
             raise RuntimeError(f"injected fault at {name} #{parts[1]} on rank {rank}")
+        if len(parts) > 3 and parts[3] == "usr1":
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return
         os.kill(os.getpid(), signal.SIGKILL)

@@ -68,10 +68,10 @@ def run(cfg: Config, local_rank=None):
     config_mod.check_device(cfg)
     distributed.init(local_rank, timeout_minutes=cfg.collective_timeout_minutes)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGUSR1, training.request_stop)  # checkpoint and stop (SLURM's time-limit warning)
+        signal.signal(signal.SIGUSR1, distributed.request_stop)  # checkpoint and stop (SLURM's time-limit warning)
     try:
         report = _run(cfg)
-    except training.Preempted:
+    except distributed.Preempted:
         distributed.shutdown()  # every rank stopped after the same step
         raise
     except BaseException as err:

@@ -24,20 +24,6 @@ from semalign_ds.frontier import Frontier, objective, stage_loss
 from semalign_ds.faults import fault_point
 
 
-class Preempted(Exception):
-    """The run saved a checkpoint on request (SIGUSR1, e.g. SLURM's warning before a time limit) and stopped;
-    rerunning the same command resumes from it. The CLI exits with EXIT_PREEMPTED."""
-
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again
-_stop = {"requested": False}
-
-
-def request_stop(signum=None, frame=None):
-    """Signal handler: checkpoint at the end of the current optimizer step and stop."""
-    _stop["requested"] = True
-
-
 def phase(s, state, tgt, head_t, store, mark):
     """Train the target (frontier stages, or the output-KD baseline); returns per-stage metrics. `mark(phase,
     info)` records a finished stage."""
@@ -204,7 +190,7 @@ def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss):
         names = sorted(parts)
         # the stop request travels with the step's report, so that every rank stops after the same step
         report = distributed.all_reduce_sum(torch.tensor([loss] + [parts[n] for n in names]
-                                                         + [float(_stop["requested"])], dtype=torch.float64))
+                                                         + [float(distributed.stop_requested())], dtype=torch.float64))
         stop, report = bool(report[-1] > 0), report[:-1]
         history.append(float(report[0]))
         bar.set_postfix(loss=f"{history[-1]:.4f}")
@@ -218,7 +204,7 @@ def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss):
         elif stop and step + 1 < steps:
             save_checkpoint(s, stage, ckpt_dir, {"step": step + 1, "history": history})
         if stop and step + 1 < steps:
-            raise Preempted(f"{desc}: stopped on request after step {step + 1} of {steps}, checkpoint saved in "
+            raise distributed.Preempted(f"{desc}: stopped on request after step {step + 1} of {steps}, checkpoint saved in "
                             f"{ckpt_dir}; rerun the same command to resume")
         fault_point("stage_step", s.rank)
     module.requires_grad_(False)
