@@ -332,6 +332,7 @@ def check_reused_files(s, state):
 def mark(s, state, phase, info=None):
     """Record a finished phase (rank 0 writes; every rank keeps the same state)."""
     state["done"][phase] = info if info is not None else True
+    s.monitor.log(f"memory/{phase}", summary.memory_scalars(s.device), 0)  # rank 0's memory as each phase ends
     if s.main:
         rundir.write_json(s.rd.path("state.json"), state)
     distributed.barrier()
@@ -353,6 +354,7 @@ def load_source(s):
         ds = engines.fill(s.ds_source, cfg.eval_batch_size, s.world, cfg.dtype)
         n_params = models.parameter_count(cfg.source, cfg.source_gguf_file)
         engines.check_source_fits(ds, n_params, s.dtype.itemsize)
+        s.monitor.log("memory/before_source", summary.memory_scalars(s.device), 0)
         source, runner = engines.sharded_source(cfg.source, cfg.source_gguf_file, cfg.dtype, cfg.seed, ds)
         held = engines.parameter_bytes_on_this_rank(source)
         share = held / (n_params * s.dtype.itemsize)
@@ -363,6 +365,7 @@ def load_source(s):
         source = models.load_model(cfg.source, cfg.source_gguf_file, cfg.dtype, cfg.seed).to(s.device)
         runner = None
     src = models.Adapter(source)
+    s.monitor.log("memory/source_loaded", summary.memory_scalars(s.device), 0)
     return source, src, runner, engines.whole(src.head.weight)[:s.vocab]
 
 
