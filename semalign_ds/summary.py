@@ -220,8 +220,9 @@ def summarize(run_dir) -> str:
         nll = {k: report[k]["nll"] for k in ("source", "target_before", "target_after") if k in report}
         out.append(f"  NLL ({report.get('source', {}).get('tokens', '?')} eval tokens, nats/token): "
                    + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in nll.items())
-                   + (f"; gap closed {100 * report['gap_closed']:.1f}%" if report.get("gap_closed") is not None
-                      else ""))
+                   + ("" if "target_after" not in report else
+                      f"; gap closed {100 * report['gap_closed']:.1f}%" if report.get("gap_closed") is not None
+                      else "; gap closed: undefined (the target started at or below the source)"))
     if os.path.isdir(os.path.join(run_dir, "target")):
         out.append(f"  exported target: {os.path.join(run_dir, 'target')}")
     return "\n".join(out)

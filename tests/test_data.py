@@ -203,7 +203,7 @@ print(rows.cut, len(ts), int(ts.lengths[0]), time.perf_counter() - t0, before / 
     cut, kept, length, seconds, before_mb, peak_mb = out.split()[-6:]
     print(f"33 MB row: {float(seconds):.2f} s, peak RSS {float(peak_mb):.0f} MB ({float(before_mb):.0f} MB before)")
     assert (int(cut), int(kept), int(length)) == (1, 2, 128)
-    assert float(seconds) < 30 and float(peak_mb) < 1500  # tokenised whole, the row took 7.2 GB
+    assert float(seconds) < 30 and float(peak_mb) < 2500  # tokenised whole, the row took 7.2 GB
     rows = data.bound_rows(data.Rows([{"messages": [{"role": "user", "content": "ab" * 9}]}], "messages"), 5)
     assert rows[0]["messages"][0]["content"] == "ababa" and rows.cut == 1
 

@@ -32,9 +32,13 @@ def test_source_config_with_training_blocks_is_refused(tmp_path):
     path = write(tmp_path, "s1.json", {"zero_optimization": {"stage": 1}})
     with pytest.raises(ConfigError, match="stage 1 does not partition parameters"):
         engines.load_ds_config(path, "source")
-    path = write(tmp_path, "t.json", {"optimizer": {"type": "Adam"}})
-    with pytest.raises(ConfigError, match="optimizer comes from the run config"):
+    # the target's optimizer block (optimizer offload needs DeepSpeed's own): its lr and weight decay are the run's
+    path = write(tmp_path, "t.json", {"optimizer": {"type": "Adam", "params": {"lr": 0.1}}})
+    with pytest.raises(ConfigError, match="optimizer's lr come from the run config"):
         engines.load_ds_config(path, "target")
+    ok = engines.load_ds_config(write(tmp_path, "t2.json", {"optimizer": {"type": "AdamW"}}), "target")
+    filled = engines.fill(ok, 2, 2, "float32", 1.0, lr=3e-4, weight_decay=0.01)
+    assert filled["optimizer"]["params"] == {"lr": 3e-4, "weight_decay": 0.01}
     with pytest.raises(ConfigError, match="cannot be read"):
         engines.load_ds_config(str(tmp_path / "missing.json"), "source")
 

@@ -420,6 +420,9 @@ def test_one_screen_summary(reference):
     assert all(len(line) <= 120 for line in lines if str(reference) not in line), text
     for word in ("attribution", "cache", "stage 1", "stage 3", "NLL", "gap closed", "export"):
         assert word in text, text
+    report = json.loads((reference / "report.json").read_text())
+    if report["gap_closed"] is None:  # the tiny random target starts below its source: no gap to close
+        assert report["target_before"]["nll"] <= report["source"]["nll"] and "undefined" in text
     rates = summary.phase_rates(str(reference))
     assert all(rates[f"stage_{k}"]["tokens"] > 0 and rates[f"stage_{k}"]["steps"] == 3 for k in (1, 2, 3))
     assert rates["cache"]["tokens_per_s_total"] > 0

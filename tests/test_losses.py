@@ -131,7 +131,9 @@ def test_half_precision_near_convergence(loss, backend, dtype, rel, monkeypatch)
     expect = run_reference(loss, (xr, wr, *(t.double() for t in other)), 1.0, mask, "sum")
     out.backward()
     expect.backward()
-    tol_loss = TOL[dtype] if loss == "fisher" else 3e-6 / rel
+    # the KL's two logits come from separate float32 projections: their difference carries float32 rounding, a
+    # floor of 2.3e-3 (1 thread) to 3.3e-3 (2 threads) of the loss at rel = 1e-3, whatever the input dtype
+    tol_loss = TOL[dtype] if loss == "fisher" else 6e-6 / rel
     tol_grad = TOL[dtype] + (0 if loss == "fisher" else 1e-6 / rel)
     assert rel_err(out, expect) < tol_loss
     assert rel_err(x.grad, xr.grad) < tol_grad

@@ -44,8 +44,8 @@ def test_a_pruned_target_on_2_ranks_matches_1_rank(tmp_path):
         assert proc.returncode == 0, proc.stderr[-4000:]
     a, b = weights(one), weights(two)
     assert a.keys() == b.keys() and sum(".layers." in k and "q_proj" in k for k in a) == 3
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5)
+    for k in a:  # sums in another order, amplified by Adam in near-zero gradient coordinates: compare norms
+        assert (b[k].double() - a[k].double()).norm() <= 1e-4 * a[k].double().norm(), k
 
 
 @pytest.mark.parametrize("name", ["source_zero3", "target_zero2", "target_zero3", "target_zero2_offload"])
