@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from semalign_ds import alignment, attribution, cache, data as data_mod, distributed, engines, export, models, \
+from semalign_ds import alignment, attribution, budget, cache, data as data_mod, distributed, engines, export, models, \
     pairing, rundir, summary, training
 from semalign_ds import config as config_mod
 from semalign_ds.config import Config, ConfigError
@@ -108,18 +108,20 @@ def _run(cfg):
                         f"{report['target_before']['nll']:.3f} nats/token")
 
     if "plan" not in state["done"]:
+        t0 = time.time()
         scores = attribution.phase(s, src, runner, head_s) if cfg.pairing == "attribution" else None
         plan = pairing.make_plan(cfg.pairing, scores, s.n_source, s.n_target, cfg.pairing_lambda)
         if s.main:
             rundir.write_json_checked(rd.path("plan.json"), plan)
-        mark(s, state, "plan")
+        mark(s, state, "plan", {"budget": source_cost(s, "attribution", time.time() - t0)})
     plan = rundir.read_json_checked(rd.path("plan.json"), "the layer pairing")
     s.monitor.print(f"pairing ({plan['strategy']}): target layer k <- source layer {plan['pairs']}")
 
     if "cache" not in state["done"]:
+        t0 = time.time()
         m = alignment.phase(s, head_t, head_s)
         cache.phase(s, src, runner, head_s, plan, m)
-        mark(s, state, "cache")
+        mark(s, state, "cache", {"budget": source_cost(s, "cache", time.time() - t0)})
     if needs_source:
         del source, src, runner, head_s
 
@@ -127,6 +129,7 @@ def _run(cfg):
     metrics = training.phase(s, state, tgt, head_t, store, lambda phase, info: mark(s, state, phase, info))
     if s.main:
         rundir.write_json(rd.path("metrics.json"), {"stages": metrics, "plan": plan})
+        rundir.write_json(rd.path("budget.json"), budget_of_run(state, metrics))
 
     if "export" not in state["done"]:
         if s.main:
@@ -318,6 +321,33 @@ def mark(s, state, phase, info=None):
     if s.main:
         rundir.write_json(s.rd.path("state.json"), state)
     distributed.barrier()
+
+
+def source_cost(s, phase, seconds):
+    """Budget of the source's phases: attribution (every layer forward and backward, weights frozen, over the
+    attribution examples; none with uniform pairing) and the cache (every layer forward over the transfer set)."""
+    cfg, lengths = s.cfg, s.data.lengths
+    model = budget.shape(models.config_of(cfg.source, cfg.source_gguf_file), s.vocab)
+    if phase == "attribution":
+        if cfg.pairing != "attribution":
+            return budget.cost(model, 0, 0, 0, 0, seconds=seconds)
+        n = len(s.data) if cfg.attribution_examples is None else min(cfg.attribution_examples, len(s.data))
+        positions, loss = int(lengths[:n].sum()), int(s.data.loss_counts[:n].sum())
+        return budget.cost(model, positions, loss, positions / n, s.n_source, s.n_source, 1, 1,
+                           weight_grads=False, seconds=seconds)
+    positions = int(lengths.sum())
+    return budget.cost(model, positions, 0, positions / len(s.data), s.n_source, seconds=seconds)
+
+
+def budget_of_run(state, metrics):
+    """budget.json: each phase's counts, FLOPs and seconds; "training" sums the target's training phases (what
+    comparisons hold equal), "total" adds the source's attribution and cache."""
+    done = state["done"]
+    phases = {name: done[key]["budget"] for name, key in (("attribution", "plan"), ("cache", "cache"))
+              if isinstance(done.get(key), dict) and "budget" in done[key]}
+    phases.update({(f"stage_{k}" if k.isdigit() else k): m["budget"] for k, m in metrics.items() if "budget" in m})
+    training = budget.add(*[c for name, c in phases.items() if name not in ("attribution", "cache")])
+    return {"phases": phases, "training": training, "total": budget.add(*phases.values())}
 
 
 # --- models --------------------------------------------------------------------------------------------------

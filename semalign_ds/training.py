@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from semalign_ds import distributed, engines, rundir, summary
+from semalign_ds import budget, distributed, engines, rundir, summary
 from semalign_ds.data import batch_order
 from semalign_ds.frontier import Frontier, objective, stage_loss
 from semalign_ds.faults import fault_point
@@ -64,6 +64,7 @@ def phase(s, state, tgt, head_t, store, mark):
         if "stage_output_kd" not in state["done"]:
             metrics["output_kd"] = fit(s, "output_kd", "output KD", tgt.layers, cfg.stage_steps * s.n_target, 0,
                                        targets(s.n_target, True), mine, output_kd_loss(s, tgt, head_t))
+            metrics["output_kd"]["budget"] = fit_cost(s, tgt, metrics["output_kd"], "output_kd", s.n_target)
             if s.main:
                 rundir.save_tensors(path, tgt.layers.state_dict())
             state["stage_metrics"] = metrics
@@ -82,8 +83,14 @@ def phase(s, state, tgt, head_t, store, mark):
         metrics[str(k)] = train_stage(s, tgt, head_t, k, frontier, targets(k, k == s.n_target))
         if s.main:
             rundir.save_tensors(weights, layer.state_dict())
+        t0 = time.time()
         frontier = frontier.advance(lambda h, a: forward_layer(tgt, k - 1, h, a, s.dtype), s.data, s.pad_id,
                                     cfg.eval_batch_size, s.device, show=s.main)
+        total = int(s.data.offsets[-1])  # the next frontier: layer k forward over every position
+        metrics[str(k)]["budget"] = budget.add(
+            fit_cost(s, tgt, metrics[str(k)], "stage", 1, k == s.n_target),
+            budget.cost(budget.shape(tgt.config, s.vocab), total, 0, total / len(s.data), 1,
+                        seconds=time.time() - t0))
         rundir.save_tensors(frontier_path(s, k), {"states": frontier.states})
         state["stage_metrics"] = metrics
         mark(f"stage_{k}", metrics[str(k)])
@@ -168,6 +175,10 @@ def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss):
         print(f"{desc}: resuming at step {start} of {steps}")
     counts = s.data.loss_counts
     order = batch_order(len(s.data), cfg.batch_size, steps, cfg.seed, seed_stage)
+    # the whole phase's token positions (global, every step, also those done before a resume): its compute
+    lengths = s.data.lengths
+    positions = sum(int(lengths[b].sum()) for b in order)
+    loss_positions = sum(int(counts[b].sum()) for b in order)
     owned = set(members)
     row_start = torch.zeros(len(s.data) + 1, dtype=torch.long)  # this rank's target rows per sequence
     local_counts = torch.zeros(len(s.data), dtype=torch.long)
@@ -225,7 +236,16 @@ def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss):
     elapsed = time.time() - t0
     return {"first_loss": history[0], "last_loss": history[-1],
             "mean_last_10": sum(history[-10:]) / len(history[-10:]), "steps": len(history),
-            "seconds": elapsed, "loss_tokens_per_s_rank0": tokens / max(elapsed, 1e-9)}
+            "seconds": elapsed, "loss_tokens_per_s_rank0": tokens / max(elapsed, 1e-9), "positions": positions,
+            "loss_positions": loss_positions, "mean_len": positions / max(1, steps * cfg.batch_size)}
+
+
+def fit_cost(s, tgt, metrics, kind, layers, final=True):
+    """The budget (budget.cost) of a finished fit() that ran `layers` target layers forward and backward."""
+    heads = budget.training_heads(s.cfg, final, kind)
+    return budget.cost(budget.shape(tgt.config, s.vocab), metrics["positions"], metrics["loss_positions"],
+                       metrics["mean_len"], layers, layers, *heads, weight_grads=s.cfg.lora_rank == 0,
+                       seconds=metrics["seconds"])
 
 
 def micro_batches(indices, n):
