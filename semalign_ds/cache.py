@@ -36,16 +36,19 @@ class CorruptShard(RuntimeError):
     pass
 
 
-def batch_entries(adapter_s, ids, attn, loss_mask, pairs, m, normalize=True, runner=None, source_states=False):
+def batch_entries(adapter_s, ids, attn, loss_mask, pairs, m, normalize=True, runner=None, source_states=False,
+                  aligned_input=False):
     """{"aligned.k": [n, d_t] for k = 1..L_t, "source_final": [n, d_s]} for the loss positions of one batch; with
-    source_states, also the unit source states "source.k" [n, d_s] themselves (for the layer-wise baseline)."""
+    source_states, also the unit source states "source.k" [n, d_s] themselves (for the layer-wise baseline); with
+    aligned_input, also "aligned.0" = M u^(0), the aligned embeddings, so that every target layer k has the aligned
+    source residual of its pair span, a^(k) - a^(k-1) (the residual-geometry objective)."""
     states = adapter_s.hidden_states(ids, attn, runner=runner)  # states[l] = h^(l)
     norm = adapter_s.norm if normalize else None
     out = {}
-    for k, l in enumerate(pairs, start=1):
+    for k, l in enumerate([0] + list(pairs) if aligned_input else pairs, start=0 if aligned_input else 1):
         u = source_direction(states[l][loss_mask], norm)
         out[f"aligned.{k}"] = align(m, u)
-        if source_states:
+        if source_states and k > 0:
             out[f"source.{k}"] = u
     out["source_final"] = adapter_s.norm(states[-1][loss_mask]).float()
     return out
@@ -213,6 +216,9 @@ def phase(s, src, runner, head_s, plan, m):
               "data_sha256": rundir.sha256(s.rd.path("data", "transfer.safetensors")),
               "tokenizer": type(s.tokenizer).__name__ + f":{len(s.tokenizer)}",
               "normalize_source": cfg.normalize_source, "dtype": cfg.dtype, "source_states": source_states}
+    aligned_input = cfg.layer_objective == "geometry"
+    if aligned_input:  # only then: the manifest of every other run stays as it was
+        header["aligned_input"] = True
     if s.main:
         store.open(header)
         if not rundir.intact(store.head_path()):
@@ -231,7 +237,7 @@ def phase(s, src, runner, head_s, plan, m):
         ids, attn, loss = (t.to(s.device) for t in s.data.batch(idx, s.pad_id))
         with torch.no_grad():
             out = batch_entries(src, ids, attn, loss, plan["pairs"], m, cfg.normalize_source, runner,
-                                source_states)
+                                source_states, aligned_input)
         if not real:
             continue
         tokens += int(attn.sum())

@@ -53,6 +53,8 @@ def phase(s, state, tgt, head_t, store, mark):
             out = {"source": store.rows(f"source.{k}", mine, counts)}
         else:
             out = {"aligned": store.rows(f"aligned.{k}", mine, counts)}
+            if cfg.layer_objective == "geometry":  # the aligned source residual of the pair span
+                out["aligned_in"] = store.rows(f"aligned.{k - 1}", mine, counts)
         if final:
             out["source_final"] = store.rows("source_final", mine, counts)
             out["source_head"] = rundir.load_tensors(store.head_path())["weight"].to(s.device, s.dtype)
