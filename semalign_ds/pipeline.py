@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from semalign_ds import alignment, attribution, budget, cache, data as data_mod, distributed, engines, export, models, \
-    pairing, rundir, summary, training
+from semalign_ds import alignment, attribution, budget, cache, data as data_mod, distributed, engines, export, lora, \
+    models, pairing, rundir, summary, training
 from semalign_ds import config as config_mod
 from semalign_ds.config import Config, ConfigError
 from semalign_ds.monitor import Monitor
@@ -93,6 +93,8 @@ def _run(cfg):
     t_start = time.time()
     target = initial_target(cfg).to(s.device)
     tgt = models.Adapter(target)
+    if cfg.lora_rank > 0:  # a wrong module name fails here, before the source runs
+        lora.check_targets(tgt.layers[0], cfg.lora_targets)
     head_t = tgt.head.weight[:s.vocab]
     check_reused_files(s, state)
 

@@ -11,6 +11,7 @@ verifies the checksums and falls back to the previous checkpoint (or the start o
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -18,7 +19,7 @@ import time
 
 import torch
 
-from semalign_ds import budget, distributed, engines, rundir, summary
+from semalign_ds import budget, distributed, engines, lora, rundir, summary
 from semalign_ds.data import batch_order
 from semalign_ds.frontier import Frontier, objective, stage_loss
 from semalign_ds.faults import fault_point
@@ -64,8 +65,9 @@ def phase(s, state, tgt, head_t, store, mark):
     if cfg.method == "output_kd":
         path = rd.path("stages", "layers.safetensors")
         if "stage_output_kd" not in state["done"]:
-            metrics["output_kd"] = fit(s, "output_kd", "output KD", tgt.layers, cfg.stage_steps * s.n_target, 0,
-                                       targets(s.n_target, True), mine, output_kd_loss(s, tgt, head_t))
+            with adapters(s, list(tgt.layers), 0):
+                metrics["output_kd"] = fit(s, "output_kd", "output KD", tgt.layers, cfg.stage_steps * s.n_target,
+                                           0, targets(s.n_target, True), mine, output_kd_loss(s, tgt, head_t))
             metrics["output_kd"]["budget"] = fit_cost(s, tgt, metrics["output_kd"], "output_kd", s.n_target)
             if s.main:
                 rundir.save_tensors(path, tgt.layers.state_dict())
@@ -144,8 +146,22 @@ def train_stage(s, tgt, head_t, k, frontier, targets):
         return stage_loss(tgt, k, s.n_target, h_in, attn, loss_mask, batch_targets, head_t, cfg, ids, normalizer,
                           projection)
 
-    return fit(s, f"stage_{k}", f"stage {k}/{s.n_target}", module, cfg.stage_steps, k, targets, frontier.members,
-               batch_loss)
+    with adapters(s, [tgt.layers[k - 1]], k):
+        return fit(s, f"stage_{k}", f"stage {k}/{s.n_target}", module, cfg.stage_steps, k, targets,
+                   frontier.members, batch_loss)
+
+
+@contextlib.contextmanager
+def adapters(s, layers, seed_stage):
+    """With lora_rank > 0: LoRA adapters on `layers` while the phase trains (before its checkpoint is loaded, so
+    that a resume finds them), merged into the weights when it ends."""
+    cfg = s.cfg
+    if cfg.lora_rank > 0:
+        for j, layer in enumerate(layers):
+            lora.attach(layer, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.seed * 1000003 + seed_stage + j)
+    yield
+    for layer in layers:
+        lora.merge(layer)
 
 
 def output_kd_loss(s, tgt, head_t):
@@ -162,7 +178,7 @@ def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss):
     """The optimizer loop shared by every stage: seeded global batches, each rank computing the sequences it
     owns, checkpoints every checkpoint_every steps (resumed from), metrics to TensorBoard and metrics.jsonl."""
     cfg = s.cfg
-    module.requires_grad_(True)
+    lora.set_trainable(module)
     if s.ds_target is not None:
         gas = cfg.grad_accum_steps
         ds = engines.fill(s.ds_target, max(1, cfg.batch_size // (s.world * gas)), s.world, cfg.dtype,
