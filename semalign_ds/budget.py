@@ -57,17 +57,17 @@ def add(*costs) -> dict:
     return out
 
 
-def training_heads(cfg, final: bool, kind: str) -> tuple[int, int]:
+def training_heads(cfg, final: bool, kind: str, n_layers: int = 1) -> tuple[int, int]:
     """(head projections forward, backward) per loss position of one training step. kind: "stage" (one frontier
-    stage), "output_kd", "finetune" or "joint" (every layer; n_layers layer objectives added by the caller)."""
+    stage), "output_kd", "finetune", or "joint" (every layer: the output's and n_layers - 1 layer objectives)."""
     if kind == "finetune":
         return 1, 1  # the labels' cross-entropy
     layer = (2, 1) if cfg.method == "semalign" and cfg.layer_objective == "fisher" else (0, 0)  # W x and W y
     if kind == "stage" and not final:
         return layer
     fwd, bwd = 2, 1  # the KL: the target's and the source's logits, the target's backward
-    if kind == "stage" and cfg.fisher_weight > 0:
-        fwd, bwd = fwd + layer[0], bwd + layer[1]
+    terms = (kind != "output_kd" and cfg.fisher_weight > 0) + (n_layers - 1 if kind == "joint" else 0)
+    fwd, bwd = fwd + terms * layer[0], bwd + terms * layer[1]
     if cfg.ce_weight > 0:
         fwd, bwd = fwd + 1, bwd + 1
     return fwd, bwd

@@ -300,11 +300,15 @@ def check_reused_files(s, state):
         if not ok:  # this stage and every later one (trained on its output) are trained again
             for later in [p for p in list(done) if p.startswith("stage_") and p[6:].isdigit() and int(p[6:]) >= k]:
                 done.pop(later)
+            done.pop("joint", None)  # trained on top of the stages
             done.pop("export", None)
             done.pop("eval_after", None)
             break
-    if "stage_output_kd" in done:
-        check(rd.path("stages", "layers.safetensors"), ["stage_output_kd", "export", "eval_after"])
+    for name in ("stage_output_kd", "stage_finetune"):
+        if name in done:
+            check(rd.path("stages", "layers.safetensors"), [name, "export", "eval_after"])
+    if "joint" in done:
+        check(rd.path("stages", "joint.safetensors"), ["joint", "export", "eval_after"])
     if "export" in done:
         if not export.intact(rd.path("target")):
             damaged.append(f"{rd.path('target')} is incomplete or damaged")

@@ -18,10 +18,11 @@ import shutil
 import time
 
 import torch
+import torch.nn.functional as F
 
 from semalign_ds import budget, distributed, engines, lora, rundir, summary
 from semalign_ds.data import batch_order
-from semalign_ds.frontier import Frontier, objective, stage_loss
+from semalign_ds.frontier import Frontier, layer_term, objective, stage_loss
 from semalign_ds.faults import fault_point
 
 
@@ -62,17 +63,19 @@ def phase(s, state, tgt, head_t, store, mark):
         return out
 
     metrics = state.get("stage_metrics", {})
-    if cfg.method == "output_kd":
+    if cfg.method in ("output_kd", "finetune"):
+        name = cfg.method
         path = rd.path("stages", "layers.safetensors")
-        if "stage_output_kd" not in state["done"]:
+        if f"stage_{name}" not in state["done"]:
+            batch_targets = targets(s.n_target, True) if name == "output_kd" else {}
             with adapters(s, list(tgt.layers), 0):
-                metrics["output_kd"] = fit(s, "output_kd", "output KD", tgt.layers, cfg.stage_steps * s.n_target,
-                                           0, targets(s.n_target, True), mine, output_kd_loss(s, tgt, head_t))
-            metrics["output_kd"]["budget"] = fit_cost(s, tgt, metrics["output_kd"], "output_kd", s.n_target)
+                metrics[name] = fit(s, name, {"output_kd": "output KD", "finetune": "fine-tuning"}[name], tgt.layers, cfg.stage_steps * s.n_target, 0,
+                                    batch_targets, mine, whole_model_loss(s, tgt, head_t))
+            metrics[name]["budget"] = fit_cost(s, tgt, metrics[name], name, s.n_target)
             if s.main:
                 rundir.save_tensors(path, tgt.layers.state_dict())
             state["stage_metrics"] = metrics
-            mark("stage_output_kd", metrics["output_kd"])
+            mark(f"stage_{name}", metrics[name])
         tgt.layers.load_state_dict(rundir.load_tensors(path))
         return metrics
     frontier = None
@@ -100,6 +103,23 @@ def phase(s, state, tgt, head_t, store, mark):
         mark(f"stage_{k}", metrics[str(k)])
         for old in range(k - 1):  # the last two frontiers stay: a crash between writes loses nothing
             rundir.remove(frontier_path(s, old))
+    if cfg.joint_steps > 0:
+        path = rd.path("stages", "joint.safetensors")
+        if "joint" not in state["done"]:
+            joint_targets = {**{f"aligned.{k}": store.rows(f"aligned.{k}", mine, counts)
+                                for k in range(0 if cfg.layer_objective == "geometry" else 1, s.n_target + 1)},
+                             **targets(s.n_target, True)}
+            joint_targets.pop("aligned", None)
+            joint_targets.pop("aligned_in", None)
+            with adapters(s, list(tgt.layers), s.n_target + 1):
+                metrics["joint"] = fit(s, "joint", "joint", tgt.layers, cfg.joint_steps, s.n_target + 1,
+                                       joint_targets, mine, joint_loss(s, tgt, head_t), cfg.joint_lr)
+            metrics["joint"]["budget"] = fit_cost(s, tgt, metrics["joint"], "joint", s.n_target)
+            if s.main:
+                rundir.save_tensors(path, tgt.layers.state_dict())
+            state["stage_metrics"] = metrics
+            mark("joint", metrics["joint"])
+        tgt.layers.load_state_dict(rundir.load_tensors(path))
     return metrics
 
 
@@ -141,7 +161,7 @@ def train_stage(s, tgt, head_t, k, frontier, targets):
         projection.to(s.device, s.dtype)
         module = torch.nn.ModuleDict({"layer": module, "projection": projection})
 
-    def batch_loss(idx, ids, attn, loss_mask, batch_targets, normalizer):
+    def batch_loss(idx, ids, attn, loss_mask, batch_targets, normalizer, step):
         h_in = frontier.batch(idx).to(s.device, s.dtype)
         return stage_loss(tgt, k, s.n_target, h_in, attn, loss_mask, batch_targets, head_t, cfg, ids, normalizer,
                           projection)
@@ -164,17 +184,55 @@ def adapters(s, layers, seed_stage):
         lora.merge(layer)
 
 
-def output_kd_loss(s, tgt, head_t):
-    """The output-KD baseline's batch loss: every target layer, KL at the output only."""
-    def batch_loss(idx, ids, attn, loss_mask, batch_targets, normalizer):
+def whole_model_loss(s, tgt, head_t):
+    """The baselines that train every target layer at once: output KD (KL at the output only) and plain
+    fine-tuning (the labels' cross-entropy only)."""
+    def batch_loss(idx, ids, attn, loss_mask, batch_targets, normalizer, step):
         h = tgt.hidden_states(ids, attn)[-1]
         x = tgt.norm(h[loss_mask])
-        return objective(x, batch_targets, True, tgt.norm, head_t, s.cfg, ids[:, 1:][loss_mask[:, :-1]],
-                         normalizer)
+        labels = ids[:, 1:][loss_mask[:, :-1]]
+        if s.cfg.method == "finetune":
+            ce = F.cross_entropy((x @ head_t.T).float(), labels, reduction="sum") / float(normalizer)
+            return ce, {"ce": float(ce.detach())}
+        return objective(x, batch_targets, True, tgt.norm, head_t, s.cfg, labels, normalizer)
     return batch_loss
 
 
-def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss):
+def joint_loss(s, tgt, head_t):
+    """The joint phase: every target layer, the output objective (objective() of the last stage) plus w(t) times
+    the layer objectives of layers 1..L_t - 1, w decaying linearly from joint_layer_weight to 0 over joint_steps."""
+    cfg, n = s.cfg, s.n_target
+
+    def batch_loss(idx, ids, attn, loss_mask, batch_targets, normalizer, step):
+        states = tgt.hidden_states(ids, attn)
+        counts = loss_mask.sum(1)
+        labels = ids[:, 1:][loss_mask[:, :-1]]
+
+        def layer_targets(k):
+            out = {"aligned": batch_targets[f"aligned.{k}"]}
+            if cfg.layer_objective == "geometry":
+                out["aligned_in"] = batch_targets[f"aligned.{k - 1}"]
+            return out
+
+        def residual(k):
+            return (states[k] - states[k - 1])[loss_mask] if cfg.layer_objective == "geometry" else None
+
+        final = {**layer_targets(n), "source_final": batch_targets["source_final"],
+                 "source_head": batch_targets["source_head"]}
+        loss, parts = objective(tgt.norm(states[n][loss_mask]), final, True, tgt.norm, head_t, cfg, labels,
+                                normalizer, residual=residual(n), counts=counts)
+        weight = cfg.joint_layer_weight * (1 - step / cfg.joint_steps)
+        if weight > 0 and n > 1:
+            layers = sum(layer_term(tgt.norm(states[k][loss_mask]), layer_targets(k), tgt.norm, head_t, cfg,
+                                    residual=residual(k), counts=counts)[1] for k in range(1, n)) / float(normalizer)
+            loss = loss + weight * layers
+            parts["layers"] = float(layers.detach())
+        parts["layer_weight"] = weight
+        return loss, parts
+    return batch_loss
+
+
+def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss, peak_lr=None):
     """The optimizer loop shared by every stage: seeded global batches, each rank computing the sequences it
     owns, checkpoints every checkpoint_every steps (resumed from), metrics to TensorBoard and metrics.jsonl."""
     cfg = s.cfg
@@ -207,7 +265,7 @@ def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss):
     for step in bar:
         batch = order[step]
         total = int(counts[batch].sum())  # loss positions in the whole global batch
-        lr = lr_at(cfg, step, steps)
+        lr = lr_at(cfg, step, steps, peak_lr)
         stage.set_lr(lr)
         loss, parts = 0.0, {}
         for micro in micro_batches([i for i in batch if i in owned], cfg.grad_accum_steps):
@@ -219,7 +277,7 @@ def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss):
             rows = torch.cat([torch.arange(row_start[i], row_start[i + 1]) for i in idx])
             batch_targets = {name: t if name == "source_head" else t[rows].to(s.device)
                              for name, t in targets.items()}
-            micro_loss, micro_parts = batch_loss(idx, ids, attn, loss_mask, batch_targets, total)
+            micro_loss, micro_parts = batch_loss(idx, ids, attn, loss_mask, batch_targets, total, step)
             micro_loss = micro_loss * weight
             stage.backward(micro_loss * stage.scale)
             loss = loss + float(micro_loss.detach())
@@ -260,7 +318,7 @@ def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss):
 
 def fit_cost(s, tgt, metrics, kind, layers, final=True):
     """The budget (budget.cost) of a finished fit() that ran `layers` target layers forward and backward."""
-    heads = budget.training_heads(s.cfg, final, kind)
+    heads = budget.training_heads(s.cfg, final, kind, layers)
     return budget.cost(budget.shape(tgt.config, s.vocab), metrics["positions"], metrics["loss_positions"],
                        metrics["mean_len"], layers, layers, *heads, weight_grads=s.cfg.lora_rank == 0,
                        seconds=metrics["seconds"])
@@ -273,17 +331,19 @@ def micro_batches(indices, n):
     return [indices[j * size:(j + 1) * size] for j in range(n)]
 
 
-def lr_at(cfg, step, steps):
+def lr_at(cfg, step, steps, peak=None):
     """The learning rate of optimizer step `step` (0-based) of a stage of `steps`: linear warm-up over
-    warmup_steps, then constant, or linear or cosine decay to min_lr_ratio * lr at the stage's end."""
+    warmup_steps, then constant, or linear or cosine decay to min_lr_ratio * peak at the stage's end (peak: lr, or
+    the joint phase's joint_lr)."""
+    peak = cfg.lr if peak is None else peak
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return peak * (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
-        return cfg.lr
+        return peak
     t = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
-    floor = cfg.min_lr_ratio * cfg.lr
+    floor = cfg.min_lr_ratio * peak
     shape = 1 - t if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * t))
-    return floor + (cfg.lr - floor) * shape
+    return floor + (peak - floor) * shape
 
 
 # --- atomic checkpoints ----------------------------------------------------------------------------------------
