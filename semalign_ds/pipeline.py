@@ -47,11 +47,12 @@ class Setup:
     pad_id: int
     n_source: int
     n_target: int
-    data: data_mod.TokenizedSet
+    data: data_mod.TokenizedSet  # the transfer set, less the validation split
     eval_data: data_mod.TokenizedSet | None
     ds_source: dict | None  # DeepSpeed configs when the source / target run under ZeRO, else None
     ds_target: dict | None
     monitor: Monitor = None
+    validation: data_mod.TokenizedSet | None = None  # validation_fraction of the transfer set, held out
 
     @property
     def main(self):
@@ -139,17 +140,26 @@ def _run(cfg):
                            {"semalign_plan.json": plan, "semalign_metrics.json": metrics,
                             "semalign_config.json": cfg.to_dict()})
         mark(s, state, "export")
+    if s.validation is not None and "eval_validation" not in state["done"]:
+        mark(s, state, "eval_validation", evaluate(s, tgt, "validation", head=head_t, dataset=s.validation))
     if s.eval_data is not None:
         if "eval_after" not in state["done"]:
             mark(s, state, "eval_after", evaluate(s, tgt, "target after", head=head_t))
         report["target_after"] = state["done"]["eval_after"]
         report = summary.finish_report(report)
-        text = summary.report_markdown(report, cfg.eval_data)
+    if s.validation is not None:  # the NLL that choices are made on
+        report["validation"] = {"target_after": state["done"]["eval_validation"]}
+        s.monitor.print(f"validation NLL (target after, {len(s.validation)} held-out transfer examples): "
+                        f"{report['validation']['target_after']['nll']:.4f} nats/token")
+    if report:
         if s.main:
             rundir.write_json(rd.path("report.json"), report)
-            with open(rd.path("report.md"), "w") as f:
-                f.write(text)
-        s.monitor.print(text)
+        if s.eval_data is not None:
+            text = summary.report_markdown(report, cfg.eval_data)
+            if s.main:
+                with open(rd.path("report.md"), "w") as f:
+                    f.write(text)
+            s.monitor.print(text)
     if s.main:
         print(summary.summarize(rd.root), flush=True)
     s.monitor.print(f"done in {time.time() - t_start:.0f} s; exported target: {rd.path('target')}")
@@ -218,7 +228,7 @@ def prepare(cfg, rd):
     else:
         vocab = models.vocab_size(tokenizer)
     pad_id = data_mod.pad_id(tokenizer)
-    transfer = tokenized(cfg, rd, tokenizer, "transfer", cfg.data, cfg.max_examples, cfg.max_seq_len)
+    transfer, validation = transfer_sets(cfg, rd, tokenizer)
     if len(transfer) < world:
         raise ConfigError(f"{len(transfer)} usable transfer examples for {world} ranks: every rank needs "
                           f"at least one; use more data or fewer ranks")
@@ -229,7 +239,22 @@ def prepare(cfg, rd):
     else:
         device = torch.device("cpu")
     return Setup(cfg, rd, device, models.DTYPES[cfg.dtype], rank, world, tokenizer, vocab, pad_id, n_source,
-                 n_target, transfer, eval_data, ds_source, ds_target)
+                 n_target, transfer, eval_data, ds_source, ds_target, validation=validation)
+
+
+def transfer_sets(cfg, rd, tokenizer):
+    """(training part, validation part or None) of the transfer set: with validation_fraction > 0, a seeded share
+    of its sequences is held out, to make choices on (never the evaluation set); both are kept in data/."""
+    if cfg.validation_fraction == 0:
+        return tokenized(cfg, rd, tokenizer, "transfer", cfg.data, cfg.max_examples, cfg.max_seq_len), None
+    paths = [rd.path("data", f"{name}.safetensors") for name in ("transfer", "validation")]
+    if all(rundir.intact(p) for p in paths):
+        return tuple(data_mod.TokenizedSet.from_tensors(rundir.load_tensors(p)) for p in paths)
+    full = tokenized(cfg, rd, tokenizer, "transfer (all)", cfg.data, cfg.max_examples, cfg.max_seq_len)
+    if len(full) < 2:
+        raise ConfigError(f"validation_fraction {cfg.validation_fraction} needs at least 2 transfer examples, "
+                          f"{len(full)} usable: use more data or validation_fraction=0")
+    return full.split(cfg.validation_fraction, cfg.seed)
 
 
 def tokenized(cfg, rd, tokenizer, name, spec, max_examples, max_seq_len):
@@ -259,7 +284,7 @@ def open_run_dir(s, state):
         rd.lock()
         s.cfg.save(rd.path("config.json"))
         rundir.write_json(rd.path("state.json"), state)
-        for name, tokens in (("transfer", s.data), ("eval", s.eval_data)):
+        for name, tokens in (("transfer", s.data), ("eval", s.eval_data), ("validation", s.validation)):
             path = rd.path("data", f"{name}.safetensors")
             if tokens is not None and not rundir.intact(path):
                 rundir.save_tensors(path, tokens.tensors())
@@ -303,12 +328,13 @@ def check_reused_files(s, state):
             done.pop("joint", None)  # trained on top of the stages
             done.pop("export", None)
             done.pop("eval_after", None)
+            done.pop("eval_validation", None)
             break
     for name in ("stage_output_kd", "stage_finetune"):
         if name in done:
-            check(rd.path("stages", "layers.safetensors"), [name, "export", "eval_after"])
+            check(rd.path("stages", "layers.safetensors"), [name, "export", "eval_after", "eval_validation"])
     if "joint" in done:
-        check(rd.path("stages", "joint.safetensors"), ["joint", "export", "eval_after"])
+        check(rd.path("stages", "joint.safetensors"), ["joint", "export", "eval_after", "eval_validation"])
     if "export" in done:
         if not export.intact(rd.path("target")):
             damaged.append(f"{rd.path('target')} is incomplete or damaged")
@@ -386,14 +412,15 @@ def load_source(s):
 
 
 @torch.no_grad()
-def evaluate(s, adapter, name, runner=None, head=None):
-    """NLL of the evaluation responses, data-parallel over ranks."""
+def evaluate(s, adapter, name, runner=None, head=None, dataset=None):
+    """NLL of the evaluation responses (or of `dataset`'s), data-parallel over ranks."""
     from semalign_ds.nll import batch_nll
-    mine = distributed.shard(len(s.eval_data))
-    mine.sort(key=lambda i: -int(s.eval_data.lengths[i]))  # longest first: little padding per batch
+    dataset = s.eval_data if dataset is None else dataset
+    mine = distributed.shard(len(dataset))
+    mine.sort(key=lambda i: -int(dataset.lengths[i]))  # longest first: little padding per batch
     sums = torch.zeros(2, dtype=torch.float64)
     for idx, real in s.bar(lockstep(s, mine, s.cfg.eval_batch_size, runner), desc=f"eval {name}", leave=False):
-        ids, attn, loss = (t.to(s.device) for t in s.eval_data.batch(idx, s.pad_id))
+        ids, attn, loss = (t.to(s.device) for t in dataset.batch(idx, s.pad_id))
         total, count = batch_nll(adapter, ids, attn, loss, head, runner)
         if real:
             sums += torch.tensor([total, count], dtype=torch.float64)
