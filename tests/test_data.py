@@ -53,3 +53,15 @@ def test_read_rows_jsonl_and_field_errors(tmp_path):
         data.read_rows(str(path))
     with pytest.raises(ConfigError, match="data not found"):
         data.read_rows("nonexistent_file_here")
+
+
+def test_the_idlelib_evaluation_is_never_in_the_transfer_set():
+    """embedded:idlelib, the second held-out evaluation: IDLE's documented functions, none of whose bodies the
+    transfer set embedded:stdlib holds, in the same order whatever the seed."""
+    from semalign_ds import embedded
+    held_out = embedded.rows("idlelib", seed=3)
+    transfer = embedded.rows("stdlib")
+    assert len(held_out) > 400 and held_out == embedded.rows("idlelib", seed=0)
+    assert not {r["response"] for r in held_out} & {r["response"] for r in transfer}
+    assert not {r["prompt"] for r in held_out} & {r["prompt"] for r in transfer}
+    assert all(r["prompt"].lstrip().startswith(("def ", "async def ")) and r["response"].strip() for r in held_out)
