@@ -71,3 +71,32 @@ def training_heads(cfg, final: bool, kind: str, n_layers: int = 1) -> tuple[int,
     if cfg.ce_weight > 0:
         fwd, bwd = fwd + 1, bwd + 1
     return fwd, bwd
+
+
+def predicted_training(cfg, model: dict, lengths, loss_counts) -> float:
+    """The training FLOPs a run of `cfg` will count (its phases' cost() as training.py writes them), before it
+    runs, from the transfer set's sequence lengths and loss counts (means for the sampled batches, the whole set
+    for the frontiers): what compare.py sets each method's steps by, to hold training compute equal."""
+    n_layers, mean_len, mean_loss = model["layers"], float(lengths.float().mean()), float(loss_counts.float().mean())
+    step_positions, step_loss = cfg.batch_size * mean_len, cfg.batch_size * mean_loss
+
+    def phase(steps, layers, heads):
+        return cost(model, steps * step_positions, steps * step_loss, mean_len, layers, layers, *heads,
+                    weight_grads=cfg.lora_rank == 0)["flops"]
+
+    if cfg.method in ("output_kd", "finetune"):
+        return phase(cfg.stage_steps * n_layers, n_layers, training_heads(cfg, True, cfg.method, n_layers))
+    total = sum(phase(cfg.stage_steps, 1, training_heads(cfg, k == n_layers, "stage")) for k in range(1, n_layers + 1))
+    total += n_layers * cost(model, int(lengths.sum()), 0, mean_len, 1)["flops"]  # the frontiers
+    if cfg.joint_steps > 0:
+        total += phase(cfg.joint_steps, n_layers, training_heads(cfg, True, "joint", n_layers))
+    return total
+
+
+def steps_for(cfg, budget_flops: float, model: dict, lengths, loss_counts) -> int:
+    """The stage_steps (at least 1) that bring cfg's predicted training FLOPs closest to budget_flops (the
+    prediction is affine in stage_steps; joint_steps stay as set)."""
+    one, two = (predicted_training(cfg.model_copy(update={"stage_steps": k}), model, lengths, loss_counts)
+                for k in (1, 2))
+    per_step = two - one
+    return max(1, round((budget_flops - (one - per_step)) / per_step))

@@ -3,7 +3,6 @@ distributed.shard of the rows and the per-example results are gathered, so every
 single process is one rank), and evaluate_models, which evaluates several models and writes one report."""
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import os
@@ -171,8 +170,7 @@ def evaluate_nll(model, tokenizer, rows, batch_size=8, device=None, show=True, m
 
 
 # the pipeline's settings of its NLL evaluation, and their defaults
-NLL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config) if f.name in ("chat_template",
-                                                                                     "eval_max_seq_len")}
+NLL_DEFAULTS = {name: Config.model_fields[name].default for name in ("chat_template", "eval_max_seq_len")}
 
 
 def nll_settings(spec, chat_template=None, max_seq_len=None):
