@@ -89,3 +89,29 @@ def test_geometry_through_a_layer_uses_the_models_own_residual():
     want = geometry_reference(residual, targets["aligned"] - targets["aligned_in"],
                               loss_mask.sum(1).tolist()) / n
     assert rel(got, want) < 1e-10 and set(parts) == {"geometry"}
+
+
+def test_geometry_and_least_squares_run_end_to_end(tmp_path):
+    """The wiring: the least-squares map is the run's M, the cache holds the aligned embeddings a^(0) that the
+    geometry objective's first stage needs, and every stage and the joint phase log the geometry term."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from semalign_ds import pipeline
+    out = tmp_path / "run"
+    cfg = config_mod.load(TINY_YAML, {"max_examples": 11, "stage_steps": 2, "eval_data": None, "batch_size": 3,
+                                      "cache_shard_examples": 6, "output_dir": str(out), "report_to": ["none"],
+                                      "layer_objective": "geometry", "alignment_map": "least_squares",
+                                      "joint_steps": 2})
+    pipeline.run(cfg)
+    target = pipeline.initial_target(cfg)
+    source = models.load_model(cfg.source, None, "float32", cfg.seed)
+    w_t, w_s = (m.get_output_embeddings().weight.detach().double()[:512] for m in (target, source))
+    m = load_file(out / "alignment.safetensors")["M"].double()
+    assert rel(m, torch.linalg.pinv(w_t) @ w_s) < 1e-6  # stored in float32
+    shard = load_file(out / "cache" / "shard-00000.safetensors")
+    assert {"aligned.0", "aligned.1", "aligned.2", "aligned.3"} <= set(shard)
+    lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    for tag in ("stage_1", "stage_2", "joint"):
+        assert all(x["geometry" if tag != "joint" else "layers"] > 0 for x in lines if x.get("tag") == tag), tag
