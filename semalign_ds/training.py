@@ -68,9 +68,10 @@ def phase(s, state, tgt, head_t, store, mark):
         path = rd.path("stages", "layers.safetensors")
         if f"stage_{name}" not in state["done"]:
             batch_targets = targets(s.n_target, True) if name == "output_kd" else {}
+            desc = {"output_kd": "output KD", "finetune": "fine-tuning"}[name]
             with adapters(s, list(tgt.layers), 0):
-                metrics[name] = fit(s, name, {"output_kd": "output KD", "finetune": "fine-tuning"}[name], tgt.layers, cfg.stage_steps * s.n_target, 0,
-                                    batch_targets, mine, whole_model_loss(s, tgt, head_t))
+                metrics[name] = fit(s, name, desc, tgt.layers, cfg.stage_steps * s.n_target, 0, batch_targets, mine,
+                                    whole_model_loss(s, tgt, head_t))
             metrics[name]["budget"] = fit_cost(s, tgt, metrics[name], name, s.n_target)
             if s.main:
                 rundir.save_tensors(path, tgt.layers.state_dict())
@@ -176,9 +177,11 @@ def adapters(s, layers, seed_stage):
     """With lora_rank > 0: LoRA adapters on `layers` while the phase trains (before its checkpoint is loaded, so
     that a resume finds them), merged into the weights when it ends."""
     cfg = s.cfg
-    if cfg.lora_rank > 0:
-        for j, layer in enumerate(layers):
-            lora.attach(layer, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.seed * 1000003 + seed_stage + j)
+    if cfg.lora_rank == 0:
+        yield
+        return
+    for j, layer in enumerate(layers):
+        lora.attach(layer, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.seed * 1000003 + seed_stage + j)
     yield
     for layer in layers:
         lora.merge(layer)

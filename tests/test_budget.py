@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from semalign_ds import budget, config as config_mod, pipeline
 from semalign_ds.data import TokenizedSet, batch_order
