@@ -5,12 +5,12 @@
 
 Variants (each a full run in OUTPUT/<name>/seed<S>, resumable): semalign (the config as it is: the reference),
 semalign-uniform (uniform pairing), semalign-cosine and semalign-geometry (the v1 and v2 layer objectives),
-semalign-lsq (the least-squares alignment map), semalign-lora (rank-16 LoRA), semalign-joint (a joint phase of
-stage_steps steps after the stages), layerwise (cosine to the source state through a learned projection),
+semalign-lsq (the least-squares alignment map), semalign-lora (rank-16 LoRA), semalign-joint (a joint phase after
+the stages, which get half the budget; the joint phase the rest), layerwise (cosine to the source state through a learned projection),
 output-kd (KL at the output only, all layers at once) and finetune (the labels' cross-entropy only).
 
 Equal compute: the reference's training FLOPs (budget.predicted_training, from its transfer set) are the budget;
-every other variant's stage_steps are chosen so that its predicted training FLOPs match it, and the FLOPs each run
+every other variant's stage_steps (and joint_steps) are chosen so that its predicted training FLOPs match it, and the FLOPs each run
 counted (budget.json) are in the table. Choices are made on the validation split of the transfer set
 (validation_fraction, 0.1 when the config sets none); the evaluations are held out: the config's eval_data (each
 run's report.json) and --second-eval (default embedded:idlelib, code the transfer set never shows). OUTPUT/compare.md
@@ -65,6 +65,18 @@ def variant_config(base, name, seed, out):
     return config_mod.from_dict(values, origin=f"variant {name}")
 
 
+def equal_compute_steps(cfg, flops, shape, transfer):
+    """{"stage_steps": N} (and "joint_steps" for a variant with a joint phase: half the budget to the stages, the
+    rest to the joint phase) whose predicted training FLOPs come closest to `flops`."""
+    lengths, counts = transfer.lengths, transfer.loss_counts
+    if cfg.joint_steps == 0:
+        return {"stage_steps": budget.steps_for(cfg, flops, shape, lengths, counts)}
+    stages = budget.steps_for(cfg.model_copy(update={"joint_steps": 0}), flops / 2, shape, lengths, counts)
+    one, two = (budget.predicted_training(cfg.model_copy(update={"stage_steps": stages, "joint_steps": j}), shape,
+                                          lengths, counts) for j in (1, 2))
+    return {"stage_steps": stages, "joint_steps": max(1, round((flops - (one - (two - one))) / (two - one)))}
+
+
 def target_shape(cfg, vocab):
     """budget.shape of the target, read from configs only (no weights loaded)."""
     if cfg.target is not None:
@@ -89,10 +101,11 @@ def table(rows, second_name):
     def cell(pair, fmt=".4f"):
         m, sd = pair
         return "-" if m is None else f"{m:{fmt}} ± {sd:{fmt}}"
-    lines = [f"| method | stage steps | training FLOPs | seconds | validation NLL | eval NLL | {second_name} NLL |",
+    lines = [f"| method | stage steps (joint) | training FLOPs | seconds | validation NLL | eval NLL | {second_name} NLL |",
              "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r.get('stage_steps', '-')} | {cell(r['training_flops'], '.3e')} | "
+        joint = f" ({r['joint_steps']})" if r.get("joint_steps") else ""
+        lines.append(f"| {name} | {r.get('stage_steps', '-')}{joint} | {cell(r['training_flops'], '.3e')} | "
                      f"{cell(r['seconds'], '.1f')} | {cell(r['validation'])} | {cell(r['eval'])} | "
                      f"{cell(r['second'])} |")
     return "\n".join(lines)
@@ -140,20 +153,19 @@ def main(argv=None):
         flops = budget.predicted_training(reference_cfg, shape, transfer.lengths, transfer.loss_counts)
         print(f"compare: training budget {flops:.4g} FLOPs (predicted for {REFERENCE} at {base.stage_steps} "
               f"stage steps)", flush=True)
-        steps = {REFERENCE: base.stage_steps}
+        steps = {REFERENCE: {"stage_steps": base.stage_steps}}
         for name in names[1:]:
-            cfg = variant_config(base, name, seeds[0], out)
-            steps[name] = budget.steps_for(cfg, flops, shape, transfer.lengths, transfer.loss_counts)
-            got = budget.predicted_training(cfg.model_copy(update={"stage_steps": steps[name]}), shape,
-                                            transfer.lengths, transfer.loss_counts)
-            print(f"compare: {name}: {steps[name]} stage steps, predicted {got:.4g} FLOPs "
-                  f"({100 * got / flops:.0f}% of the budget)", flush=True)
+            steps[name] = equal_compute_steps(variant_config(base, name, seeds[0], out), flops, shape, transfer)
+            got = budget.predicted_training(variant_config(base, name, seeds[0], out).model_copy(update=steps[name]),
+                                            shape, transfer.lengths, transfer.loss_counts)
+            print(f"compare: {name}: {steps[name]}, predicted {got:.4g} FLOPs ({100 * got / flops:.0f}% of the "
+                  f"budget)", flush=True)
 
         runs = {}
         for name in names:
             for seed in seeds:
                 cfg = variant_config(base, name, seed, out)
-                cfg = config_mod.from_dict({**cfg.to_dict(), "stage_steps": steps[name]}, origin=f"variant {name}")
+                cfg = config_mod.from_dict({**cfg.to_dict(), **steps[name]}, origin=f"variant {name}")
                 run(cfg, local_rank=args.local_rank)
                 runs[f"{name}-seed{seed}"] = (name, cfg.output_dir)
 
@@ -180,7 +192,7 @@ def main(argv=None):
             folders = [runs[k][1] for k in keys]
             reports = [_json(os.path.join(f, "report.json")) for f in folders]
             budgets = [_json(os.path.join(f, "budget.json"))["training"] for f in folders]
-            rows[name] = {"stage_steps": steps[name],
+            rows[name] = {"stage_steps": steps[name]["stage_steps"], "joint_steps": steps[name].get("joint_steps", 0),
                           "training_flops": mean_sd([b["flops"] for b in budgets]),
                           "seconds": mean_sd([b.get("seconds") for b in budgets]),
                           "validation": mean_sd([r["validation"]["target_after"]["nll"] for r in reports]),

@@ -283,7 +283,7 @@ def open_run_dir(s, state):
         rd.make("data", "stages", "frontier")
         rd.lock()
         s.cfg.save(rd.path("config.json"))
-        rundir.write_json(rd.path("state.json"), state)
+        rd.write_state(state)
         for name, tokens in (("transfer", s.data), ("eval", s.eval_data), ("validation", s.validation)):
             path = rd.path("data", f"{name}.safetensors")
             if tokens is not None and not rundir.intact(path):
@@ -344,14 +344,14 @@ def check_reused_files(s, state):
     if damaged and s.main:
         for problem in damaged:
             print(f"recomputing: {problem}", flush=True)
-        rundir.write_json(rd.path("state.json"), state)
+        rd.write_state(state)
 
 
 def mark(s, state, phase, info=None):
     """Record a finished phase (rank 0 writes; every rank keeps the same state)."""
     state["done"][phase] = info if info is not None else True
     if s.main:
-        rundir.write_json(s.rd.path("state.json"), state)
+        s.rd.write_state(state)
     distributed.barrier()
 
 
