@@ -1,29 +1,48 @@
-"""Compare SemAlign with baselines trained on the same transfer set and step budget, in one table.
+"""Compare SemAlign's variants with the baselines at equal training compute, over several seeds, in one table.
 
     python launchers/compare.py --config launchers/configs/default.yaml --output-dir runs/compare \
-        --benchmarks humaneval,nll --allow-code-execution
+        --seeds 0 1 2 --benchmarks humaneval,nll --allow-code-execution
 
-Variants (each a full run in OUTPUT/<name>, resumable): semalign (the config's pairing), semalign-uniform (uniform
-pairing: the ablation), layerwise (cosine to the source state through a learned projection, no semantic alignment),
-output-kd (KL at the output only, all layers at once, as many steps as all stages together). Then the source, the
-target before training and every variant's target are evaluated; OUTPUT/eval holds report.md/.json/.png.
+Variants (each a full run in OUTPUT/<name>/seed<S>, resumable): semalign (the config as it is: the reference),
+semalign-uniform (uniform pairing), semalign-cosine and semalign-geometry (the v1 and v2 layer objectives),
+semalign-lsq (the least-squares alignment map), semalign-lora (rank-16 LoRA), semalign-joint (a joint phase after
+the stages, which get half the budget; the joint phase the rest), layerwise (cosine to the source state through a learned projection),
+output-kd (KL at the output only, all layers at once) and finetune (the labels' cross-entropy only).
+
+Equal compute: the reference's training FLOPs (budget.predicted_training, from its transfer set) are the budget;
+every other variant's stage_steps (and joint_steps) are chosen so that its predicted training FLOPs match it, and the FLOPs each run
+counted (budget.json) are in the table. Choices are made on the validation split of the transfer set
+(validation_fraction, 0.1 when the config sets none); the evaluations are held out: the config's eval_data (each
+run's report.json) and --second-eval (default embedded:idlelib, code the transfer set never shows). OUTPUT/compare.md
+and compare.json hold the table (mean and standard deviation over seeds); with --benchmarks, OUTPUT/eval holds the
+evaluation of every model on them (report.md/.json/.png).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import sys
 
-from semalign_ds import config as config_mod, distributed, models
+from semalign_ds import budget, config as config_mod, distributed, models
+from semalign_ds.data import TokenizedSet
 from semalign_ds.evaluation import evaluate_models
 from semalign_ds.pipeline import initial_target, run
 
 VARIANTS = {
     "semalign": {},
     "semalign-uniform": {"pairing": "uniform"},
+    "semalign-cosine": {"layer_objective": "cosine"},
+    "semalign-geometry": {"layer_objective": "geometry"},
+    "semalign-lsq": {"alignment_map": "least_squares"},
+    "semalign-lora": {"lora_rank": 16},
+    "semalign-joint": {"joint_steps": None},  # None: the config's stage_steps
     "layerwise": {"method": "layerwise"},
     "output-kd": {"method": "output_kd"},
+    "finetune": {"method": "finetune"},
 }
+REFERENCE = "semalign"
 
 
 def target_before(cfg, folder):
@@ -39,13 +58,70 @@ def target_before(cfg, folder):
     return folder
 
 
+def variant_config(base, name, seed, out):
+    values = {**base.to_dict(), **VARIANTS[name], "seed": seed, "output_dir": os.path.join(out, name, f"seed{seed}")}
+    if values.get("joint_steps") is None:
+        values["joint_steps"] = base.joint_steps or base.stage_steps
+    return config_mod.from_dict(values, origin=f"variant {name}")
+
+
+def equal_compute_steps(cfg, flops, shape, transfer):
+    """{"stage_steps": N} (and "joint_steps" for a variant with a joint phase: half the budget to the stages, the
+    rest to the joint phase) whose predicted training FLOPs come closest to `flops`."""
+    lengths, counts = transfer.lengths, transfer.loss_counts
+    if cfg.joint_steps == 0:
+        return {"stage_steps": budget.steps_for(cfg, flops, shape, lengths, counts)}
+    stages = budget.steps_for(cfg.model_copy(update={"joint_steps": 0}), flops / 2, shape, lengths, counts)
+    one, two = (budget.predicted_training(cfg.model_copy(update={"stage_steps": stages, "joint_steps": j}), shape,
+                                          lengths, counts) for j in (1, 2))
+    return {"stage_steps": stages, "joint_steps": max(1, round((flops - (one - (two - one))) / (two - one)))}
+
+
+def target_shape(cfg, vocab):
+    """budget.shape of the target, read from configs only (no weights loaded)."""
+    if cfg.target is not None:
+        return budget.shape(models.config_of(cfg.target, cfg.target_gguf_file), vocab)
+    shape = budget.shape(models.config_of(cfg.source, cfg.source_gguf_file), vocab)
+    return dict(shape, layers=len(cfg.target_keep_layers))
+
+
+def mean_sd(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def table(rows, second_name):
+    def cell(pair, fmt=".4f"):
+        m, sd = pair
+        return "-" if m is None else f"{m:{fmt}} ± {sd:{fmt}}"
+    lines = [f"| method | stage steps (joint) | training FLOPs | seconds | validation NLL | eval NLL | {second_name} NLL |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        joint = f" ({r['joint_steps']})" if r.get("joint_steps") else ""
+        lines.append(f"| {name} | {r.get('stage_steps', '-')}{joint} | {cell(r['training_flops'], '.3e')} | "
+                     f"{cell(r['seconds'], '.1f')} | {cell(r['validation'])} | {cell(r['eval'])} | "
+                     f"{cell(r['second'])} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     config_mod.add_arguments(p)
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {','.join(VARIANTS)}")
-    p.add_argument("--benchmarks", default="humaneval,nll")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems of each benchmark")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {','.join(VARIANTS)}; "
+                                                                  f"{REFERENCE} (the budget) always runs")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of every variant (default: the "
+                                                                      "config's seed)")
+    p.add_argument("--second-eval", default="embedded:idlelib", help="a second held-out NLL evaluation set")
+    p.add_argument("--benchmarks", default="", help="also evaluate every model on these (e.g. humaneval,nll)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems of each evaluation")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--allow-code-execution", action="store_true")
@@ -53,23 +129,87 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         base = config_mod.from_args(args)
+        if base.validation_fraction == 0:
+            base = config_mod.from_dict({**base.to_dict(), "validation_fraction": 0.1})
+            print("compare: validation_fraction 0.1 (choices are made on a validation split of the transfer set)")
         out = base.output_dir
         names = [v.strip() for v in args.variants.split(",") if v.strip()]
         unknown = [v for v in names if v not in VARIANTS]
         if unknown:
             raise config_mod.ConfigError(f"unknown variant(s) {unknown}; variants: {', '.join(VARIANTS)}")
-        targets = {}
+        names = [REFERENCE] + [n for n in names if n != REFERENCE]
+        seeds = args.seeds or [base.seed]
+        data_paths = {"nll": args.second_eval}
+        from semalign_ds import data as data_mod
+        data_mod.check_data_path(args.second_eval, "--second-eval")
+
+        # the budget: the reference's predicted training FLOPs on its transfer set (seed seeds[0])
+        reference_cfg = variant_config(base, REFERENCE, seeds[0], out)
+        run(reference_cfg, local_rank=args.local_rank)
+        transfer = TokenizedSet.load(os.path.join(reference_cfg.output_dir, "data", "transfer.safetensors"))
+        vocab = models.vocab_size(models.load_tokenizer(base.tokenizer or base.source,
+                                                        None if base.tokenizer else base.source_gguf_file))
+        shape = target_shape(base, vocab)
+        flops = budget.predicted_training(reference_cfg, shape, transfer.lengths, transfer.loss_counts)
+        print(f"compare: training budget {flops:.4g} FLOPs (predicted for {REFERENCE} at {base.stage_steps} "
+              f"stage steps)", flush=True)
+        steps = {REFERENCE: {"stage_steps": base.stage_steps}}
+        for name in names[1:]:
+            steps[name] = equal_compute_steps(variant_config(base, name, seeds[0], out), flops, shape, transfer)
+            got = budget.predicted_training(variant_config(base, name, seeds[0], out).model_copy(update=steps[name]),
+                                            shape, transfer.lengths, transfer.loss_counts)
+            print(f"compare: {name}: {steps[name]}, predicted {got:.4g} FLOPs ({100 * got / flops:.0f}% of the "
+                  f"budget)", flush=True)
+
+        runs = {}
         for name in names:
-            cfg = config_mod.from_dict({**base.to_dict(), **VARIANTS[name], "output_dir": os.path.join(out, name)})
-            run(cfg, local_rank=args.local_rank)
-            targets[name] = os.path.join(out, name, "target")
+            for seed in seeds:
+                cfg = variant_config(base, name, seed, out)
+                cfg = config_mod.from_dict({**cfg.to_dict(), **steps[name]}, origin=f"variant {name}")
+                run(cfg, local_rank=args.local_rank)
+                runs[f"{name}-seed{seed}"] = (name, cfg.output_dir)
+
         distributed.init(args.local_rank)
-        specs = {"source": base.source, "target before": target_before(base, os.path.join(out, "target_before")),
-                 **targets}
-        evaluate_models(specs, [b.strip() for b in args.benchmarks.split(",")], os.path.join(out, "eval"),
-                        limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                        allow_code_execution=args.allow_code_execution, dtype=base.dtype,
-                        nll_chat_template=base.chat_template, nll_max_seq_len=base.eval_max_seq_len)
+        before = target_before(reference_cfg, os.path.join(out, "target_before"))
+        specs = {"source": base.source, "target before": before,
+                 **{key: os.path.join(folder, "target") for key, (_, folder) in runs.items()}}
+        common = dict(limit=args.limit, batch_size=args.batch_size, dtype=base.dtype,
+                      nll_chat_template=base.chat_template, nll_max_seq_len=base.eval_max_seq_len)
+        second = evaluate_models(specs, ["nll"], os.path.join(out, "eval-second"), data_paths=data_paths, **common)
+        if args.benchmarks:
+            evaluate_models(specs, [b.strip() for b in args.benchmarks.split(",")], os.path.join(out, "eval"),
+                            max_new_tokens=args.max_new_tokens, allow_code_execution=args.allow_code_execution,
+                            **common)
+        second_nll = {key: m["results"]["nll"]["nll"] for key, m in second["models"].items()}
+
+        rows = {}
+        first = _json(os.path.join(reference_cfg.output_dir, "report.json"))
+        for key, label in (("source", "source"), ("target_before", "target before")):
+            rows[label] = {"training_flops": (None, None), "seconds": (None, None), "validation": (None, None),
+                           "eval": mean_sd([first.get(key, {}).get("nll")]), "second": mean_sd([second_nll[label]])}
+        for name in names:
+            keys = [k for k, (n, _) in runs.items() if n == name]
+            folders = [runs[k][1] for k in keys]
+            reports = [_json(os.path.join(f, "report.json")) for f in folders]
+            budgets = [_json(os.path.join(f, "budget.json"))["training"] for f in folders]
+            rows[name] = {"stage_steps": steps[name]["stage_steps"], "joint_steps": steps[name].get("joint_steps", 0),
+                          "training_flops": mean_sd([b["flops"] for b in budgets]),
+                          "seconds": mean_sd([b.get("seconds") for b in budgets]),
+                          "validation": mean_sd([r["validation"]["target_after"]["nll"] for r in reports]),
+                          "eval": mean_sd([r.get("target_after", {}).get("nll") for r in reports]),
+                          "second": mean_sd([second_nll[k] for k in keys])}
+        best = min(names, key=lambda n: rows[n]["validation"][0])
+        text = (f"Equal training compute ({flops:.3e} FLOPs predicted for {REFERENCE}), seeds {seeds}, "
+                f"mean ± standard deviation; NLL in nats/token on held-out sets: validation (a split of the "
+                f"transfer set: choices are made on it), eval ({base.eval_data}), {args.second_eval}.\n\n"
+                + table(rows, args.second_eval) + f"\n\nBest by validation NLL: {best}\n")
+        if distributed.is_main():
+            with open(os.path.join(out, "compare.md"), "w") as f:
+                f.write(text)
+            with open(os.path.join(out, "compare.json"), "w") as f:
+                json.dump({"budget_flops": flops, "seeds": seeds, "second_eval": args.second_eval, "rows": rows,
+                           "best_by_validation": best}, f, indent=2)
+            print(text, flush=True)
         distributed.shutdown()
     except config_mod.ConfigError as err:
         print(f"compare: error: {err}", file=sys.stderr)

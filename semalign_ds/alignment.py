@@ -21,10 +21,17 @@ def semantic_basis(weight: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
     return torch.where(empty, torch.zeros((), dtype=dtype), basis / norms.clamp(min=torch.finfo(dtype).tiny))
 
 
-def alignment_map(weight_t: torch.Tensor, weight_s: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
-    """M = S_t S_s^T in R^{d_t x d_s}, in float32."""
+def alignment_map(weight_t: torch.Tensor, weight_s: torch.Tensor, dtype=torch.float64,
+                  kind="semantic") -> torch.Tensor:
+    """M in R^{d_t x d_s}, in float32: the semantic-basis map S_t S_s^T (kind "semantic", the paper), or the
+    least-squares logit-matching map pinv(W_t) W_s (kind "least_squares": W_t M u is the target-space state whose
+    logits are closest to the source's logit lens W_s u, exact when the pair shares its head)."""
     if weight_t.shape[0] != weight_s.shape[0]:
         raise ValueError(f"vocabularies differ: target head {weight_t.shape[0]} rows, source {weight_s.shape[0]}")
+    if kind == "least_squares":
+        return (torch.linalg.pinv(weight_t.to(dtype)) @ weight_s.to(dtype)).float()
+    if kind != "semantic":
+        raise ValueError(f"unknown alignment map {kind!r}: semantic or least_squares")
     s_t = semantic_basis(weight_t, dtype)
     s_s = semantic_basis(weight_s, dtype)
     return (s_t @ s_s.T).float()
@@ -55,6 +62,6 @@ def phase(s, head_t, head_s):
             print(f"{err}: recomputing it", flush=True)
     if not ok and s.main:
         dtype = torch.float64 if s.cfg.basis_dtype == "float64" else torch.float32
-        rundir.save_tensors(path, {"M": alignment_map(head_t.detach(), head_s, dtype)})
+        rundir.save_tensors(path, {"M": alignment_map(head_t.detach(), head_s, dtype, s.cfg.alignment_map)})
     distributed.barrier()
     return rundir.load_tensors(path)["M"].to(s.device)

@@ -38,9 +38,11 @@ class CorruptShard(RuntimeError):
 
 
 def batch_entries(adapter_s, ids, attn, loss_mask, pairs, m, normalize=True, runner=None, source_states=False,
-                  topk=None):
+                  topk=None, aligned_input=False):
     """{"aligned.k": [n, d_t] for k = 1..L_t, "source_final": [n, d_s]} for the loss positions of one batch; with
-    source_states, also the unit source states "source.k" [n, d_s] themselves (for the layer-wise baseline).
+    source_states, also the unit source states "source.k" [n, d_s] themselves (for the layer-wise baseline); with
+    aligned_input, also "aligned.0" = M u^(0), the aligned embeddings, so that every target layer k has the aligned
+    source residual of its pair span, a^(k) - a^(k-1) (the residual-geometry objective).
 
     topk = (k, temperature, target final norm, target head, dtype): also, for every layer stage (k < L_t), the
     top-k support of p* = softmax(W_t n_t(a) / tau) that the top-k Fisher loss trains on: "topk_ids.k" int32
@@ -48,12 +50,12 @@ def batch_entries(adapter_s, ids, attn, loss_mask, pairs, m, normalize=True, run
     states = adapter_s.hidden_states(ids, attn, runner=runner)  # states[l] = h^(l)
     norm = adapter_s.norm if normalize else None
     out = {}
-    for k, l in enumerate(pairs, start=1):
+    for k, l in enumerate([0] + list(pairs) if aligned_input else pairs, start=0 if aligned_input else 1):
         u = source_direction(states[l][loss_mask], norm)
         out[f"aligned.{k}"] = align(m, u)
-        if source_states:
+        if source_states and k > 0:
             out[f"source.{k}"] = u
-        if topk is not None and k < len(pairs):
+        if topk is not None and 0 < k < len(pairs):
             size, tau, norm_t, head_t, dtype = topk
             y = norm_t(out[f"aligned.{k}"].to(dtype))  # as the exact loss forms its target
             out[f"topk_ids.{k}"], out[f"topk_z.{k}"], out[f"topk_tail.{k}"] = fisher_topk_support(y, head_t, size,
@@ -234,6 +236,9 @@ def phase(s, src, runner, head_s, plan, m, tgt=None, head_t=None):
     if uses_topk(cfg):
         header.update(fisher_topk=cfg.fisher_topk, temperature=cfg.temperature)
         topk = (cfg.fisher_topk, cfg.temperature, tgt.norm, head_t.detach(), s.dtype)
+    aligned_input = cfg.layer_objective == "geometry"
+    if aligned_input:  # only then: the manifest of every other run stays as it was
+        header["aligned_input"] = True
     if s.main:
         store.open(header)
         if not rundir.intact(store.head_path()):
@@ -252,7 +257,7 @@ def phase(s, src, runner, head_s, plan, m, tgt=None, head_t=None):
         ids, attn, loss = (t.to(s.device) for t in s.data.batch(idx, s.pad_id))
         with torch.no_grad():
             out = batch_entries(src, ids, attn, loss, plan["pairs"], m, cfg.normalize_source, runner,
-                                source_states, topk)
+                                source_states, topk, aligned_input)
         if distributed.stop_agreed():  # SIGUSR1: keep the shards written so far and stop
             raise distributed.Preempted("activation cache: stopped on request, the shards written so far are kept; "
                                         "rerun the same command to resume")

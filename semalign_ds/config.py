@@ -88,9 +88,10 @@ class Config(BaseModel):
     normalize_source: bool = _f(True, "logit-lens normalise the source state before mapping")
     basis_dtype: Literal["float64", "float32"] = _f("float64", "dtype of pinv for the semantic bases")
     # --- frontier training ---------------------------------------------------------------------------------
-    method: Literal["semalign", "layerwise", "output_kd"] = _f(
+    method: Literal["semalign", "layerwise", "output_kd", "finetune"] = _f(
         "semalign", "semalign; layerwise (baseline: cosine to the source state through a learned projection); "
-                    "output_kd (baseline: KL at the output only, all layers at once)")
+                    "output_kd (baseline: KL at the output only, all layers at once); finetune (baseline: the "
+                    "labels' cross-entropy only, all layers at once)")
     layer_objective: Literal["fisher", "cosine", "geometry"] = _f(
         "fisher", "loss of stages k < L_t: Fisher surrogate, cosine, or token-token residual geometry")
     fisher_topk: Int = _f(0, "keep the top-k of p* per position in the cache (0: the exact full vocabulary)", ge=0)
@@ -153,6 +154,9 @@ class Config(BaseModel):
             raise ValueError(f"report_to {self.report_to}: `none` cannot be combined with a tracker")
         if self.lora_rank > 0 and not self.lora_targets:
             raise ValueError("lora_rank > 0 needs at least one module name in lora_targets")
+        if self.joint_steps > 0 and self.method != "semalign":
+            raise ValueError(f"joint_steps {self.joint_steps} needs method semalign (the joint phase adds the aligned "
+                             f"layer objectives), but method is {self.method}: set joint_steps=0")
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum_steps "
                              f"{self.grad_accum_steps}: an optimizer step is grad_accum_steps equal micro-batches")

@@ -278,6 +278,21 @@ class TokenizedSet:
             loss[row, :b - a] = self.loss[a:b]
         return ids, attn, loss
 
+    def subset(self, indices):
+        """The sequences `indices`, in that order, as a set of their own."""
+        spans = [(int(self.offsets[i]), int(self.offsets[i + 1])) for i in indices]
+        lengths = torch.tensor([b - a for a, b in spans], dtype=self.offsets.dtype)
+        offsets = torch.zeros(len(spans) + 1, dtype=self.offsets.dtype)
+        offsets[1:] = lengths.cumsum(0)
+        return TokenizedSet(torch.cat([self.ids[a:b] for a, b in spans]),
+                            torch.cat([self.loss[a:b] for a, b in spans]), offsets)
+
+    def split(self, fraction, seed):
+        """(kept, held out): a seeded `fraction` of the sequences (at least one) held out, both in index order."""
+        n_out = max(1, round(fraction * len(self)))
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed * 1000003 + 7919)).tolist()
+        return self.subset(sorted(perm[n_out:])), self.subset(sorted(perm[:n_out]))
+
     def tensors(self):
         return {"ids": self.ids, "loss": self.loss.to(torch.uint8), "offsets": self.offsets,
                 "version": torch.tensor([TOKENIZATION_VERSION])}

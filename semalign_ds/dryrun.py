@@ -240,7 +240,7 @@ def disk_bytes(cfg, src, tgt, tokens):
     """(cache, one frontier): the cache holds per loss position the stage targets and the source's final state,
     and the source head once in float32."""
     b = models.DTYPES[cfg.dtype].itemsize
-    if cfg.method == "output_kd":
+    if cfg.method in ("output_kd", "finetune"):
         per_stage = 0
     elif cfg.method == "layerwise":
         per_stage = src.width * b
@@ -299,7 +299,7 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
     step_tokens, step_loss = cfg.batch_size * mean_len, cfg.batch_size * mean_len * loss_share
     micro_loss = micro * seq * loss_share
     kl = 2 * step_loss * vocab * (src.width + 3 * tgt.width)
-    if cfg.method == "output_kd":
+    if cfg.method in ("output_kd", "finetune"):
         trainable = tgt.layers * (tgt.lora_params or tgt.layer_params)
         steps = cfg.stage_steps * tgt.layers
         out.append(Phase(f"output KD ({steps} steps)", tgt.params * b, training(trainable),

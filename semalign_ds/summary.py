@@ -121,7 +121,9 @@ def phase_rates(run_dir) -> dict:
     for key in sorted(stages, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0)):
         m = stages[key]
         tag = f"stage_{key}" if key.isdigit() else key
-        tokens = _stage_tokens(data, cfg, key, m.get("steps")) if data is not None else None
+        tokens = m.get("loss_positions")  # recorded by fit(); older runs: recounted from the seeded batches
+        if tokens is None and data is not None:
+            tokens = _stage_tokens(data, cfg, key, m.get("steps"))
         seconds = m.get("seconds")
         out[tag] = {"seconds": seconds, "tokens": tokens,
                     "tokens_per_s_total": tokens / seconds if tokens and seconds else None,

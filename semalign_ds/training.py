@@ -11,16 +11,18 @@ verifies the checksums and falls back to the previous checkpoint (or the start o
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import time
 
 import torch
+import torch.nn.functional as F
 
-from semalign_ds import cache, distributed, engines, rundir, summary
+from semalign_ds import budget, cache, distributed, engines, lora, rundir, summary
 from semalign_ds.data import batch_order
-from semalign_ds.frontier import Frontier, objective, stage_loss
+from semalign_ds.frontier import Frontier, layer_term, objective, stage_loss
 from semalign_ds.faults import fault_point
 
 
@@ -41,21 +43,28 @@ def phase(s, state, tgt, head_t, store, mark):
             out = {name: store.rows(f"topk_{name}.{k}", mine, counts) for name in ("ids", "z", "tail")}
         else:
             out = {"aligned": store.rows(f"aligned.{k}", mine, counts)}
+            if cfg.layer_objective == "geometry":  # the aligned source residual of the pair span
+                out["aligned_in"] = store.rows(f"aligned.{k - 1}", mine, counts)
         if final:
             out["source_final"] = store.rows("source_final", mine, counts)
             out["source_head"] = rundir.load_tensors(store.head_path())["weight"].to(s.device, s.dtype)
         return out
 
     metrics = state.get("stage_metrics", {})
-    if cfg.method == "output_kd":
+    if cfg.method in ("output_kd", "finetune"):
+        name = cfg.method
         path = rd.path("stages", "layers.safetensors")
-        if "stage_output_kd" not in state["done"]:
-            metrics["output_kd"] = fit(s, "output_kd", "output KD", tgt.layers, cfg.stage_steps * s.n_target, 0,
-                                       targets(s.n_target, True), mine, output_kd_loss(s, tgt, head_t))
+        if f"stage_{name}" not in state["done"]:
+            batch_targets = targets(s.n_target, True) if name == "output_kd" else {}
+            desc = {"output_kd": "output KD", "finetune": "fine-tuning"}[name]
+            with adapters(s, list(tgt.layers), 0):
+                metrics[name] = fit(s, name, desc, tgt.layers, cfg.stage_steps * s.n_target, 0, batch_targets, mine,
+                                    whole_model_loss(s, tgt, head_t))
+            metrics[name]["budget"] = fit_cost(s, tgt, metrics[name], name, s.n_target)
             if s.main:
                 rundir.save_tensors(path, tgt.layers.state_dict())
             state["stage_metrics"] = metrics
-            mark("stage_output_kd", metrics["output_kd"])
+            mark(f"stage_{name}", metrics[name])
         tgt.layers.load_state_dict(rundir.load_tensors(path))
         return metrics
     frontier = None
@@ -70,13 +79,36 @@ def phase(s, state, tgt, head_t, store, mark):
         metrics[str(k)] = train_stage(s, tgt, head_t, k, frontier, targets(k, k == s.n_target))
         if s.main:
             rundir.save_tensors(weights, layer.state_dict())
+        t0 = time.time()
         frontier = frontier.advance(lambda h, a: forward_layer(tgt, k - 1, h, a, s.dtype), s.data, s.pad_id,
                                     cfg.eval_batch_size, s.device, show=s.main)
+        total = int(s.data.offsets[-1])  # the next frontier: layer k forward over every position
+        metrics[str(k)]["budget"] = budget.add(
+            fit_cost(s, tgt, metrics[str(k)], "stage", 1, k == s.n_target),
+            budget.cost(budget.shape(tgt.config, s.vocab), total, 0, total / len(s.data), 1,
+                        seconds=time.time() - t0))
         rundir.save_tensors(frontier_path(s, k), {"states": frontier.states})
         state["stage_metrics"] = metrics
         mark(f"stage_{k}", metrics[str(k)])
         for old in range(k - 1):  # the last two frontiers stay: a crash between writes loses nothing
             rundir.remove(frontier_path(s, old))
+    if cfg.joint_steps > 0:
+        path = rd.path("stages", "joint.safetensors")
+        if "joint" not in state["done"]:
+            joint_targets = {**{f"aligned.{k}": store.rows(f"aligned.{k}", mine, counts)
+                                for k in range(0 if cfg.layer_objective == "geometry" else 1, s.n_target + 1)},
+                             **targets(s.n_target, True)}
+            joint_targets.pop("aligned", None)
+            joint_targets.pop("aligned_in", None)
+            with adapters(s, list(tgt.layers), s.n_target + 1):
+                metrics["joint"] = fit(s, "joint", "joint", tgt.layers, cfg.joint_steps, s.n_target + 1,
+                                       joint_targets, mine, joint_loss(s, tgt, head_t), cfg.joint_lr)
+            metrics["joint"]["budget"] = fit_cost(s, tgt, metrics["joint"], "joint", s.n_target)
+            if s.main:
+                rundir.save_tensors(path, tgt.layers.state_dict())
+            state["stage_metrics"] = metrics
+            mark("joint", metrics["joint"])
+        tgt.layers.load_state_dict(rundir.load_tensors(path))
     return metrics
 
 
@@ -118,30 +150,84 @@ def train_stage(s, tgt, head_t, k, frontier, targets):
         projection.to(s.device, s.dtype)
         module = torch.nn.ModuleDict({"layer": module, "projection": projection})
 
-    def batch_loss(idx, ids, attn, loss_mask, batch_targets, normalizer):
+    def batch_loss(idx, ids, attn, loss_mask, batch_targets, normalizer, step):
         h_in = frontier.batch(idx).to(s.device, s.dtype)
         return stage_loss(tgt, k, s.n_target, h_in, attn, loss_mask, batch_targets, head_t, cfg, ids, normalizer,
                           projection)
 
-    return fit(s, f"stage_{k}", f"stage {k}/{s.n_target}", module, cfg.stage_steps, k, targets, frontier.members,
-               batch_loss)
+    with adapters(s, [tgt.layers[k - 1]], k):
+        return fit(s, f"stage_{k}", f"stage {k}/{s.n_target}", module, cfg.stage_steps, k, targets,
+                   frontier.members, batch_loss)
 
 
-def output_kd_loss(s, tgt, head_t):
-    """The output-KD baseline's batch loss: every target layer, KL at the output only."""
-    def batch_loss(idx, ids, attn, loss_mask, batch_targets, normalizer):
+@contextlib.contextmanager
+def adapters(s, layers, seed_stage):
+    """With lora_rank > 0: LoRA adapters on `layers` while the phase trains (before its checkpoint is loaded, so
+    that a resume finds them), merged into the weights when it ends."""
+    cfg = s.cfg
+    if cfg.lora_rank == 0:
+        yield
+        return
+    for j, layer in enumerate(layers):
+        lora.attach(layer, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.seed * 1000003 + seed_stage + j)
+    yield
+    for layer in layers:
+        lora.merge(layer)
+
+
+def whole_model_loss(s, tgt, head_t):
+    """The baselines that train every target layer at once: output KD (KL at the output only) and plain
+    fine-tuning (the labels' cross-entropy only)."""
+    def batch_loss(idx, ids, attn, loss_mask, batch_targets, normalizer, step):
         h = tgt.hidden_states(ids, attn)[-1]
         x = tgt.norm(h[loss_mask])
-        return objective(x, batch_targets, True, tgt.norm, head_t, s.cfg, ids[:, 1:][loss_mask[:, :-1]],
-                         normalizer)
+        labels = ids[:, 1:][loss_mask[:, :-1]]
+        if s.cfg.method == "finetune":
+            ce = F.cross_entropy((x @ head_t.T).float(), labels, reduction="sum") / float(normalizer)
+            return ce, {"ce": float(ce.detach())}
+        return objective(x, batch_targets, True, tgt.norm, head_t, s.cfg, labels, normalizer)
     return batch_loss
 
 
-def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss):
+def joint_loss(s, tgt, head_t):
+    """The joint phase: every target layer, the output objective (objective() of the last stage) plus w(t) times
+    the layer objectives of layers 1..L_t - 1, w decaying linearly from joint_layer_weight to 0 over joint_steps."""
+    cfg, n = s.cfg, s.n_target
+
+    def batch_loss(idx, ids, attn, loss_mask, batch_targets, normalizer, step):
+        states = tgt.hidden_states(ids, attn)
+        counts = loss_mask.sum(1)
+        labels = ids[:, 1:][loss_mask[:, :-1]]
+
+        def layer_targets(k):
+            out = {"aligned": batch_targets[f"aligned.{k}"]}
+            if cfg.layer_objective == "geometry":
+                out["aligned_in"] = batch_targets[f"aligned.{k - 1}"]
+            return out
+
+        def residual(k):
+            return (states[k] - states[k - 1])[loss_mask] if cfg.layer_objective == "geometry" else None
+
+        final = {**layer_targets(n), "source_final": batch_targets["source_final"],
+                 "source_head": batch_targets["source_head"]}
+        loss, parts = objective(tgt.norm(states[n][loss_mask]), final, True, tgt.norm, head_t, cfg, labels,
+                                normalizer, residual=residual(n), counts=counts)
+        weight = cfg.joint_layer_weight * (1 - step / cfg.joint_steps)
+        if weight > 0 and n > 1:
+            layers = sum(layer_term(tgt.norm(states[k][loss_mask]), layer_targets(k), tgt.norm, head_t, cfg,
+                                    residual=residual(k), counts=counts)[1] for k in range(1, n)) / float(normalizer)
+            loss = loss + weight * layers
+            parts["layers"] = float(layers.detach())
+        parts["layer_weight"] = weight
+        return loss, parts
+    return batch_loss
+
+
+def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss, peak_lr=None):
     """The optimizer loop shared by every stage: seeded global batches, each rank computing the sequences it
     owns, checkpoints every checkpoint_every steps (resumed from), metrics to TensorBoard and metrics.jsonl."""
     cfg = s.cfg
-    module.requires_grad_(True)
+    lora.set_trainable(module)
     if s.ds_target is not None:
         gas = cfg.grad_accum_steps
         ds = engines.fill(s.ds_target, max(1, cfg.batch_size // (s.world * gas)), s.world, cfg.dtype,
@@ -157,6 +243,10 @@ def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss):
     s.monitor.resume(tag, start)  # steps logged after the checkpoint are logged again, not twice
     counts = s.data.loss_counts
     order = batch_order(len(s.data), cfg.batch_size, steps, cfg.seed, seed_stage)
+    # the whole phase's token positions (global, every step, also those done before a resume): its compute
+    lengths = s.data.lengths
+    positions = sum(int(lengths[b].sum()) for b in order)
+    loss_positions = sum(int(counts[b].sum()) for b in order)
     owned = set(members)
     row_start = torch.zeros(len(s.data) + 1, dtype=torch.long)  # this rank's target rows per sequence
     local_counts = torch.zeros(len(s.data), dtype=torch.long)
@@ -167,7 +257,7 @@ def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss):
     for step in bar:
         batch = order[step]
         total = int(counts[batch].sum())  # loss positions in the whole global batch
-        lr = lr_at(cfg, step, steps)
+        lr = lr_at(cfg, step, steps, peak_lr)
         stage.set_lr(lr)
         loss, parts = 0.0, {}
         for micro in micro_batches([i for i in batch if i in owned], cfg.grad_accum_steps):
@@ -179,7 +269,7 @@ def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss):
             rows = torch.cat([torch.arange(row_start[i], row_start[i + 1]) for i in idx])
             batch_targets = {name: t if name == "source_head" else t[rows].to(s.device)
                              for name, t in targets.items()}
-            micro_loss, micro_parts = batch_loss(idx, ids, attn, loss_mask, batch_targets, total)
+            micro_loss, micro_parts = batch_loss(idx, ids, attn, loss_mask, batch_targets, total, step)
             micro_loss = micro_loss * weight
             stage.backward(micro_loss * stage.scale)
             loss = loss + float(micro_loss.detach())
@@ -214,7 +304,16 @@ def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss):
     elapsed = time.time() - t0
     return {"first_loss": history[0], "last_loss": history[-1],
             "mean_last_10": sum(history[-10:]) / len(history[-10:]), "steps": len(history),
-            "seconds": elapsed, "loss_tokens_per_s_rank0": tokens / max(elapsed, 1e-9)}
+            "seconds": elapsed, "loss_tokens_per_s_rank0": tokens / max(elapsed, 1e-9), "positions": positions,
+            "loss_positions": loss_positions, "mean_len": positions / max(1, steps * cfg.batch_size)}
+
+
+def fit_cost(s, tgt, metrics, kind, layers, final=True):
+    """The budget (budget.cost) of a finished fit() that ran `layers` target layers forward and backward."""
+    heads = budget.training_heads(s.cfg, final, kind, layers)
+    return budget.cost(budget.shape(tgt.config, s.vocab), metrics["positions"], metrics["loss_positions"],
+                       metrics["mean_len"], layers, layers, *heads, weight_grads=s.cfg.lora_rank == 0,
+                       seconds=metrics["seconds"])
 
 
 def micro_batches(indices, n):
@@ -224,17 +323,19 @@ def micro_batches(indices, n):
     return [indices[j * size:(j + 1) * size] for j in range(n)]
 
 
-def lr_at(cfg, step, steps):
+def lr_at(cfg, step, steps, peak=None):
     """The learning rate of optimizer step `step` (0-based) of a stage of `steps`: linear warm-up over
-    warmup_steps, then constant, or linear or cosine decay to min_lr_ratio * lr at the stage's end."""
+    warmup_steps, then constant, or linear or cosine decay to min_lr_ratio * peak at the stage's end (peak: lr, or
+    the joint phase's joint_lr)."""
+    peak = cfg.lr if peak is None else peak
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return peak * (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
-        return cfg.lr
+        return peak
     t = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
-    floor = cfg.min_lr_ratio * cfg.lr
+    floor = cfg.min_lr_ratio * peak
     shape = 1 - t if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * t))
-    return floor + (cfg.lr - floor) * shape
+    return floor + (peak - floor) * shape
 
 
 # --- atomic checkpoints ----------------------------------------------------------------------------------------

@@ -62,3 +62,22 @@ def test_basis_property_on_real_states(smollm):
         rand = torch.cosine_similarity(u, u @ s @ random_basis.T, dim=-1)
         assert own.min() > 0.5, (l, own)
         assert rand.abs().max() < 0.2, (l, rand)
+
+
+def test_least_squares_map_reproduces_a_shared_head_and_differs_from_the_semantic_map():
+    """M = pinv(W_t) W_s: for a pair sharing its head (W_t = W_s, different hidden bases are impossible then, so
+    take W_t = W_s R for an invertible R: the same logits through another basis) W_t M u == W_s u exactly."""
+    gen = torch.Generator().manual_seed(3)
+    V, d = 211, 19
+    w_s = torch.randn(V, d, generator=gen, dtype=torch.float64)
+    r = torch.randn(d, d, generator=gen, dtype=torch.float64) + 3 * torch.eye(d, dtype=torch.float64)
+    w_t = w_s @ r
+    u = torch.randn(11, d, generator=gen, dtype=torch.float64)
+    m = alignment.alignment_map(w_t, w_s, kind="least_squares").double()  # float32 M: tolerance 1e-4 relative
+    got, want = alignment.align(m, u) @ w_t.T, u @ w_s.T
+    assert (got - want).norm() / want.norm() < 1e-5
+    torch.testing.assert_close(m, torch.linalg.solve(r, torch.eye(d, dtype=torch.float64)), rtol=1e-5, atol=1e-5)
+    semantic = alignment.alignment_map(w_t, w_s).double()
+    assert (alignment.align(semantic, u) @ w_t.T - want).norm() / want.norm() > 1e-2
+    with pytest.raises(ValueError, match="unknown alignment map"):
+        alignment.alignment_map(w_t, w_s, kind="ridge")

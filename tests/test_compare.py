@@ -1,28 +1,51 @@
-"""The comparison launcher trains each variant and evaluates all models in one table."""
+"""The comparison launcher: every variant at equal training compute over 2 seeds, mean and standard deviation, on
+the validation split and both held-out evaluations; and all models evaluated in one table."""
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT, TINY_YAML
 
 
-def test_compare_variants_on_tiny(tmp_path):
+def test_compare_variants_on_tiny_at_equal_compute(tmp_path):
     out = tmp_path / "cmp"
     cmd = [sys.executable, os.path.join(ROOT, "launchers", "compare.py"), "--config", TINY_YAML,
-           "--output-dir", str(out), "--variants", "semalign,output-kd,layerwise", "--benchmarks", "nll",
-           "--limit", "4"]
-    cmd += [f"--set={k}={v}" for k, v in {"max_examples": 16, "stage_steps": 3, "eval_max_examples": 4,
-                                          "cache_shard_examples": 8, "batch_size": 4}.items()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+           "--output-dir", str(out), "--variants", "semalign,output-kd,finetune", "--benchmarks", "nll",
+           "--limit", "4", "--seeds", "0", "1"]
+    cmd += [f"--set={k}={v}" for k, v in {"max_examples": 16, "stage_steps": 4, "eval_max_examples": 4,
+                                          "cache_shard_examples": 8, "batch_size": 4, "validation_fraction": 0.25,
+                                          "report_to": "none"}.items()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "compare.json").read_text())
+    rows = result["rows"]
+    assert list(rows) == ["source", "target before", "semalign", "output-kd", "finetune"]
+    assert "training budget" in proc.stdout and "Best by validation NLL" in (out / "compare.md").read_text()
+    flops = {}
+    for name in ("semalign", "output-kd", "finetune"):
+        runs = [json.loads((out / name / f"seed{s}" / "budget.json").read_text())["training"]["flops"]
+                for s in (0, 1)]
+        flops[name] = sum(runs) / 2
+        mean, sd = rows[name]["training_flops"]
+        assert mean == pytest.approx(flops[name])
+        for key in ("validation", "eval", "second"):
+            m, sd = rows[name][key]
+            assert m > 0 and sd > 0, (name, key)  # two seeds, two different models
+        reports = [json.loads((out / name / f"seed{s}" / "report.json").read_text()) for s in (0, 1)]
+        assert rows[name]["eval"][0] == pytest.approx(sum(r["target_after"]["nll"] for r in reports) / 2)
+    # equal compute: the baselines' steps were chosen to match the reference's FLOPs (one step's granularity)
+    assert rows["output-kd"]["stage_steps"] != 4 or rows["finetune"]["stage_steps"] != 4
+    for name in ("output-kd", "finetune"):
+        assert abs(flops[name] / flops["semalign"] - 1) < 0.3, (name, flops)
+    # the evaluation of every model on --benchmarks: a run's own NLL is the evaluation's on the same problems
     report = json.loads((out / "eval" / "report.json").read_text())
-    assert list(report["models"]) == ["source", "target before", "semalign", "output-kd", "layerwise"]
+    assert list(report["models"])[:3] == ["source", "target before", "semalign-seed0"]
     nll = {name: m["results"]["nll"]["nll"] for name, m in report["models"].items()}
-    assert len(set(nll.values())) == 5  # five different models
-    # the same 4 problems: the evaluation's NLL of each model is the one the runs themselves reported
-    run_report = json.loads((out / "semalign" / "report.json").read_text())
+    run_report = json.loads((out / "semalign" / "seed0" / "report.json").read_text())
     assert abs(run_report["source"]["nll"] - nll["source"]) < 1e-5
-    assert abs(run_report["target_before"]["nll"] - nll["target before"]) < 1e-5
-    assert abs(run_report["target_after"]["nll"] - nll["semalign"]) < 1e-5
-    assert (out / "eval" / "report.png").is_file()
+    assert abs(run_report["target_after"]["nll"] - nll["semalign-seed0"]) < 1e-5
+    second = json.loads((out / "eval-second" / "report.json").read_text())
+    assert second["settings"]["data"]["nll"] == "embedded:idlelib"

@@ -236,3 +236,15 @@ def test_tokenize_itself_cuts_rows_it_is_given(tok, monkeypatch):
     ts, _ = data.tokenize(rows, tok, max_seq_len=2000, chat_template="off", max_row_chars=1001)
     assert seen == [2002] and int(ts.loss.sum()) == response_tokens
     assert rows[0]["prompt"] == "p" * 1500  # the caller's rows are left as they were
+
+
+def test_the_idlelib_evaluation_is_never_in_the_transfer_set():
+    """embedded:idlelib, the second held-out evaluation: IDLE's documented functions, none of whose bodies the
+    transfer set embedded:stdlib holds, in the same order whatever the seed."""
+    from semalign_ds import embedded
+    held_out = embedded.rows("idlelib", seed=3)
+    transfer = embedded.rows("stdlib")
+    assert len(held_out) > 400 and held_out == embedded.rows("idlelib", seed=0)
+    assert not {r["response"] for r in held_out} & {r["response"] for r in transfer}
+    assert not {r["prompt"] for r in held_out} & {r["prompt"] for r in transfer}
+    assert all(r["prompt"].lstrip().startswith(("def ", "async def ")) and r["response"].strip() for r in held_out)

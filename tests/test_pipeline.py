@@ -179,16 +179,16 @@ def test_changed_config_is_not_silently_resumed(tiny_run):
         pipeline.run(tiny_config(tiny_run, lr=1.0))
 
 
-@pytest.mark.parametrize("method", ["layerwise", "output_kd"])
+@pytest.mark.parametrize("method", ["layerwise", "output_kd", "finetune"])
 def test_baselines_train_what_they_should(tmp_path, method):
     """The baselines of the comparison: the layer-wise one trains every layer stage by stage on cached source
     states; output KD trains all layers at once for as many steps as the stages together."""
     out = tmp_path / method
     pipeline.run(tiny_config(out, method=method, eval_data=None))
     metrics = json.loads((out / "metrics.json").read_text())["stages"]
-    if method == "output_kd":
-        assert list(metrics) == ["output_kd"] and metrics["output_kd"]["steps"] == 3 * FAST["stage_steps"]
-        assert metrics["output_kd"]["last_loss"] < metrics["output_kd"]["first_loss"]
+    if method in ("output_kd", "finetune"):
+        assert list(metrics) == [method] and metrics[method]["steps"] == 3 * FAST["stage_steps"]
+        assert metrics[method]["last_loss"] < metrics[method]["first_loss"]
     else:
         assert sorted(metrics) == ["1", "2", "3"]
         shard = load_file(out / "cache" / "shard-00000.safetensors")

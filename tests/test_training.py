@@ -29,6 +29,9 @@ def test_learning_rate_schedules(schedule):
         assert got[step] == pytest.approx(want, rel=1e-12), step
     if schedule != "constant":
         assert got[-1] > 0.037 and got[4] > got[10] > got[-1]
+    # the joint phase's joint_lr takes lr's place in the same schedule
+    joint = [lr_at(c, step, steps, peak=0.0137) for step in range(steps)]
+    assert joint == pytest.approx([g * 0.0137 / 0.37 for g in got], rel=1e-12)
 
 
 def test_micro_batches_keep_every_rank_in_step():
