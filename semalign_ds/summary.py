@@ -224,7 +224,7 @@ def summarize(run_dir) -> str:
                    + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in nll.items())
                    + ("" if "target_after" not in report else
                       f"; gap closed {100 * report['gap_closed']:.1f}%" if report.get("gap_closed") is not None
-                      else "; gap closed: undefined (the target started at or below the source)"))
+                      else "; gap closed: undefined"))
     if os.path.isdir(os.path.join(run_dir, "target")):
         out.append(f"  exported target: {os.path.join(run_dir, 'target')}")
     return "\n".join(out)
