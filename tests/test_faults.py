@@ -192,18 +192,20 @@ def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path):
 
 def test_two_runs_into_one_directory(tmp_path):
     out = tmp_path / "run"
-    first = subprocess.Popen(command(out, 1, {"stage_steps": 60}), env=environment(), cwd=ROOT,
+    # the first run pauses 45 s in its second step: still busy when the second one starts
+    first = subprocess.Popen(command(out, 1), env=environment("stage_step:2:0:sleep"), cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lock = out / "run.lock"
     deadline = time.time() + 300
     while not (lock.is_file() and f"pid {first.pid}" in lock.read_text()):
         assert first.poll() is None and time.time() < deadline, "the first run never took the lock"
         time.sleep(0.2)
-    second = subprocess.run(command(out, 1, {"stage_steps": 60}), env=environment(), cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    second = subprocess.run(command(out, 1), env=environment(), cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
     assert second.returncode == 2
     assert f"is in use by another run (pid {first.pid}" in second.stderr
     assert first.wait(timeout=900) == 0
+    assert checksum(out) == golden(1)  # the refused run changed nothing
 
 
 def test_a_killed_launcher_leaves_no_worker(tmp_path):

@@ -45,7 +45,8 @@ def test_a_pruned_target_on_2_ranks_matches_1_rank(tmp_path):
     a, b = weights(one), weights(two)
     assert a.keys() == b.keys() and sum(".layers." in k and "q_proj" in k for k in a) == 3
     for k in a:  # sums in another order, amplified by Adam in near-zero gradient coordinates: compare norms
-        assert (b[k].double() - a[k].double()).norm() <= 1e-4 * a[k].double().norm(), k
+        # (wrong gradient averaging across ranks would differ by tens of percent)
+        assert (b[k].double() - a[k].double()).norm() <= 1e-3 * a[k].double().norm(), k
 
 
 @pytest.mark.parametrize("name", ["source_zero3", "target_zero2", "target_zero3", "target_zero2_offload"])
