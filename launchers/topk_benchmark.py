@@ -62,7 +62,7 @@ def main():
               "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "threads": args.threads, "config": os.path.relpath(args.config, ROOT), "settings": " ".join(args.set),
               "torch": torch.__version__, "commit": commit, "load_1m": f"{os.getloadavg()[0]:.2f}"}
-    print(f"\n| k | cache s | stages s | stage speed-up | final NLL | vs exact | mean tail mass |\n|---|---|---|---|---|---|---|")
+    print("\n| k | cache s | stages s | stage speed-up | final NLL | vs exact | mean tail mass |\n|---|---|---|---|---|---|---|")
     new = not os.path.isfile(args.results)
     with open(args.results, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
