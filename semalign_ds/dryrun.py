@@ -181,12 +181,8 @@ def plan(cfg: Config, world: int | None = None) -> Plan:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by world {world} x grad_accum_steps "
                           f"{cfg.grad_accum_steps}: each rank runs batch_size / (world x grad_accum_steps) "
                           f"sequences per micro-batch; use a multiple of {per_step}")
-    models.check_exists(cfg.source, "source", cfg.source_gguf_file)
-    if cfg.target is not None:
-        models.check_exists(cfg.target, "target", cfg.target_gguf_file)
-    data_mod.check_data_path(cfg.data, "data")
-    if cfg.eval_data:
-        data_mod.check_data_path(cfg.eval_data, "eval_data")
+    from semalign_ds.pipeline import check_paths
+    check_paths(cfg)
     for key, role in (("ds_source_config", "source"), ("ds_target_config", "target")):
         if getattr(cfg, key):
             engines.load_ds_config(getattr(cfg, key), role)

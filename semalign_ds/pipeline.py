@@ -193,14 +193,19 @@ def resume_state(cfg, rd):
     return state
 
 
-def prepare(cfg, rd):
-    rank, world = distributed.rank(), distributed.world()
+def check_paths(cfg):
+    """The models and data sets the config names exist (hub ids are left to their loaders)."""
     models.check_exists(cfg.source, "source", cfg.source_gguf_file)
     if cfg.target is not None:
         models.check_exists(cfg.target, "target", cfg.target_gguf_file)
     data_mod.check_data_path(cfg.data, "data")
     if cfg.eval_data:
         data_mod.check_data_path(cfg.eval_data, "eval_data")
+
+
+def prepare(cfg, rd):
+    rank, world = distributed.rank(), distributed.world()
+    check_paths(cfg)
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the world size {world}: each "
                           f"rank trains on batch_size / world sequences per step; use a multiple of "
