@@ -7,6 +7,8 @@ vector is ever formed per token.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -54,13 +56,9 @@ def phase(s, head_t, head_s):
     """The alignment map of the run: alignment.safetensors when intact, else computed by rank 0 and saved."""
     from semalign_ds import distributed, rundir
     path = s.rd.path("alignment.safetensors")
-    try:
-        ok = rundir.verified(path)
-    except rundir.DamagedFile as err:
-        ok = False
-        if s.main:
-            print(f"{err}: recomputing it", flush=True)
-    if not ok and s.main:
+    if s.main and not rundir.intact(path):  # every rank's load_tensors below checks it again
+        if os.path.exists(path):
+            print(f"{path} is damaged or has no checksum: recomputing it", flush=True)
         dtype = torch.float64 if s.cfg.basis_dtype == "float64" else torch.float32
         rundir.save_tensors(path, {"M": alignment_map(head_t.detach(), head_s, dtype, s.cfg.alignment_map)})
     distributed.barrier()

@@ -176,17 +176,6 @@ class ActivationCache:
                         os.remove(p)
         return problems
 
-    def verify(self):
-        """Refuse to train on a cache with a missing or damaged shard."""
-        for i in range(self.n_shards):
-            try:
-                complete = self.is_complete(i)
-            except CorruptShard as err:
-                raise CorruptShard(f"{err}: rerun the same command to recompute it") from None
-            if not complete:
-                raise CorruptShard(f"cache shard {self._paths(i)[0]} is missing: rerun the same command to "
-                                   f"recompute it")
-
     def head_path(self):
         return os.path.join(self.folder, "source_head.safetensors")
 

@@ -281,7 +281,7 @@ def tokenized(cfg, rd, tokenizer, name, spec, max_examples, max_seq_len):
     """The tokenised set, from the run directory when it is there and intact, else made (again)."""
     path = rd.path("data", f"{name}.safetensors")
     try:
-        if rundir.verified(path):
+        if os.path.isfile(path):  # load_tensors checks it against its checksum
             return data_mod.TokenizedSet.from_tensors(rundir.load_tensors(path))
     except (rundir.DamagedFile, data_mod.StaleTokenization) as err:
         if distributed.rank() == 0:
@@ -316,9 +316,8 @@ def open_run_dir(s, state):
 
 def check_reused_files(s, state):
     """Verify every file a finished phase left before it is reused; a damaged one is recomputed (its phase and
-    those built on it are marked undone, and the log says so)."""
-    rd, done = s.rd, state["done"]
-    damaged = []
+    those built on it are marked undone, and the log says so). Rank 0 checks, for every rank alike."""
+    rd, done, damaged = s.rd, state["done"], []
 
     def check(path, phases):
         try:
@@ -329,41 +328,31 @@ def check_reused_files(s, state):
         if not ok:
             for phase in phases:
                 done.pop(phase, None)
+        return ok
 
-    if "plan" in done:
-        check(rd.path("plan.json"), ["plan", "cache"])
-    if "cache" in done:
-        for problem in cache.ActivationCache(rd.path("cache"), len(s.data), s.cfg.cache_shard_examples).damaged():
-            damaged.append(problem)
-            done.pop("cache", None)
-    stages = [p for p in done if p.startswith("stage_") and p[6:].isdigit()]
-    for k in sorted(int(p[6:]) for p in stages):
-        path = rd.path("stages", f"layer-{k}.safetensors")
-        try:
-            ok = rundir.verified(path)
-        except rundir.DamagedFile as err:
-            ok = False
-            damaged.append(str(err))
-        if not ok:  # this stage and every later one (trained on its output) are trained again
-            for later in [p for p in list(done) if p.startswith("stage_") and p[6:].isdigit() and int(p[6:]) >= k]:
-                done.pop(later)
-            done.pop("joint", None)  # trained on top of the stages
-            done.pop("export", None)
-            done.pop("eval_after", None)
-            done.pop("eval_validation", None)
-            break
-    for name in ("stage_output_kd", "stage_finetune"):
-        if name in done:
-            check(rd.path("stages", "layers.safetensors"), [name, "export", "eval_after", "eval_validation"])
-    if "joint" in done:
-        check(rd.path("stages", "joint.safetensors"), ["joint", "export", "eval_after", "eval_validation"])
-    if "export" in done:
-        if not export.intact(rd.path("target")):
+    if s.main:
+        if "plan" in done:
+            check(rd.path("plan.json"), ["plan", "cache"])
+        if "cache" in done:
+            for problem in cache.ActivationCache(rd.path("cache"), len(s.data), s.cfg.cache_shard_examples).damaged():
+                damaged.append(problem)
+                done.pop("cache", None)
+        for k in sorted(int(p[6:]) for p in done if p.startswith("stage_") and p[6:].isdigit()):
+            # this stage and every later one (trained on its output) are trained again, and what stands on them
+            later = [p for p in done if p.startswith("stage_") and p[6:].isdigit() and int(p[6:]) >= k]
+            if not check(rd.path("stages", f"layer-{k}.safetensors"),
+                         later + ["joint", "export", "eval_after", "eval_validation"]):
+                break
+        for name in ("stage_output_kd", "stage_finetune"):
+            if name in done:
+                check(rd.path("stages", "layers.safetensors"), [name, "export", "eval_after", "eval_validation"])
+        if "joint" in done:
+            check(rd.path("stages", "joint.safetensors"), ["joint", "export", "eval_after", "eval_validation"])
+        if "export" in done and not export.intact(rd.path("target")):
             damaged.append(f"{rd.path('target')} is incomplete or damaged")
             done.pop("export", None)
-    damaged = distributed.all_gather_object(damaged)[0]  # rank 0 decides, for every rank alike
     state["done"] = distributed.broadcast_object(done)
-    if damaged and s.main:
+    if damaged:
         for problem in damaged:
             print(f"recomputing: {problem}", flush=True)
         rd.write_state(state)
