@@ -38,7 +38,8 @@ RESULTS = os.path.join(ROOT, "benchmarks", "transfer_throughput.csv")
 MEMORY_ENV = "SEMALIGN_BENCH_MEMORY_DIR"
 COLUMNS = ["date", "device", "cores", "threads_per_rank", "world", "config", "settings", "phase", "seconds",
            "tokens", "tokens_per_s_total", "tokens_per_s_per_rank", "speedup_vs_1", "peak_mem_mib_per_rank",
-           "torch", "deepspeed", "transformers", "python", "commit", "load_1m", "rank0_peak_mib_at_phase_end"]
+           "torch", "deepspeed", "transformers", "python", "commit", "load_1m", "rank0_peak_mib_at_phase_end",
+           "rank0_phase_peak_mib"]
 
 
 # --- the worker: one rank of a benchmarked run ---------------------------------------------------------------------
@@ -146,6 +147,10 @@ def measure(run_dir, mem_dir, world, wall):
         tag = "cache" if line.get("tag") == "cache" else line.get("tag")
         if tag in phases and line.get("rss_peak_mib") is not None:
             phases[tag]["rank0_peak_mib"] = line["rss_peak_mib"]
+        # rank 0's peak within each phase (the plan's memory line ends attribution)
+        name = str(line.get("tag", "")).removeprefix("memory/").replace("plan", "attribution")
+        if str(line.get("tag", "")).startswith("memory/") and name in phases and "rss_phase_peak_mib" in line:
+            phases[name]["rank0_phase_peak_mib"] = line["rss_phase_peak_mib"]
     return {"phases": phases, "memory": [memory[r] for r in sorted(memory)],
             "source_param_mib_rank0": source_params / 2**20 if source_params else None}
 
@@ -215,6 +220,9 @@ def table(results):
         lines.append(f"world {r['world']} ({r['threads']} thread(s)/rank): peak memory MiB {mem}"
                      + (f"; source parameters on rank 0 under ZeRO-3: {r['source_param_mib_rank0']:.0f} MiB"
                         if r.get("source_param_mib_rank0") else ""))
+        peaks = [f"{n} {p['rank0_phase_peak_mib']:.0f}" for n, p in r["phases"].items() if p.get("rank0_phase_peak_mib")]
+        if peaks:
+            lines.append(f"  rank 0's peak MiB within each phase: {', '.join(peaks)}")
         stages = {n: p["seconds"] for n, p in r["phases"].items() if n.startswith("stage_") and p.get("seconds")}
         if len(stages) > 1:
             ratio = max(stages.values()) / min(stages.values())
@@ -239,6 +247,14 @@ def append_rows(path, results, args, cores):
               "settings": " ".join(args.set), "load_1m": f"{os.getloadavg()[0]:.2f}", **info}
     new = not os.path.isfile(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if not new:  # a results file from before a column was added: rewritten with the columns of now
+        with open(path, newline="") as f:
+            old = list(csv.DictReader(f))
+        if old and list(old[0]) != COLUMNS:
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
+                w.writeheader()
+                w.writerows(old)
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         if new:
@@ -254,7 +270,8 @@ def append_rows(path, results, args, cores):
                             "tokens_per_s_total": _num(total, ".1f"),
                             "tokens_per_s_per_rank": _num(total / r["world"] if total else None, ".1f"),
                             "speedup_vs_1": _num(up, ".3f") if up else "", "peak_mem_mib_per_rank": mem,
-                            "rank0_peak_mib_at_phase_end": _num(p.get("rank0_peak_mib"), ".0f")})
+                            "rank0_peak_mib_at_phase_end": _num(p.get("rank0_peak_mib"), ".0f"),
+                            "rank0_phase_peak_mib": _num(p.get("rank0_phase_peak_mib"), ".0f")})
 
 
 def main(argv=None):

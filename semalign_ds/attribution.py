@@ -40,7 +40,7 @@ def phase(s, src, runner, head_s):
     cfg = s.cfg
     n = len(s.data) if cfg.attribution_examples is None else min(cfg.attribution_examples, len(s.data))
     mine = distributed.shard(n)
-    batches = [[mine[j] for j in b] for b in index_batches(len(mine), cfg.eval_batch_size)]
+    batches = [[mine[j] for j in b] for b in index_batches(len(mine), cfg.attribution_batch_size)]
     sums = torch.zeros(s.n_source + 1, dtype=torch.float64)  # scores per layer, and tokens
     t0 = time.time()
     for idx, real in s.bar(distributed.lockstep(batches, collective=runner is not None and s.world > 1),

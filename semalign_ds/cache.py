@@ -239,7 +239,7 @@ def phase(s, src, runner, head_s, plan, m, tgt=None, head_t=None):
     mine = todo[s.rank::s.world]
     batches = [(i, b) for i in mine for b in index_batches(len(range(*store.shard_range(i))), cfg.eval_batch_size)]
     jobs = distributed.lockstep(batches, collective=s.world > 1, filler=(0, [0]))
-    t0, tokens, parts = time.time(), 0, {}
+    t0, tokens, filling = time.time(), 0, None  # filling: (shard, {key: its rows, allocated once}, next row)
     for j, ((shard, local), real) in enumerate(s.bar(jobs, desc="activation cache")):
         start = store.shard_range(shard)[0]
         idx = [start + x for x in local]
@@ -253,10 +253,21 @@ def phase(s, src, runner, head_s, plan, m, tgt=None, head_t=None):
         if not real:
             continue
         tokens += int(attn.sum())
-        parts.setdefault(shard, []).append({k: v.cpu() for k, v in out.items()})
+        if filling is None or filling[0] != shard:  # a new shard: its rows are known, so fill them in place
+            rows = int(s.data.loss_counts[slice(*store.shard_range(shard))].sum())
+            filling = (shard, {k: torch.empty((rows, *v.shape[1:]), dtype=v.dtype) for k, v in out.items()}, 0)
+        shard, buffers, first = filling
+        n = next(iter(out.values())).shape[0]
+        for k, v in out.items():
+            buffers[k][first:first + n] = v
+        filling = (shard, buffers, first + n)
         if j + 1 == len(batches) or batches[j + 1][0] != shard:  # the shard is complete
-            store.write(shard, {k: torch.cat([p[k] for p in parts[shard]]) for k in parts[shard][0]})
-            del parts[shard]
+            if first + n != len(buffers["source_final"]):
+                raise RuntimeError(f"activation cache: shard {shard} got {first + n} rows, its examples have "
+                                   f"{len(buffers['source_final'])} loss positions")
+            store.write(shard, buffers)
+            filling = None
+            summary.release_memory()
             fault_point("cache_shard", s.rank)
     seconds = time.time() - t0
     total = float(distributed.all_reduce_sum(torch.tensor([tokens], dtype=torch.float64))[0])

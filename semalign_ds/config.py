@@ -81,6 +81,8 @@ class Config(BaseModel):
     pairing: Literal["attribution", "uniform"] = _f("attribution", "how target layers are paired with source layers")
     pairing_lambda: Float = _f(0.5, "depth penalty of the attribution DP, on scores scaled to max 1", ge=0)
     attribution_examples: Optional[Int] = _f(None, "examples used for attribution (null: all)", ge=1)
+    attribution_batch_size: Int = _f(2, "sequences per forward and backward in attribution, per rank (the "
+                                        "backward holds every layer's activations of them)", ge=1)
     # --- alignment -----------------------------------------------------------------------------------------
     alignment_map: Literal["semantic", "least_squares"] = _f(
         "semantic", "semantic: M = S_t S_s^T (the paper); least_squares: M = pinv(W_t) W_s")
@@ -137,8 +139,8 @@ class Config(BaseModel):
 
     # keys that change nothing computed: a resumed run may differ in these
     RUN_ONLY_KEYS: ClassVar[tuple] = (
-        "output_dir", "log_every", "device", "eval_batch_size", "checkpoint_every", "loss_backend",
-        "collective_timeout_minutes", "report_to")
+        "output_dir", "log_every", "device", "eval_batch_size", "attribution_batch_size", "checkpoint_every",
+        "loss_backend", "collective_timeout_minutes", "report_to")
 
     def check(self):
         """Checks across keys. Not run by Config() itself, whose defaults name no target: from_dict runs them."""

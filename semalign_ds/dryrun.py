@@ -280,16 +280,19 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
         src_held += src.layer_params * b
     out = []
     n_attr = tokens.examples if cfg.attribution_examples is None else min(cfg.attribution_examples, tokens.examples)
-    eb = cfg.eval_batch_size
+    eb, ab = cfg.eval_batch_size, cfg.attribution_batch_size
     if cfg.pairing == "attribution" and cfg.method == "semalign":
         attr_tokens = tokens.tokens * n_attr / tokens.examples
         out.append(Phase("attribution", src_held, 0,
-                         src.layers * _activations(eb, seq, src.width, src.heads, b) + 2 * eb * seq * vocab * 4,
+                         src.layers * _activations(ab, seq, src.width, src.heads, b) + 2 * ab * seq * vocab * 4,
                          3 * (body_fwd(src) + 2 * src.head_matmul) * attr_tokens,
                          f"{n_attr} examples, source forward + backward"))
     map_flops = 2 * tgt.width * src.width * tgt.layers if cfg.method == "semalign" else 0
+    # one shard's rows are held (fp32) until the shard is written
+    shard_rows = min(cfg.cache_shard_examples, tokens.examples) * tokens.loss_positions / tokens.examples
     out.append(Phase("activation cache", src_held, 0,
-                     _activations(eb, seq, src.width, src.heads, b) / 2 + eb * seq * src.width * b * (tgt.layers + 1),
+                     _activations(eb, seq, src.width, src.heads, b) / 2 + eb * seq * src.width * b * (tgt.layers + 1)
+                     + shard_rows * (tgt.width * tgt.layers + src.width) * 4,
                      body_fwd(src) * tokens.tokens + map_flops * tokens.loss_positions,
                      "source forward, no gradient"))
     step_tokens, step_loss = cfg.batch_size * mean_len, cfg.batch_size * mean_len * loss_share

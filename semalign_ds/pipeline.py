@@ -125,6 +125,7 @@ def _run(cfg):
     if "cache" not in state["done"]:
         t0 = time.time()
         m = alignment.phase(s, head_t, head_s)
+        phase_memory(s, "alignment")
         cache.phase(s, src, runner, head_s, plan, m, tgt, head_t)
         mark(s, state, "cache", {"budget": source_cost(s, "cache", time.time() - t0)})
     if needs_source:
@@ -361,10 +362,18 @@ def check_reused_files(s, state):
 def mark(s, state, phase, info=None):
     """Record a finished phase (rank 0 writes; every rank keeps the same state)."""
     state["done"][phase] = info if info is not None else True
-    s.monitor.log(f"memory/{phase}", summary.memory_scalars(s.device), 0)  # rank 0's memory as each phase ends
+    phase_memory(s, phase)
     if s.main:
         s.rd.write_state(state)
     distributed.barrier()
+
+
+def phase_memory(s, name):
+    """Log memory/NAME, rank 0's memory as a phase ends (rss_phase_peak_mib: the phase's own peak), after handing
+    back what the phase freed; the next phase's peak starts from here."""
+    summary.release_memory()
+    s.monitor.log(f"memory/{name}", summary.memory_scalars(s.device, phase_peak=True), 0)
+    summary.reset_phase_peak()
 
 
 def source_cost(s, phase, seconds):
@@ -410,7 +419,7 @@ def load_source(s):
         ds = engines.fill(s.ds_source, cfg.eval_batch_size, s.world, cfg.dtype)
         n_params = models.parameter_count(cfg.source, cfg.source_gguf_file)
         engines.check_source_fits(ds, n_params, s.dtype.itemsize)
-        s.monitor.log("memory/before_source", summary.memory_scalars(s.device), 0)
+        phase_memory(s, "before_source")
         source, runner = engines.sharded_source(cfg.source, cfg.source_gguf_file, cfg.dtype, cfg.seed, ds)
         held = engines.parameter_bytes_on_this_rank(source)
         share = held / (n_params * s.dtype.itemsize)
@@ -421,7 +430,7 @@ def load_source(s):
         source = models.load_model(cfg.source, cfg.source_gguf_file, cfg.dtype, cfg.seed).to(s.device)
         runner = None
     src = models.Adapter(source)
-    s.monitor.log("memory/source_loaded", summary.memory_scalars(s.device), 0)
+    phase_memory(s, "source_loaded")
     return source, src, runner, engines.whole(src.head.weight)[:s.vocab]
 
 

@@ -6,6 +6,8 @@ run directory copied from a cluster as well as at the end of a run: `python -m s
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -27,8 +29,11 @@ def _status_kib(field):
     return None
 
 
-def peak_rss_bytes() -> int:
-    """The most resident memory this process has held so far (VmHWM; ru_maxrss where /proc is missing)."""
+_EARLIER_PEAK = 0  # the process's peak before the last reset of VmHWM
+
+
+def _hwm_bytes() -> int:
+    """Peak resident memory since the process started or since the last reset_phase_peak() (VmHWM)."""
     kib = _status_kib("VmHWM")
     if kib is not None:
         return kib * 1024
@@ -36,9 +41,42 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
-def memory_scalars(device=None) -> dict:
-    """Memory of this process in MiB: resident now and at peak, and on CUDA allocated now and at peak."""
+def peak_rss_bytes() -> int:
+    """The most resident memory this process has held so far (VmHWM; ru_maxrss where /proc is missing)."""
+    return max(_EARLIER_PEAK, _hwm_bytes())
+
+
+def reset_phase_peak() -> bool:
+    """Start a new phase peak: VmHWM is set back to the resident memory of now (Linux: /proc/self/clear_refs);
+    peak_rss_bytes() still reports the whole process's. False where it cannot be reset."""
+    global _EARLIER_PEAK
+    _EARLIER_PEAK = peak_rss_bytes()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def release_memory():
+    """Hand memory freed by a finished phase back to the system. glibc keeps freed heap memory for reuse, so the
+    transient gigabytes of one phase (the activations of attribution's backward) would otherwise stay resident
+    for the rest of the run."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
+
+
+def memory_scalars(device=None, phase_peak=False) -> dict:
+    """Memory of this process in MiB: resident now and at peak, and on CUDA allocated now and at peak; with
+    phase_peak, also the peak since the last reset_phase_peak() (rss_phase_peak_mib)."""
     out = {"rss_peak_mib": peak_rss_bytes() / 2**20}
+    if phase_peak:
+        out["rss_phase_peak_mib"] = _hwm_bytes() / 2**20
     now = _status_kib("VmRSS")
     if now is not None:
         out["rss_mib"] = now / 1024

@@ -33,7 +33,7 @@ def act(batch, seq, d, heads, b):  # Korthikanti et al.: bytes of one layer's sa
 def test_numbers_match_a_hand_computation(tmp_path):
     cfg = config_mod.from_dict({**shapes_only(tmp_path), "data": "embedded:stdlib", "eval_data": None,
                                 "max_examples": 9, "max_seq_len": 17, "batch_size": 6, "grad_accum_steps": 3,
-                                "stage_steps": 5, "attribution_examples": 4, "eval_batch_size": 3,
+                                "stage_steps": 5, "attribution_examples": 4, "eval_batch_size": 3, "attribution_batch_size": 5,
                                 "dtype": "bfloat16", "fisher_weight": 0.25})
     p = dryrun.plan(cfg, world=2)
     spec = {n: json.load(open(os.path.join(TINY, f"{n}.json"))) for n in ("source", "target")}
@@ -61,10 +61,12 @@ def test_numbers_match_a_hand_computation(tmp_path):
     attr = phases["attribution"]
     assert attr.param_bytes == src_held and attr.train_bytes == 0
     assert attr.flops == pytest.approx(3 * (2 * Ls * lm_s + 4 * T * ds * Ls + 2 * V * ds) * N * 4 / 9, rel=1e-12)
-    assert attr.activation_bytes == pytest.approx(Ls * act(3, T, ds, 4, b) + 2 * 3 * T * V * 4, rel=1e-12)
+    assert attr.activation_bytes == pytest.approx(Ls * act(5, T, ds, 4, b) + 2 * 5 * T * V * 4, rel=1e-12)
     cache = phases["activation cache"]
     assert cache.flops == pytest.approx((2 * Ls * lm_s + 4 * T * ds * Ls) * N + 2 * dt * ds * Lt * N, rel=1e-12)
-    assert cache.activation_bytes == pytest.approx(act(3, T, ds, 4, b) / 2 + 3 * T * ds * b * (Lt + 1), rel=1e-12)
+    shard = N * (Lt * dt + ds) * 4  # the one cache shard (9 examples, 64 per shard), in fp32
+    assert cache.activation_bytes == pytest.approx(act(3, T, ds, 4, b) / 2 + 3 * T * ds * b * (Lt + 1) + shard,
+                                                   rel=1e-12)
     step = 6 * T  # tokens (= loss positions) per optimizer step
     layer_fwd = 2 * lm_t + 4 * T * dt
     fisher, kl, frontier = 8 * step * V * dt, 2 * step * V * (ds + 3 * dt), layer_fwd * N

@@ -430,6 +430,36 @@ def test_one_screen_summary(reference):
     assert mem["rss_peak_mib"] >= mem.get("rss_mib", 0) > 0
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux /proc only")
+def test_phase_peaks_and_released_memory():
+    """Freed memory is handed back (glibc would keep it resident), and a phase's peak is its own while the
+    process's peak still counts the earlier ones; run in a fresh process, away from this one's history."""
+    code = """
+import torch
+from semalign_ds import summary
+summary.release_memory()
+summary.reset_phase_peak()
+base = summary.memory_scalars()
+x = torch.rand(300, 2**18, dtype=torch.float64)  # 600 MiB, touched
+big = summary.memory_scalars(phase_peak=True)
+del x
+summary.release_memory()
+after = summary.memory_scalars(phase_peak=True)
+assert summary.reset_phase_peak()
+small = torch.rand(25, 2**18, dtype=torch.float64)  # 50 MiB
+later = summary.memory_scalars(phase_peak=True)
+print(base["rss_mib"], big["rss_mib"], after["rss_mib"], big["rss_phase_peak_mib"], later["rss_phase_peak_mib"],
+      later["rss_peak_mib"])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    base, big, after, peak1, peak2, whole = map(float, out.stdout.split())
+    assert big - base > 550 and peak1 > big - 5  # VmHWM is updated lazily: it may lag VmRSS by a few pages
+    assert after - base < 100, (base, big, after)  # handed back
+    assert after - 20 < peak2 < peak1 - 450  # the new phase's peak: not the 600 MiB of the last one
+    assert whole > peak1 - 5  # the process's peak remembers it
+
+
 def test_benchmark_bookkeeping(reference, tmp_path):
     """The benchmark's table and CSV rows from a finished run (the benchmark's own runs take minutes)."""
     import importlib.util
@@ -452,4 +482,18 @@ def test_benchmark_bookkeeping(reference, tmp_path):
     assert {r["world"] for r in rows} == {"1", "2"} and all(r["torch"] and r["date"] for r in rows)
     assert all(r["speedup_vs_1"] for r in rows if r["world"] == "2" and r["phase"] != "attribution"
                and r["tokens_per_s_total"] != "-")
+    # each phase's own peak on rank 0 (from its memory/ line; the plan's line ends attribution)
+    assert all(float(r["rank0_phase_peak_mib"]) > 0 for r in rows if r["phase"] in ("attribution", "cache"))
+    assert "peak MiB within each phase: attribution" in text
+    # a results file from before that column: rewritten with it, the old rows kept
+    old_columns = benchmark.COLUMNS[:-1]
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    benchmark.append_rows(str(csv_path), [one], args, cores=2)
+    again = list(csv.DictReader(open(csv_path)))
+    assert list(again[0]) == benchmark.COLUMNS and len(again) == len(rows) + len(one["phases"])
+    assert [r["seconds"] for r in again[:len(rows)]] == [r["seconds"] for r in rows]
+    assert all(r["rank0_phase_peak_mib"] == "" for r in again[:len(rows)])
     shutil.rmtree(mem_dir)
