@@ -8,6 +8,7 @@ import pytest
 
 from semalign_ds import sandbox
 from semalign_ds.sandbox import Limits, run_program
+from tests.helpers import processes_with
 
 
 def run(code, **limits):
@@ -80,19 +81,6 @@ CHILD = """
     """
 
 
-def survivors(token):
-    """Host processes whose command line holds `token` (the host's /proc sees into every PID namespace)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if token.encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            continue
-    return found
-
-
 @pytest.mark.parametrize("then", ["loop", "exit"])
 @pytest.mark.parametrize("escape", [False, True])
 def test_children_end_with_the_program(then, escape):
@@ -104,9 +92,9 @@ def test_children_end_with_the_program(then, escape):
     assert res.status == ("timeout" if then == "loop" else "passed"), res
     assert res.stdout.startswith("started ")
     deadline = time.monotonic() + 2.0
-    while survivors(token) and time.monotonic() < deadline:
+    while processes_with(token) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert survivors(token) == []
+    assert processes_with(token) == []
 
 
 def test_no_network():

@@ -15,6 +15,7 @@ import pytest
 
 from semalign_ds import sandbox
 from semalign_ds.sandbox import Limits, run_program
+from tests.helpers import processes_with
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -212,18 +213,6 @@ def test_cannot_signal_a_process_outside(canary):
     assert proc.poll() is None
 
 
-def _processes_with(text):
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if text.encode() in f.read():
-                    found.append(pid)
-        except OSError:
-            continue
-    return found
-
-
 def test_fork_loop_is_bounded_and_leaves_nothing():
     """Children that sleep, forked until refused, then a fork bomb: the process limit holds, the time limit ends
     it, and no process is left (the program's path, in every child's command line, finds them on the host)."""
@@ -250,9 +239,9 @@ def test_fork_loop_is_bounded_and_leaves_nothing():
     assert blocked.startswith("BLOCKED after") and int(blocked.split()[-1]) < 24
     assert workdir.startswith("/tmp/semalign-sandbox-")
     deadline = time.monotonic() + 2
-    while _processes_with(workdir) and time.monotonic() < deadline:
+    while processes_with(workdir) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _processes_with(workdir) == []
+    assert processes_with(workdir) == []
 
 
 def test_huge_output_is_capped():
