@@ -144,12 +144,12 @@ def measure(run_dir, mem_dir, world, wall):
     source_params = next((line.get("source_param_bytes_rank0") for line in summary.metric_lines(run_dir)
                           if line.get("tag") == "memory"), None)
     for line in summary.metric_lines(run_dir):  # rank 0's peak resident memory by the end of each phase
-        tag = "cache" if line.get("tag") == "cache" else line.get("tag")
+        tag = line.get("tag")
         if tag in phases and line.get("rss_peak_mib") is not None:
             phases[tag]["rank0_peak_mib"] = line["rss_peak_mib"]
-        # rank 0's peak within each phase (the plan's memory line ends attribution)
-        name = str(line.get("tag", "")).removeprefix("memory/").replace("plan", "attribution")
-        if str(line.get("tag", "")).startswith("memory/") and name in phases and "rss_phase_peak_mib" in line:
+        # rank 0's peak within each phase, from its memory/ line (the plan's ends attribution)
+        name = {"memory/plan": "attribution"}.get(tag, str(tag).removeprefix("memory/"))
+        if str(tag).startswith("memory/") and name in phases and "rss_phase_peak_mib" in line:
             phases[name]["rank0_phase_peak_mib"] = line["rss_phase_peak_mib"]
     return {"phases": phases, "memory": [memory[r] for r in sorted(memory)],
             "source_param_mib_rank0": source_params / 2**20 if source_params else None}

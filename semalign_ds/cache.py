@@ -239,7 +239,8 @@ def phase(s, src, runner, head_s, plan, m, tgt=None, head_t=None):
     mine = todo[s.rank::s.world]
     batches = [(i, b) for i in mine for b in index_batches(len(range(*store.shard_range(i))), cfg.eval_batch_size)]
     jobs = distributed.lockstep(batches, collective=s.world > 1, filler=(0, [0]))
-    t0, tokens, filling = time.time(), 0, None  # filling: (shard, {key: its rows, allocated once}, next row)
+    t0, tokens = time.time(), 0
+    rows, filled = None, 0  # the shard being written: its rows per key, allocated once; how many are filled
     for j, ((shard, local), real) in enumerate(s.bar(jobs, desc="activation cache")):
         start = store.shard_range(shard)[0]
         idx = [start + x for x in local]
@@ -253,20 +254,19 @@ def phase(s, src, runner, head_s, plan, m, tgt=None, head_t=None):
         if not real:
             continue
         tokens += int(attn.sum())
-        if filling is None or filling[0] != shard:  # a new shard: its rows are known, so fill them in place
-            rows = int(s.data.loss_counts[slice(*store.shard_range(shard))].sum())
-            filling = (shard, {k: torch.empty((rows, *v.shape[1:]), dtype=v.dtype) for k, v in out.items()}, 0)
-        shard, buffers, first = filling
-        n = next(iter(out.values())).shape[0]
+        if rows is None:  # a new shard (its batches are consecutive): its row count is known, so fill in place
+            total = int(s.data.loss_counts[slice(*store.shard_range(shard))].sum())
+            rows = {k: torch.empty((total, *v.shape[1:]), dtype=v.dtype) for k, v in out.items()}
+        n = len(out["source_final"])
         for k, v in out.items():
-            buffers[k][first:first + n] = v
-        filling = (shard, buffers, first + n)
+            rows[k][filled:filled + n] = v
+        filled += n
         if j + 1 == len(batches) or batches[j + 1][0] != shard:  # the shard is complete
-            if first + n != len(buffers["source_final"]):
-                raise RuntimeError(f"activation cache: shard {shard} got {first + n} rows, its examples have "
-                                   f"{len(buffers['source_final'])} loss positions")
-            store.write(shard, buffers)
-            filling = None
+            if filled != len(rows["source_final"]):
+                raise RuntimeError(f"activation cache: shard {shard} got {filled} rows, its examples have "
+                                   f"{len(rows['source_final'])} loss positions")
+            store.write(shard, rows)
+            rows, filled = None, 0
             summary.release_memory()
             fault_point("cache_shard", s.rank)
     seconds = time.time() - t0
