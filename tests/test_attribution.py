@@ -47,3 +47,45 @@ def test_batch_scores_match_reference(arch):
         ref = reference_scores(model, ids[i:i + 1, :n], positions)
         torch.testing.assert_close(ours[i], ref, rtol=1e-9, atol=1e-12)
     assert (ours > 0).all()
+
+
+class _Examples:
+    """Sequences of odd lengths, right-padded into batches as the tokenised transfer set does."""
+
+    def __init__(self, lengths, starts, seed):
+        gen = torch.Generator().manual_seed(seed)
+        self.ids = [torch.randint(1, 97, (n,), generator=gen) for n in lengths]
+        self.loss = [torch.arange(n) >= s - 1 for n, s in zip(lengths, starts)]
+        for mask in self.loss:
+            mask[-1] = False  # the last position predicts nothing
+
+    def __len__(self):
+        return len(self.ids)
+
+    def batch(self, indices, pad_id):
+        length = max(len(self.ids[i]) for i in indices)
+        ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        loss = torch.zeros((len(indices), length), dtype=torch.bool)
+        for row, i in enumerate(indices):
+            n = len(self.ids[i])
+            ids[row, :n], attn[row, :n], loss[row, :n] = self.ids[i], 1, self.loss[i]
+        return ids, attn, loss
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_phase_scores_do_not_depend_on_the_batch_size(batch_size):
+    """attribution.phase over micro-batches of attribution_batch_size: the mean over examples of each example's
+    own float64 reference, whatever the micro-batch."""
+    from types import SimpleNamespace
+    model = random_model("llama", layers=4, seed=11)
+    data = _Examples([13, 7, 10, 4, 11], [5, 2, 9, 2, 3], seed=12)
+    logged = {}
+    s = SimpleNamespace(cfg=SimpleNamespace(attribution_examples=None, attribution_batch_size=batch_size), data=data,
+                        device="cpu", pad_id=0, world=1, n_source=4, bar=lambda it, **kw: it,
+                        monitor=SimpleNamespace(log=lambda tag, values, step: logged.update({tag: values})))
+    ad = models.Adapter(model)
+    ours = torch.tensor(attribution.phase(s, ad, None, ad.head.weight), dtype=torch.float64)
+    refs = [reference_scores(model, data.ids[i][None], data.loss[i][:-1].nonzero().squeeze(1)) for i in range(5)]
+    torch.testing.assert_close(ours, torch.stack(refs).mean(0), rtol=1e-9, atol=1e-12)
+    assert logged["attribution"]["seconds"] > 0
