@@ -11,7 +11,10 @@ output-kd (KL at the output only, all layers at once) and finetune (the labels' 
 
 Equal compute: the reference's training FLOPs (budget.predicted_training, from its transfer set) are the budget;
 every other variant's stage_steps (and joint_steps) are chosen so that its predicted training FLOPs match it, and the FLOPs each run
-counted (budget.json) are in the table. Choices are made on the validation split of the transfer set
+counted (budget.json) are in the table. A variant that changes only how the target trains (method output_kd or
+finetune, a joint phase, LoRA, the cosine objective) starts from hard links to the reference's source phases of the
+same seed (evaluation before training, attribution, cache) and resumes after them; one that changes what the source
+side computes (uniform pairing, least squares, geometry, layer-wise) runs them itself. Choices are made on the validation split of the transfer set
 (validation_fraction, 0.1 when the config sets none); the evaluations are held out: the config's eval_data (each
 run's report.json) and --second-eval (default embedded:idlelib, code the transfer set never shows). OUTPUT/compare.md
 and compare.json hold the table (mean and standard deviation over seeds); with --benchmarks, OUTPUT/eval holds the
@@ -22,10 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 
-from semalign_ds import budget, config as config_mod, distributed, models
+from semalign_ds import budget, cache, config as config_mod, distributed, models, rundir
 from semalign_ds.data import TokenizedSet
 from semalign_ds.evaluation import evaluate_models
 from semalign_ds.pipeline import initial_target, run
@@ -43,6 +47,45 @@ VARIANTS = {
     "finetune": {"method": "finetune"},
 }
 REFERENCE = "semalign"
+# keys that change only how the target trains: a variant that differs from the reference in these alone (and whose
+# cache holds the same entries) reuses the reference's source phases of the same seed instead of running them again
+TRAINING_KEYS = {"method", "layer_objective", "fisher_topk", "topk_tail", "stage_steps", "batch_size",
+                 "grad_accum_steps", "lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
+                 "temperature", "fisher_weight", "ce_weight", "joint_steps", "joint_layer_weight", "joint_lr",
+                 "lora_rank", "lora_alpha", "lora_targets"}
+SOURCE_PHASES = ("eval_before", "plan", "cache")  # and the files they leave:
+SOURCE_FILES = ("data", "plan.json", "plan.json.sha256", "alignment.safetensors", "alignment.safetensors.sha256",
+                "cache")
+
+
+def shares_source_phases(reference, cfg):
+    """Whether cfg's evaluation before training, attribution, alignment and cache are the reference's."""
+    return set(cfg.differs(reference)) <= TRAINING_KEYS and cache.contents(cfg) == cache.contents(reference)
+
+
+def start_from_reference(reference, cfg, local_rank=None):
+    """Start cfg's run directory with hard links to the reference's finished source phases; the run then resumes
+    after them and verifies every file it reuses, as any resumed run does. A directory already started is left as
+    it is."""
+    distributed.init(local_rank, timeout_minutes=cfg.collective_timeout_minutes)
+    if distributed.is_main() and not os.path.exists(cfg.output_dir):
+        state = rundir.RunDir(reference.output_dir).read_state()
+        if all(p in state["done"] for p in SOURCE_PHASES):
+            tmp = cfg.output_dir + ".starting"
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            for name in SOURCE_FILES:
+                path = os.path.join(reference.output_dir, name)
+                if os.path.isdir(path):
+                    shutil.copytree(path, os.path.join(tmp, name), copy_function=os.link)
+                elif os.path.isfile(path):
+                    os.link(path, os.path.join(tmp, name))
+            cfg.save(os.path.join(tmp, "config.json"))
+            rundir.RunDir(tmp).write_state({"done": {p: state["done"][p] for p in SOURCE_PHASES}})
+            os.rename(tmp, cfg.output_dir)  # all or nothing: a kill before this leaves no half-started run
+            print(f"compare: {cfg.output_dir} starts from the source phases of {reference.output_dir} "
+                  f"({', '.join(SOURCE_PHASES)})", flush=True)
+    distributed.barrier()
 
 
 def target_before(cfg, folder):
@@ -166,6 +209,9 @@ def main(argv=None):
             for seed in seeds:
                 cfg = variant_config(base, name, seed, out)
                 cfg = config_mod.from_dict({**cfg.to_dict(), **steps[name]}, origin=f"variant {name}")
+                reference = variant_config(base, REFERENCE, seed, out)
+                if name != REFERENCE and shares_source_phases(reference, cfg):
+                    start_from_reference(reference, cfg, args.local_rank)
                 run(cfg, local_rank=args.local_rank)
                 runs[f"{name}-seed{seed}"] = (name, cfg.output_dir)
 

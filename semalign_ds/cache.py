@@ -206,12 +206,21 @@ def uses_topk(cfg):
     return cfg.fisher_topk > 0 and cfg.method == "semalign" and cfg.layer_objective == "fisher"
 
 
+def contents(cfg):
+    """What a run's cache holds besides the aligned states, as the config decides it: runs whose configs give the
+    same contents (and agree on the source, data and alignment) have identical caches."""
+    return {"source_states": cfg.method == "layerwise",  # the layer-wise baseline trains on the unaligned states
+            "topk": (cfg.fisher_topk, cfg.temperature) if uses_topk(cfg) else None,
+            "aligned_input": cfg.layer_objective == "geometry"}
+
+
 def phase(s, src, runner, head_s, plan, m, tgt=None, head_t=None):
     """Run the source over the transfer set once and write the cache; shards already written and intact are
     kept. Every rank writes its own shards and issues the same number of forwards (ZeRO-3 gathers collectively)."""
     cfg = s.cfg
     store = ActivationCache(s.rd.path("cache"), len(s.data), cfg.cache_shard_examples)
-    source_states = cfg.method == "layerwise"  # the layer-wise baseline trains on the unaligned states
+    kinds = contents(cfg)
+    source_states = kinds["source_states"]
     header = {"source": cfg.source, "target": cfg.target or f"prune:{cfg.target_keep_layers}",
               "source_weights": models.fingerprint(cfg.source, cfg.source_gguf_file, cfg.seed),
               "target_weights": (models.fingerprint(cfg.target, cfg.target_gguf_file, cfg.seed + 1)
@@ -222,10 +231,10 @@ def phase(s, src, runner, head_s, plan, m, tgt=None, head_t=None):
               "tokenizer": type(s.tokenizer).__name__ + f":{len(s.tokenizer)}",
               "normalize_source": cfg.normalize_source, "dtype": cfg.dtype, "source_states": source_states}
     topk = None
-    if uses_topk(cfg):
+    if kinds["topk"]:
         header.update(fisher_topk=cfg.fisher_topk, temperature=cfg.temperature)
         topk = (cfg.fisher_topk, cfg.temperature, tgt.norm, head_t.detach(), s.dtype)
-    aligned_input = cfg.layer_objective == "geometry"
+    aligned_input = kinds["aligned_input"]
     if aligned_input:  # only then: the manifest of every other run stays as it was
         header["aligned_input"] = True
     if s.main:

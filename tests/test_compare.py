@@ -49,3 +49,30 @@ def test_compare_variants_on_tiny_at_equal_compute(tmp_path):
     assert abs(run_report["target_after"]["nll"] - nll["semalign-seed0"]) < 1e-5
     second = json.loads((out / "eval-second" / "report.json").read_text())
     assert second["settings"]["data"]["nll"] == "embedded:idlelib"
+    # the baselines reused the reference's source phases of the same seed: the same files, not copies
+    for name in ("output-kd", "finetune"):
+        for seed in (0, 1):
+            assert f"{out / name / f'seed{seed}'} starts from the source phases" in proc.stdout
+            for shard in (out / "semalign" / f"seed{seed}" / "cache").iterdir():
+                twin = out / name / f"seed{seed}" / "cache" / shard.name
+                assert twin.stat().st_ino == shard.stat().st_ino, twin
+            ours = json.loads((out / name / f"seed{seed}" / "budget.json").read_text())["phases"]
+            ref = json.loads((out / "semalign" / f"seed{seed}" / "budget.json").read_text())["phases"]
+            assert ours["cache"] == ref["cache"] and ours["attribution"] == ref["attribution"]
+
+
+def test_which_variants_share_the_source_phases():
+    """Only a variant whose source side computes the same cache may reuse the reference's."""
+    sys.path.insert(0, os.path.join(ROOT, "launchers"))
+    import compare
+    from semalign_ds import config as config_mod
+    base = config_mod.load(TINY_YAML)
+    ref = compare.variant_config(base, compare.REFERENCE, 0, "out")
+    shared = {name: compare.shares_source_phases(ref, compare.variant_config(base, name, 0, "out"))
+              for name in compare.VARIANTS if name != compare.REFERENCE}
+    assert shared == {"semalign-uniform": False, "semalign-cosine": True, "semalign-geometry": False,
+                      "semalign-lsq": False, "semalign-lora": True, "semalign-joint": True, "layerwise": False,
+                      "output-kd": True, "finetune": True}
+    assert not compare.shares_source_phases(ref, compare.variant_config(base, "output-kd", 1, "out"))  # the seed
+    topk = config_mod.from_dict({**ref.to_dict(), "fisher_topk": 8})
+    assert not compare.shares_source_phases(topk, compare.variant_config(base, "output-kd", 0, "out"))
