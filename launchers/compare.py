@@ -6,7 +6,8 @@
 Variants (each a full run in OUTPUT/<name>/seed<S>, resumable): semalign (the config as it is: the reference),
 semalign-uniform (uniform pairing), semalign-cosine and semalign-geometry (the v1 and v2 layer objectives),
 semalign-lsq (the least-squares alignment map), semalign-lora (rank-16 LoRA), semalign-joint (a joint phase after
-the stages, which get half the budget; the joint phase the rest), layerwise (cosine to the source state through a learned projection),
+the stages, which get half the budget; the joint phase the rest), semalign-kd (the same with joint_layer_weight 0:
+the stages as a start, then KL at the output on every layer), layerwise (cosine to the source state through a learned projection),
 output-kd (KL at the output only, all layers at once) and finetune (the labels' cross-entropy only).
 
 Equal compute: the reference's training FLOPs (budget.predicted_training, from its transfer set) are the budget;
@@ -42,6 +43,7 @@ VARIANTS = {
     "semalign-lsq": {"alignment_map": "least_squares"},
     "semalign-lora": {"lora_rank": 16},
     "semalign-joint": {"joint_steps": None},  # None: the config's stage_steps
+    "semalign-kd": {"joint_steps": None, "joint_layer_weight": 0.0},  # the stages, then output KD on every layer
     "layerwise": {"method": "layerwise"},
     "output-kd": {"method": "output_kd"},
     "finetune": {"method": "finetune"},

@@ -66,7 +66,8 @@ def training_heads(cfg, final: bool, kind: str, n_layers: int = 1) -> tuple[int,
     if kind == "stage" and not final:
         return layer
     fwd, bwd = 2, 1  # the KL: the target's and the source's logits, the target's backward
-    terms = (kind != "output_kd" and cfg.fisher_weight > 0) + (n_layers - 1 if kind == "joint" else 0)
+    joint_layers = n_layers - 1 if kind == "joint" and cfg.joint_layer_weight > 0 else 0  # weight 0: not computed
+    terms = (kind != "output_kd" and cfg.fisher_weight > 0) + joint_layers
     fwd, bwd = fwd + terms * layer[0], bwd + terms * layer[1]
     if cfg.ce_weight > 0:
         fwd, bwd = fwd + 1, bwd + 1

@@ -50,3 +50,17 @@ def test_a_runs_budget_counts_its_batches(tmp_path):
     assert got["training"]["flops"] == pytest.approx(sum(got["phases"][f"stage_{k}"]["flops"] for k in (1, 2, 3)))
     assert got["total"]["flops"] == pytest.approx(got["training"]["flops"] + got["phases"]["cache"]["flops"]
                                                   + got["phases"]["attribution"]["flops"])
+
+
+def test_the_joint_phase_counts_the_layer_objectives_it_computes():
+    """Heads per loss position of a joint step: the output's KL (2 forward, 1 backward) plus, while the layer
+    weight is above 0, the Fisher objective's two projections (W x, W y) and one backward for each of the L - 1
+    lower layers; a joint phase at weight 0 is output KD and costs what it does."""
+    cfg = config_mod.load(TINY_YAML, {"joint_steps": 5})
+    assert cfg.layer_objective == "fisher" and cfg.fisher_weight == 0 and cfg.ce_weight == 0
+    assert budget.training_heads(cfg, True, "joint", 7) == (2 + 2 * 6, 1 + 6)
+    no_layers = cfg.model_copy(update={"joint_layer_weight": 0.0})
+    assert budget.training_heads(no_layers, True, "joint", 7) == (2, 1)
+    assert budget.training_heads(no_layers, True, "joint", 7) == budget.training_heads(cfg, True, "output_kd", 7)
+    cosine = cfg.model_copy(update={"layer_objective": "cosine"})
+    assert budget.training_heads(cosine, True, "joint", 7) == (2, 1)  # the cosine objective needs no head

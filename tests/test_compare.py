@@ -71,7 +71,8 @@ def test_which_variants_share_the_source_phases():
     shared = {name: compare.shares_source_phases(ref, compare.variant_config(base, name, 0, "out"))
               for name in compare.VARIANTS if name != compare.REFERENCE}
     assert shared == {"semalign-uniform": False, "semalign-cosine": True, "semalign-geometry": False,
-                      "semalign-lsq": False, "semalign-lora": True, "semalign-joint": True, "layerwise": False,
+                      "semalign-lsq": False, "semalign-lora": True, "semalign-joint": True, "semalign-kd": True,
+                      "layerwise": False,
                       "output-kd": True, "finetune": True}
     assert not compare.shares_source_phases(ref, compare.variant_config(base, "output-kd", 1, "out"))  # the seed
     topk = config_mod.from_dict({**ref.to_dict(), "fisher_topk": 8})
