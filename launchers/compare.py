@@ -262,6 +262,9 @@ def main(argv=None):
     except config_mod.ConfigError as err:
         print(f"compare: error: {err}", file=sys.stderr)
         return 2
+    except distributed.Preempted as err:  # SIGUSR1: the run in progress saved a checkpoint; rerunning resumes
+        print(f"compare: {err}", file=sys.stderr)
+        return distributed.EXIT_PREEMPTED
     return 0
 
 

@@ -2,6 +2,7 @@
 the validation split and both held-out evaluations; and all models evaluated in one table."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -77,3 +78,24 @@ def test_which_variants_share_the_source_phases():
     assert not compare.shares_source_phases(ref, compare.variant_config(base, "output-kd", 1, "out"))  # the seed
     topk = config_mod.from_dict({**ref.to_dict(), "fisher_topk": 8})
     assert not compare.shares_source_phases(topk, compare.variant_config(base, "output-kd", 0, "out"))
+
+
+def test_a_stop_request_ends_compare_with_exit_75_and_a_rerun_resumes(tmp_path):
+    """SIGUSR1 in the middle of a variant's training: the run saves a checkpoint, compare exits 75 (try again)
+    with the reason and no traceback, and the same command finishes from there."""
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, os.path.join(ROOT, "launchers", "compare.py"), "--config", TINY_YAML,
+           "--output-dir", str(out), "--variants", "semalign,output-kd", "--limit", "2"]
+    cmd += [f"--set={k}={v}" for k, v in {"max_examples": 12, "stage_steps": 3, "eval_max_examples": 2,
+                                          "cache_shard_examples": 6, "batch_size": 4, "checkpoint_every": 1,
+                                          "report_to": "none"}.items()]
+    env = {**os.environ, "SEMALIGN_DS_FAULT": "stage_step:2:*:usr1"}
+    stopped = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    stop = re.search(r"stage (\d+)/\d+: stopped on request after step (\d+) of 3", stopped.stderr)
+    assert stop and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert not (out / "compare.json").exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"stage {stop[1]}/" in done.stdout and f"resuming at step {stop[2]} of 3" in done.stdout
+    assert list(json.loads((out / "compare.json").read_text())["rows"])[2:] == ["semalign", "output-kd"]
