@@ -33,7 +33,7 @@ import sys
 from semalign_ds import budget, cache, config as config_mod, distributed, models, rundir
 from semalign_ds.data import TokenizedSet
 from semalign_ds.evaluation import evaluate_models
-from semalign_ds.pipeline import initial_target, run
+from semalign_ds.pipeline import SOURCE_PHASES, initial_target, run
 
 VARIANTS = {
     "semalign": {},
@@ -49,20 +49,15 @@ VARIANTS = {
     "finetune": {"method": "finetune"},
 }
 REFERENCE = "semalign"
-# keys that change only how the target trains: a variant that differs from the reference in these alone (and whose
-# cache holds the same entries) reuses the reference's source phases of the same seed instead of running them again
-TRAINING_KEYS = {"method", "layer_objective", "fisher_topk", "topk_tail", "stage_steps", "batch_size",
-                 "grad_accum_steps", "lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
-                 "temperature", "fisher_weight", "ce_weight", "joint_steps", "joint_layer_weight", "joint_lr",
-                 "lora_rank", "lora_alpha", "lora_targets"}
-SOURCE_PHASES = ("eval_before", "plan", "cache")  # and the files they leave:
 SOURCE_FILES = ("data", "plan.json", "plan.json.sha256", "alignment.safetensors", "alignment.safetensors.sha256",
-                "cache")
+                "cache")  # what the source phases leave in a run directory
 
 
 def shares_source_phases(reference, cfg):
-    """Whether cfg's evaluation before training, attribution, alignment and cache are the reference's."""
-    return set(cfg.differs(reference)) <= TRAINING_KEYS and cache.contents(cfg) == cache.contents(reference)
+    """Whether cfg's evaluation before training, attribution, alignment and cache are the reference's: only
+    training keys differ, and the cache holds the same entries."""
+    return (set(cfg.differs(reference)) <= set(config_mod.Config.TRAINING_KEYS)
+            and cache.contents(cfg) == cache.contents(reference))
 
 
 def start_from_reference(reference, cfg, local_rank=None):

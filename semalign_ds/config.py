@@ -141,6 +141,12 @@ class Config(BaseModel):
     RUN_ONLY_KEYS: ClassVar[tuple] = (
         "output_dir", "log_every", "device", "eval_batch_size", "attribution_batch_size", "checkpoint_every",
         "loss_backend", "collective_timeout_minutes", "report_to")
+    # keys that change only how the target trains, not what the source side computes (evaluation before training,
+    # attribution, alignment; the cache too, where cache.contents agrees)
+    TRAINING_KEYS: ClassVar[tuple] = (
+        "method", "layer_objective", "fisher_topk", "topk_tail", "stage_steps", "batch_size", "grad_accum_steps", "lr",
+        "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "temperature", "fisher_weight",
+        "ce_weight", "joint_steps", "joint_layer_weight", "joint_lr", "lora_rank", "lora_alpha", "lora_targets")
 
     def check(self):
         """Checks across keys. Not run by Config() itself, whose defaults name no target: from_dict runs them."""

@@ -32,6 +32,9 @@ from semalign_ds import config as config_mod
 from semalign_ds.config import Config, ConfigError
 from semalign_ds.monitor import Monitor
 
+# the phases that run the source; a run with all three done never loads it (compare.py starts variants from them)
+SOURCE_PHASES = ("eval_before", "plan", "cache")
+
 
 @dataclass
 class Setup:
@@ -101,7 +104,7 @@ def _run(cfg):
     head_t = tgt.head.weight[:s.vocab]
     check_reused_files(s, state)
 
-    needs_source = not all(p in state["done"] for p in ("eval_before", "plan", "cache"))
+    needs_source = not all(p in state["done"] for p in SOURCE_PHASES)
     if needs_source:
         source, src, runner, head_s = load_source(s)
     report = dict(state["done"].get("eval_before") or {})

@@ -67,6 +67,7 @@ def test_which_variants_share_the_source_phases():
     sys.path.insert(0, os.path.join(ROOT, "launchers"))
     import compare
     from semalign_ds import config as config_mod
+    assert set(config_mod.Config.TRAINING_KEYS) <= set(config_mod.Config.model_fields)  # no misspelt key
     base = config_mod.load(TINY_YAML)
     ref = compare.variant_config(base, compare.REFERENCE, 0, "out")
     shared = {name: compare.shares_source_phases(ref, compare.variant_config(base, name, 0, "out"))
