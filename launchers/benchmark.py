@@ -1,6 +1,6 @@
 """Transfer-throughput benchmark: the whole pipeline on 1 and on N ranks, tokens/s per phase, peak memory per rank.
 
-    python launchers/benchmark.py --world 1 2                # the embedded default (launchers/configs/default.yaml)
+    python launchers/benchmark.py --world 1 2   # the ACL recipe on the embedded pair (launchers/configs/acl.yaml)
     python launchers/benchmark.py --config launchers/configs/tiny.yaml --world 1 2 --threads 1
 
 Each world size runs the pipeline from scratch in a fresh run directory, as a subprocess: plain `python` for one
@@ -282,7 +282,7 @@ def main(argv=None):
         return plain_forward(argv[1])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--config", default=os.path.join(ROOT, "launchers", "configs", "default.yaml"),
+    p.add_argument("--config", default=os.path.join(ROOT, "launchers", "configs", "acl.yaml"),
                    help="config file (default: the embedded default, %(default)s)")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="config override (repeatable)")
     p.add_argument("--world", type=int, nargs="+", default=[1, 2], help="world sizes to run (default: 1 2)")

@@ -1,14 +1,16 @@
 """Compare SemAlign's variants with the baselines at equal training compute, over several seeds, in one table.
 
-    python launchers/compare.py --config launchers/configs/default.yaml --output-dir runs/compare \
+    python launchers/compare.py --config launchers/configs/acl.yaml --output-dir runs/compare \
         --seeds 0 1 2 --benchmarks humaneval,nll --allow-code-execution
 
 Variants (each a full run in OUTPUT/<name>/seed<S>, resumable): semalign (the config as it is: the reference),
 semalign-uniform (uniform pairing), semalign-cosine and semalign-geometry (the v1 and v2 layer objectives),
 semalign-lsq (the least-squares alignment map), semalign-lora (rank-16 LoRA), semalign-joint (a joint phase after
 the stages, which get half the budget; the joint phase the rest), semalign-kd (the same with joint_layer_weight 0:
-the stages as a start, then KL at the output on every layer), layerwise (cosine to the source state through a learned projection),
-output-kd (KL at the output only, all layers at once) and finetune (the labels' cross-entropy only).
+the stages as a start, then KL at the output on every layer), semalign-aux (no stages: the whole budget to a
+joint phase with the cosine objective at weight 0.1, i.e. output KD with the aligned states as auxiliary targets),
+layerwise (cosine to the source state through a learned projection), output-kd (KL at the output only, all layers
+at once: the embedded default's recipe) and finetune (the labels' cross-entropy only).
 
 Equal compute: the reference's training FLOPs (budget.predicted_training, from its transfer set) are the budget;
 every other variant's stage_steps (and joint_steps) are chosen so that its predicted training FLOPs match it, and the FLOPs each run
@@ -44,6 +46,9 @@ VARIANTS = {
     "semalign-lora": {"lora_rank": 16},
     "semalign-joint": {"joint_steps": None},  # None: the config's stage_steps
     "semalign-kd": {"joint_steps": None, "joint_layer_weight": 0.0},  # the stages, then output KD on every layer
+    # no stages: output KD on every layer from the start, the aligned states as cosine targets of the layers below
+    # it at weight 0.1 falling to 0 (chosen from 1, 0.1 and 0 on seed 0's validation split)
+    "semalign-aux": {"stage_steps": 0, "joint_steps": None, "layer_objective": "cosine", "joint_layer_weight": 0.1},
     "layerwise": {"method": "layerwise"},
     "output-kd": {"method": "output_kd"},
     "finetune": {"method": "finetune"},
@@ -107,11 +112,13 @@ def variant_config(base, name, seed, out):
 
 def equal_compute_steps(cfg, flops, shape, transfer):
     """{"stage_steps": N} (and "joint_steps" for a variant with a joint phase: half the budget to the stages, the
-    rest to the joint phase) whose predicted training FLOPs come closest to `flops`."""
+    rest to the joint phase; all of it to the joint phase for a variant without stages) whose predicted training
+    FLOPs come closest to `flops`."""
     lengths, counts = transfer.lengths, transfer.loss_counts
     if cfg.joint_steps == 0:
         return {"stage_steps": budget.steps_for(cfg, flops, shape, lengths, counts)}
-    stages = budget.steps_for(cfg.model_copy(update={"joint_steps": 0}), flops / 2, shape, lengths, counts)
+    stages = 0 if cfg.stage_steps == 0 else budget.steps_for(cfg.model_copy(update={"joint_steps": 0}), flops / 2,
+                                                             shape, lengths, counts)
     one, two = (budget.predicted_training(cfg.model_copy(update={"stage_steps": stages, "joint_steps": j}), shape,
                                           lengths, counts) for j in (1, 2))
     return {"stage_steps": stages, "joint_steps": max(1, round((flops - (one - (two - one))) / (two - one)))}
@@ -172,6 +179,11 @@ def main(argv=None):
         if base.validation_fraction == 0:
             base = config_mod.from_dict({**base.to_dict(), "validation_fraction": 0.1})
             print("compare: validation_fraction 0.1 (choices are made on a validation split of the transfer set)")
+        if base.method != "semalign" or base.stage_steps == 0:
+            raise config_mod.ConfigError(
+                f"the reference (the config as given) must be a frontier-stage SemAlign recipe, whose stages the "
+                f"variants re-divide, but it has method {base.method} and stage_steps {base.stage_steps}: use "
+                f"launchers/configs/acl.yaml (the embedded default's recipe, output KD, is the variant output-kd)")
         out = base.output_dir
         names = [v.strip() for v in args.variants.split(",") if v.strip()]
         unknown = [v for v in names if v not in VARIANTS]

@@ -46,7 +46,7 @@ def run(k, args, workdir):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=os.path.join(ROOT, "launchers", "configs", "default.yaml"))
+    p.add_argument("--config", default=os.path.join(ROOT, "launchers", "configs", "acl.yaml"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--k", type=int, nargs="+", default=[0, 64, 256, 1024])
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)

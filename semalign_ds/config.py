@@ -99,7 +99,8 @@ class Config(BaseModel):
     fisher_topk: Int = _f(0, "keep the top-k of p* per position in the cache (0: the exact full vocabulary)", ge=0)
     topk_tail: Literal["renormalize", "bucket"] = _f("renormalize",
                                                      "top-k Fisher: how the tail mass outside the top k is treated")
-    stage_steps: Int = _f(100, "optimizer steps per frontier stage", ge=1)
+    stage_steps: Int = _f(100, "optimizer steps per frontier stage (0: no stages, the joint phase trains the target "
+                                 "as it starts)", ge=0)
     batch_size: Int = _f(8, "sequences per optimizer step (global, over all ranks and accumulation steps)", ge=1)
     grad_accum_steps: Int = _f(1, "micro-batches accumulated per optimizer step", ge=1)
     lr: Float = _f(1e-4, "peak learning rate (AdamW)", gt=0)
@@ -165,6 +166,9 @@ class Config(BaseModel):
         if self.joint_steps > 0 and self.method != "semalign":
             raise ValueError(f"joint_steps {self.joint_steps} needs method semalign (the joint phase adds the aligned "
                              f"layer objectives), but method is {self.method}: set joint_steps=0")
+        if self.stage_steps == 0 and (self.method != "semalign" or self.joint_steps == 0):
+            raise ValueError(f"stage_steps 0 trains nothing with method {self.method} and joint_steps "
+                             f"{self.joint_steps}: set stage_steps >= 1, or method semalign with joint_steps >= 1")
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum_steps "
                              f"{self.grad_accum_steps}: an optimizer step is grad_accum_steps equal micro-batches")

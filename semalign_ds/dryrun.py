@@ -305,7 +305,7 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
                          tgt.layers * _activations(micro, seq, tgt.width, tgt.heads, b) + loss_memory(micro_loss),
                          steps * (3 * (body_fwd(tgt) + 2 * tgt.head_matmul) * step_tokens + kl),
                          "all target layers trained at once"))
-    else:
+    elif cfg.stage_steps > 0:
         trainable = tgt.lora_params or tgt.layer_params
         layer_grad = 2 if tgt.lora_params else 3  # frozen weights need no weight gradient under LoRA
         if cfg.method == "semalign" and cfg.layer_objective == "fisher":
@@ -329,7 +329,8 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
                          (tgt.layers - 1) * (stage + frontier) + final, "stage 1 runs no frontier forward"))
     if cfg.joint_steps:
         trainable = tgt.layers * (tgt.lora_params or tgt.layer_params)
-        layers_loss = 8 * step_loss * kept * tgt.width * tgt.layers if cfg.joint_layer_weight > 0 else 0
+        fisher = cfg.layer_objective == "fisher" and cfg.joint_layer_weight > 0  # the others cost no head projection
+        layers_loss = 8 * step_loss * kept * tgt.width * (tgt.layers - 1) if fisher else 0
         out.append(Phase(f"joint ({cfg.joint_steps} steps)", tgt.params * b, training(trainable),
                          tgt.layers * _activations(micro, seq, tgt.width, tgt.heads, b) + loss_memory(micro_loss),
                          cfg.joint_steps * (3 * (body_fwd(tgt) + 2 * tgt.head_matmul) * step_tokens + kl
@@ -378,8 +379,9 @@ def report(cfg: Config, world: int | None = None, tflops: float = 400.0) -> str:
         f"({tok.how})",
         f"  batch {cfg.batch_size} = {p.world} rank(s) x {cfg.grad_accum_steps} accumulation x "
         f"{cfg.batch_size // (p.world * cfg.grad_accum_steps)} sequences per micro-batch",
-        f"  on disk: activation cache {_bytes(p.cache_bytes)} ({_bytes(p.cache_bytes / p.world)} per rank), "
-        f"one frontier {_bytes(p.frontier_bytes)}",
+        f"  on disk: activation cache {_bytes(p.cache_bytes)} ({_bytes(p.cache_bytes / p.world)} per rank)"
+        + (f", one frontier {_bytes(p.frontier_bytes)}" if cfg.method in ("semalign", "layerwise")
+           and cfg.stage_steps else ""),
         f"estimate per rank at {tflops:g} TFLOP/s sustained" + (" (the default: an H100 in bf16 at about 40% of its "
                                                                "dense peak; set --accelerator-tflops)"
                                                                if tflops == 400 else "") + ":",

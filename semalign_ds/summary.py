@@ -218,6 +218,17 @@ def _rate(x):
     return f"{x / 1000:.1f}k" if x >= 10000 else f"{x:.0f}"
 
 
+def _schedule(cfg):
+    """'40 steps/stage', '16 steps/stage + 9 joint', '187 joint steps (no stages)', or for the baselines that train
+    every layer at once '19 steps per target layer'."""
+    stages, joint = cfg.get("stage_steps"), cfg.get("joint_steps") or 0
+    if cfg.get("method") in ("output_kd", "finetune"):
+        return f"{stages} steps per target layer, all layers at once"
+    if stages == 0:
+        return f"{joint} joint steps (no stages)"
+    return f"{stages} steps/stage" + (f" + {joint} joint" if joint else "")
+
+
 def summarize(run_dir) -> str:
     """The run on one screen: what is done, each phase's time and tokens/s, each stage's first and last loss,
     memory, and the NLL report."""
@@ -231,7 +242,7 @@ def summarize(run_dir) -> str:
     out = [f"summary of {run_dir}",
            f"  {_short(cfg.get('source'))} -> {target}",
            f"  method {cfg.get('method', 'semalign')}, pairing {cfg.get('pairing')}, batch {cfg.get('batch_size')}, "
-           f"{cfg.get('stage_steps')} steps/stage, {cfg.get('max_examples')} examples",
+           f"{_schedule(cfg)}, {cfg.get('max_examples')} examples",
            f"  done: {_phases(done)}"]
     plan = _json(run_dir, "plan.json")
     if plan:

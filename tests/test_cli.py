@@ -44,7 +44,7 @@ def test_help_describes_every_key_with_the_default_runs_values():
         shown = DEFAULT_RUN.get(name, info.default)
         assert line.group(1) == repr(shown) and line.group(2) == config_mod.allowed(name)
         assert " ".join(info.description.split()[:4]) in " ".join(text.split())
-    assert "  stage_steps* = 40  (an integer >= 1)" in text  # the embedded default, not the model default 100
+    assert "  stage_steps* = 19  (an integer >= 0)" in text  # the embedded default, not the model default 100
     for flag in ("--version", "--print-config", "--dry-run", "--world", "--accelerator-tflops"):
         assert flag in text
 
@@ -53,7 +53,7 @@ def test_refused_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["--config", TINY_YAML, "--output-dir", str(out), "--set", "stage_steps=2.5"]) == 2
     err = capsys.readouterr().err
-    assert "stage_steps=2.5 is not valid" in err and "must be an integer >= 1" in err
+    assert "stage_steps=2.5 is not valid" in err and "must be an integer >= 0" in err
     assert not os.path.exists(out)
 
 

@@ -74,11 +74,47 @@ def test_which_variants_share_the_source_phases():
               for name in compare.VARIANTS if name != compare.REFERENCE}
     assert shared == {"semalign-uniform": False, "semalign-cosine": True, "semalign-geometry": False,
                       "semalign-lsq": False, "semalign-lora": True, "semalign-joint": True, "semalign-kd": True,
-                      "layerwise": False,
+                      "semalign-aux": True, "layerwise": False,
                       "output-kd": True, "finetune": True}
     assert not compare.shares_source_phases(ref, compare.variant_config(base, "output-kd", 1, "out"))  # the seed
     topk = config_mod.from_dict({**ref.to_dict(), "fisher_topk": 8})
     assert not compare.shares_source_phases(topk, compare.variant_config(base, "output-kd", 0, "out"))
+
+
+def test_a_variant_without_stages_gets_the_whole_budget_as_joint_steps():
+    """semalign-aux: stage_steps 0, and the joint steps whose predicted FLOPs come closest to the budget."""
+    sys.path.insert(0, os.path.join(ROOT, "launchers"))
+    import compare
+    import torch
+    from semalign_ds import budget, config as config_mod
+    base = config_mod.load(TINY_YAML, {"stage_steps": 7})
+    lengths = torch.randint(40, 97, (23,))
+    transfer = type("Set", (), {"lengths": lengths, "loss_counts": lengths // 3})
+    shape = compare.target_shape(base, 211)
+    ref = compare.variant_config(base, compare.REFERENCE, 0, "out")
+    flops = budget.predicted_training(ref, shape, lengths, transfer.loss_counts)
+    aux = compare.variant_config(base, "semalign-aux", 0, "out")
+    steps = compare.equal_compute_steps(aux, flops, shape, transfer)
+    assert steps["stage_steps"] == 0
+    per = [budget.predicted_training(aux.model_copy(update={"stage_steps": 0, "joint_steps": j}), shape, lengths,
+                                     transfer.loss_counts) for j in (steps["joint_steps"] - 1, steps["joint_steps"],
+                                                                     steps["joint_steps"] + 1)]
+    assert abs(per[1] - flops) <= min(abs(per[0] - flops), abs(per[2] - flops))  # the closest number of steps
+    assert abs(per[1] / flops - 1) < 0.2
+
+
+def test_a_reference_without_stages_is_refused_before_any_run(tmp_path, capsys):
+    """The variants re-divide the reference's frontier stages: a config without them (the embedded default) is
+    refused with the config to use instead, and nothing is written."""
+    sys.path.insert(0, os.path.join(ROOT, "launchers"))
+    import compare
+    out = tmp_path / "cmp"
+    for config, extra in (("default.yaml", []), ("tiny.yaml", ["--set", "method=output_kd"])):
+        argv = ["--config", os.path.join(ROOT, "launchers", "configs", config), "--output-dir", str(out), *extra]
+        assert compare.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "must be a frontier-stage SemAlign recipe" in err and "launchers/configs/acl.yaml" in err, err
+    assert not out.exists()
 
 
 def test_a_stop_request_ends_compare_with_exit_75_and_a_rerun_resumes(tmp_path):

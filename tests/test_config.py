@@ -53,7 +53,7 @@ def test_yaml_1_1_floats_are_coerced(tmp_path, text, value):
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("stage_steps", 2.5, r"stage_steps=2\.5 is not valid \(.*fractional part\); stage_steps must be an integer >= 1"),
+    ("stage_steps", 2.5, r"stage_steps=2\.5 is not valid \(.*fractional part\); stage_steps must be an integer >= 0"),
     ("batch_size", 4.5, r"batch_size=4\.5 is not valid .* must be an integer >= 1$"),
     ("batch_size", 0, r"batch_size=0 is not valid \(Input should be greater than or equal to 1\)"),
     ("lr", -1e-3, r"lr=-0\.001 is not valid .* lr must be a number > 0"),

@@ -94,6 +94,18 @@ def test_numbers_match_a_hand_computation(tmp_path):
     assert re.search(rf"run \(phases above, once each\) +peak .* {total / 1e12:.4g} +{total / 123e12 * 1e3:.3g} ms",
                      text), text
 
+    # a joint phase alone (stage_steps 0): no stage and no frontier; the Fisher layer objectives of the Lt - 1
+    # layers below the output are its only head cost beyond the KL, the cosine objective has none
+    joint = {**cfg.to_dict(), "stage_steps": 0, "joint_steps": 7, "fisher_weight": 0.0}
+    plans = {o: dryrun.plan(config_mod.from_dict({**joint, "layer_objective": o}), world=2)
+             for o in ("fisher", "cosine")}
+    assert [ph.name for ph in plans["fisher"].phases] == ["attribution", "activation cache", "joint (7 steps)"]
+    flops = {o: pl.phases[-1].flops for o, pl in plans.items()}
+    assert flops["cosine"] == pytest.approx(7 * (3 * (Lt * layer_fwd + 2 * V * dt) * step + kl), rel=1e-12)
+    assert flops["fisher"] - flops["cosine"] == pytest.approx(7 * fisher * (Lt - 1), rel=1e-12)
+    assert "one frontier" in text
+    assert "one frontier" not in dryrun.report(config_mod.from_dict({**joint, "layer_objective": "cosine"}), world=2)
+
 
 def test_token_counts_come_from_the_data_when_cheap(tmp_path):
     rng = random.Random(7)

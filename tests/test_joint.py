@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from semalign_ds import config as config_mod, pipeline
+from semalign_ds import config as config_mod, pipeline, summary
 from semalign_ds.config import ConfigError
 from tests.helpers import TINY_YAML
-from tests.parity import SETTINGS, launch
+from tests.parity import SETTINGS, launch, summary as parity_summary
 
 JOINT = {"joint_steps": 4, "joint_lr": 1e-3, "joint_layer_weight": 2.0, "layer_objective": "cosine"}
 
@@ -46,3 +46,47 @@ def test_joint_phase_trains_every_layer_and_resumes_after_a_kill(tmp_path):
 def test_joint_steps_need_semalign(tmp_path):
     with pytest.raises(ConfigError, match="joint_steps 3 needs method semalign"):
         config_mod.load(TINY_YAML, {"joint_steps": 3, "method": "output_kd"})
+
+
+def test_a_run_without_stages_is_the_joint_phase_alone(tmp_path):
+    """stage_steps 0: no frontier stage runs; the joint phase trains every layer of the target as it starts
+    (output KL plus the aligned layer objectives), and the budget counts that phase only."""
+    cfg = config_mod.load(TINY_YAML, {**SETTINGS, **JOINT, "stage_steps": 0, "joint_steps": 3, "eval_data": None,
+                                      "report_to": ["none"], "output_dir": str(tmp_path / "run")})
+    start = pipeline.initial_target(cfg).model.layers.state_dict()
+    pipeline.run(cfg)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert "joint" in state["done"] and not [p for p in state["done"] if p.startswith("stage_")]
+    assert not list((tmp_path / "run" / "stages").glob("layer-*.safetensors"))
+    joint = load_file(tmp_path / "run" / "stages" / "joint.safetensors")
+    for name, p in start.items():
+        assert not torch.equal(joint[name], p), name  # every layer trained
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [x["layer_weight"] for x in lines if x.get("tag") == "joint"] == pytest.approx([2.0, 4 / 3, 2 / 3])
+    assert all(x["layers"] > 0 for x in lines if x.get("tag") == "joint" and x["layer_weight"] > 0)
+    got = json.loads((tmp_path / "run" / "budget.json").read_text())
+    assert [p for p in got["phases"] if p not in ("attribution", "cache")] == ["joint"]
+    assert got["training"]["flops"] == pytest.approx(got["phases"]["joint"]["flops"])
+    assert "3 joint steps (no stages)" in summary.summarize(str(tmp_path / "run"))
+
+
+def test_no_stages_and_no_joint_phase_is_refused():
+    for extra, method in (({}, "semalign"), ({}, "output_kd"), ({}, "finetune")):
+        with pytest.raises(ConfigError, match="stage_steps 0 trains nothing"):
+            config_mod.load(TINY_YAML, {"stage_steps": 0, "method": method, **extra})
+
+
+def test_the_joint_phase_alone_on_2_ranks_matches_1_rank(tmp_path):
+    """The embedded default's shape of recipe (stage_steps 0) under torchrun on 2 ranks (gloo): the same losses
+    per step and the same target as 1 rank, within fp32 reduction order."""
+    extra = {**JOINT, "stage_steps": 0, "joint_steps": 3, "eval_data": "null"}
+    runs = {}
+    for world in (1, 2):
+        proc = launch(tmp_path / f"world{world}", world, extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[world] = parity_summary(tmp_path / f"world{world}")["losses"]
+    assert list(runs[1]) == ["joint"] and len(runs[1]["joint"]) == 3
+    assert runs[2]["joint"] == pytest.approx(runs[1]["joint"], rel=1e-5)
+    a, b = (load_file(tmp_path / f"world{w}" / "target" / "model.safetensors") for w in (1, 2))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=2e-5)

@@ -420,6 +420,11 @@ def test_one_screen_summary(reference):
     assert all(len(line) <= 120 for line in lines if str(reference) not in line), text
     for word in ("attribution", "cache", "stage 1", "stage 3", "NLL", "gap closed", "export"):
         assert word in text, text
+    assert f"{SETTINGS['stage_steps']} steps/stage," in text
+    for cfg, said in (({"method": "output_kd", "stage_steps": 19}, "19 steps per target layer, all layers at once"),
+                      ({"method": "semalign", "stage_steps": 16, "joint_steps": 9}, "16 steps/stage + 9 joint"),
+                      ({"method": "semalign", "stage_steps": 0, "joint_steps": 187}, "187 joint steps (no stages)")):
+        assert summary._schedule(cfg) == said
     report = json.loads((reference / "report.json").read_text())
     if report["gap_closed"] is None:  # the tiny random target starts below its source: no gap to close
         assert report["target_before"]["nll"] <= report["source"]["nll"] and "undefined" in text
