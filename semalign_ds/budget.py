@@ -88,7 +88,7 @@ def predicted_training(cfg, model: dict, lengths, loss_counts) -> float:
     if cfg.method in ("output_kd", "finetune"):
         return phase(cfg.stage_steps * n_layers, n_layers, training_heads(cfg, True, cfg.method, n_layers))
     total = 0.0
-    if cfg.stage_steps > 0:
+    if cfg.frontier_stages:
         total += sum(phase(cfg.stage_steps, 1, training_heads(cfg, k == n_layers, "stage"))
                      for k in range(1, n_layers + 1))
         total += n_layers * cost(model, int(lengths.sum()), 0, mean_len, 1)["flops"]  # the frontiers

@@ -149,6 +149,11 @@ class Config(BaseModel):
         "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "temperature", "fisher_weight",
         "ce_weight", "joint_steps", "joint_layer_weight", "joint_lr", "lora_rank", "lora_alpha", "lora_targets")
 
+    @property
+    def frontier_stages(self) -> bool:
+        """Whether the run trains frontier stages, one layer at a time (and so computes and writes frontiers)."""
+        return self.method in ("semalign", "layerwise") and self.stage_steps > 0
+
     def check(self):
         """Checks across keys. Not run by Config() itself, whose defaults name no target: from_dict runs them."""
         if (self.target is None) == (self.target_keep_layers is None):

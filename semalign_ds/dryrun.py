@@ -305,7 +305,7 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
                          tgt.layers * _activations(micro, seq, tgt.width, tgt.heads, b) + loss_memory(micro_loss),
                          steps * (3 * (body_fwd(tgt) + 2 * tgt.head_matmul) * step_tokens + kl),
                          "all target layers trained at once"))
-    elif cfg.stage_steps > 0:
+    elif cfg.frontier_stages:
         trainable = tgt.lora_params or tgt.layer_params
         layer_grad = 2 if tgt.lora_params else 3  # frozen weights need no weight gradient under LoRA
         if cfg.method == "semalign" and cfg.layer_objective == "fisher":
@@ -380,8 +380,7 @@ def report(cfg: Config, world: int | None = None, tflops: float = 400.0) -> str:
         f"  batch {cfg.batch_size} = {p.world} rank(s) x {cfg.grad_accum_steps} accumulation x "
         f"{cfg.batch_size // (p.world * cfg.grad_accum_steps)} sequences per micro-batch",
         f"  on disk: activation cache {_bytes(p.cache_bytes)} ({_bytes(p.cache_bytes / p.world)} per rank)"
-        + (f", one frontier {_bytes(p.frontier_bytes)}" if cfg.method in ("semalign", "layerwise")
-           and cfg.stage_steps else ""),
+        + (f", one frontier {_bytes(p.frontier_bytes)}" if cfg.frontier_stages else ""),
         f"estimate per rank at {tflops:g} TFLOP/s sustained" + (" (the default: an H100 in bf16 at about 40% of its "
                                                                "dense peak; set --accelerator-tflops)"
                                                                if tflops == 400 else "") + ":",

@@ -67,7 +67,7 @@ def phase(s, state, tgt, head_t, store, mark):
         tgt.layers.load_state_dict(rundir.load_tensors(path))
         return metrics
     frontier = None
-    for k in range(1, s.n_target + 1) if cfg.stage_steps > 0 else ():  # stage_steps 0: the joint phase only
+    for k in range(1, s.n_target + 1) if cfg.frontier_stages else ():  # stage_steps 0: the joint phase only
         layer = tgt.layers[k - 1]
         weights = rd.path("stages", f"layer-{k}.safetensors")
         if f"stage_{k}" in state["done"]:
