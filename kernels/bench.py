@@ -7,7 +7,7 @@
 Every case runs in a fresh subprocess (an out-of-memory naive case cannot take the others down, and CPU peak
 memory is that process's own). Peak memory is the increase over the inputs: torch.cuda.max_memory_allocated on
 a GPU, the resident-set high-water mark (/proc/self/status VmHWM, reset through /proc/self/clear_refs) on a CPU.
-The FLOP floor is 8*N*V*d for the Fisher loss and 2*N*V*(d_s + 3*d_t) for KL (METHOD.md; a trainable weight
+The FLOP floor is 8*N*V*d for the Fisher loss and 2*N*V*(d_s + 3*d_t) for KL (docs/method.md; a trainable weight
 adds 2*N*V*d_t); "of mm" is the achieved FLOP rate over a plain matrix multiply measured on the same device and
 dtype with the case's d (on a CPU in float32 whatever the case's dtype: the CPU back ends compute in float32).
 The floor is the fused one-pass formulation's: naive and chunked form dloss/dz and multiply by W once (6*N*V*d

@@ -1,6 +1,6 @@
 """Fused vocabulary projection + Fisher-weighted quadratic loss (Triton).
 
-Per counted row n, with z = W x, z* = W y, delta = (z - z*) / tau, p* = softmax(z* / tau) (METHOD.md, section 5):
+Per counted row n, with z = W x, z* = W y, delta = (z - z*) / tau, p* = softmax(z* / tau) (docs/method.md, section 5):
     loss_n  = tau^2 / 2 * Var_{p*}(delta)
     dloss/dx = tau * sum_v p*_v (delta_v - mu) W_v,   mu = E_{p*}[delta]
     dloss/dW_v = tau * p*_v (delta_v - mu) x        (through z only: z* = W y is a constant target)
@@ -18,7 +18,7 @@ Design (forward: loss and grad_x in one pass over V; backward: a second pass onl
   a block moves the centre by `shift` and rescales by w = alpha * S_old / S_new:
       G  <- w * (G - tau * shift * G0) + dot(tau * p_b * (delta_b - mu_new), W_b)
       G0 <- w * G0 + dot(p_b, W_b)
-  Centring before the operands are rounded to bf16/fp16 matters: with the uncentred METHOD.md form
+  Centring before the operands are rounded to bf16/fp16 matters: with the uncentred form of docs/method.md
   (G1 - mu * G0), a common offset of delta across the vocabulary (a direction of x - y on which W is nearly
   constant) is rounded to 8 bits and then cancelled, and the gradient error grows with offset / spread.
   FLOPs: 8 * N * V * d (two projections, two accumulations); a stats pass followed by a gradient pass would

@@ -1,7 +1,7 @@
 """Fused vocabulary projections + KL distillation loss (Triton).
 
 Per counted row n, with zs = W_s x_s / tau (source, constant) and zt = W_t x_t / tau (trainable), ps, pt their
-softmaxes (METHOD.md, section 5 and "Fused losses"):
+softmaxes (docs/method.md, section 5 and "Fused losses"):
     loss_n      = tau^2 * KL(ps || pt) = tau^2 * (E_ps[zs - zt] - lse(zs) + lse(zt))
     dloss/dx_t  = tau * sum_v (pt_v - ps_v) W_t,v
     dloss/dW_t,v = tau * (pt_v - ps_v) x_t          (the source side gets no gradient)
@@ -16,7 +16,7 @@ With c_s = alpha_s S_s / S_s', c_t = alpha_t S_t / S_t' the rescalings of the tw
     Dg <- c_t * Dg + (c_t - c_s) * Gs + dot(tau * (pt_b - ps_b), W_t,b)
     Gs <- c_s * Gs + dot(tau * ps_b, W_t,b)
 so the operand rounded to bf16/fp16 is the difference pt - ps, not pt and ps separately: near convergence
-pt ~ ps and the separate METHOD.md accumulators Gt/S_t - Gs/S_s would cancel after rounding.
+pt ~ ps and the separate accumulators of docs/method.md Gt/S_t - Gs/S_s would cancel after rounding.
 The accumulators are updated once per SUB vocabulary blocks from staged operand tiles, as in the Fisher kernel.
 FLOPs: 2 * N * V * (d_s + 3 * d_t). The weight gradient is a second kernel over V, run in backward.
 """

@@ -126,9 +126,10 @@ def equal_compute_steps(cfg, flops, shape, transfer):
 
 def target_shape(cfg, vocab):
     """budget.shape of the target, read from configs only (no weights loaded)."""
+    source = models.config_of(cfg.source, cfg.source_gguf_file)
     if cfg.target is not None:
-        return budget.shape(models.config_of(cfg.target, cfg.target_gguf_file), vocab)
-    shape = budget.shape(models.config_of(cfg.source, cfg.source_gguf_file), vocab)
+        return budget.shape(models.config_of(cfg.target, cfg.target_gguf_file), vocab, source.hidden_size)
+    shape = budget.shape(source, vocab)
     return dict(shape, layers=len(cfg.target_keep_layers))
 
 

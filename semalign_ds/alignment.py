@@ -1,4 +1,4 @@
-"""Semantic bases and the alignment map (METHOD.md, section 3).
+"""Semantic bases and the alignment map (docs/method.md, section 3).
 
 The semantic basis of a model is S = pinv(W) in R^{d x V} with unit columns: column i is token i's direction in
 latent space. Decomposing a unit source state u on the source basis by cosine and recomposing on the target basis

@@ -1,4 +1,4 @@
-"""Layer attribution on the source: layer gradient x activation (METHOD.md, section 1).
+"""Layer attribution on the source: layer gradient x activation (docs/method.md, section 1).
 
 score(l) = mean over examples of | sum over loss positions and channels of h^(l) * dL/dh^(l) |, where L is the
 example's mean cross-entropy on its loss positions. Only activation gradients are taken; parameters stay frozen.

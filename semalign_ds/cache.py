@@ -1,4 +1,4 @@
-"""The source activation cache (METHOD.md, section 4).
+"""The source activation cache (docs/method.md, section 4).
 
 Per loss position, in example order: the aligned targets a^(k) = M u^(l(k)) for every target layer k ("aligned.k",
 target width) and the source's final normed state n_s(h^(L_s)) ("source_final", source width) for the output KL.
@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from semalign_ds import distributed, models, rundir, summary
+from semalign_ds import distributed, models, objectives, rundir, summary
 from semalign_ds.alignment import align, source_direction
 from semalign_ds.config import ConfigError
 from semalign_ds.data import index_batches
@@ -201,17 +201,10 @@ class ActivationCache:
         return torch.cat(parts)
 
 
-def uses_topk(cfg):
-    """The layer stages train on the cached top-k support (fisher_topk > 0, SemAlign's Fisher objective)."""
-    return cfg.fisher_topk > 0 and cfg.method == "semalign" and cfg.layer_objective == "fisher"
-
-
 def contents(cfg):
-    """What a run's cache holds besides the aligned states, as the config decides it: runs whose configs give the
-    same contents (and agree on the source, data and alignment) have identical caches."""
-    return {"source_states": cfg.method == "layerwise",  # the layer-wise baseline trains on the unaligned states
-            "topk": (cfg.fisher_topk, cfg.temperature) if uses_topk(cfg) else None,
-            "aligned_input": cfg.layer_objective == "geometry"}
+    """What a run's cache holds besides the aligned states, as its objectives ask (objectives.cache_contents): runs
+    whose configs give the same contents (and agree on the source, data and alignment) have identical caches."""
+    return objectives.cache_contents(cfg)
 
 
 def phase(s, src, runner, head_s, plan, m, tgt=None, head_t=None):

@@ -9,7 +9,7 @@ import typing
 from typing import Annotated, ClassVar, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 
 class ConfigError(ValueError):
@@ -29,6 +29,13 @@ def _list_of_one(value):
 
 def _on_off(value):
     return ("on" if value else "off") if isinstance(value, bool) else value  # YAML 1.1 reads off as false
+
+
+def _layer_objective(value):
+    from semalign_ds.objectives import LAYER_OBJECTIVES  # the registry (imports torch: only when a config is made)
+    if value not in LAYER_OBJECTIVES:
+        raise ValueError(f"no layer objective {value!r}: one of {', '.join(LAYER_OBJECTIVES)}")
+    return value
 
 
 Int = Annotated[int, BeforeValidator(_not_bool)]
@@ -94,8 +101,9 @@ class Config(BaseModel):
         "semalign", "semalign; layerwise (baseline: cosine to the source state through a learned projection); "
                     "output_kd (baseline: KL at the output only, all layers at once); finetune (baseline: the "
                     "labels' cross-entropy only, all layers at once)")
-    layer_objective: Literal["fisher", "cosine", "geometry"] = _f(
-        "fisher", "loss of stages k < L_t: Fisher surrogate, cosine, or token-token residual geometry")
+    layer_objective: Annotated[str, AfterValidator(_layer_objective)] = _f(
+        "fisher", "loss of stages k < L_t, a name in semalign_ds/objectives.py: fisher (the Fisher surrogate), "
+                  "cosine (v1), geometry (v2: token-token residual geometry), ...")
     fisher_topk: Int = _f(0, "keep the top-k of p* per position in the cache (0: the exact full vocabulary)", ge=0)
     topk_tail: Literal["renormalize", "bucket"] = _f("renormalize",
                                                      "top-k Fisher: how the tail mass outside the top k is treated")
@@ -150,9 +158,14 @@ class Config(BaseModel):
         "ce_weight", "joint_steps", "joint_layer_weight", "joint_lr", "lora_rank", "lora_alpha", "lora_targets")
 
     @property
+    def trains_whole_model(self) -> bool:
+        """Whether the run trains every target layer at once on the output terms alone (output KD, fine-tuning)."""
+        return self.method in ("output_kd", "finetune")
+
+    @property
     def frontier_stages(self) -> bool:
         """Whether the run trains frontier stages, one layer at a time (and so computes and writes frontiers)."""
-        return self.method in ("semalign", "layerwise") and self.stage_steps > 0
+        return not self.trains_whole_model and self.stage_steps > 0
 
     def check(self):
         """Checks across keys. Not run by Config() itself, whose defaults name no target: from_dict runs them."""
@@ -171,6 +184,9 @@ class Config(BaseModel):
         if self.joint_steps > 0 and self.method != "semalign":
             raise ValueError(f"joint_steps {self.joint_steps} needs method semalign (the joint phase adds the aligned "
                              f"layer objectives), but method is {self.method}: set joint_steps=0")
+        if self.trains_whole_model and self.fisher_weight > 0:
+            raise ValueError(f"fisher_weight {self.fisher_weight} adds the layer objective to the output stage, but "
+                             f"method {self.method} trains the output terms only: set fisher_weight=0")
         if self.stage_steps == 0 and (self.method != "semalign" or self.joint_steps == 0):
             raise ValueError(f"stage_steps 0 trains nothing with method {self.method} and joint_steps "
                              f"{self.joint_steps}: set stage_steps >= 1, or method semalign with joint_steps >= 1")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from semalign_ds import data as data_mod, distributed, engines, models, pairing
+from semalign_ds import budget, data as data_mod, distributed, engines, models, objectives, pairing
 from semalign_ds.config import Config, ConfigError
 
 _CHEAP_DATA_BYTES = 256 * 2**20  # data files up to this size are read and tokenised for exact token counts
@@ -77,15 +77,6 @@ class Plan:
 # ---------------------------------------------------------------------------------------------------------------
 # models on the meta device
 
-def _hf_config(spec, gguf_file):
-    from transformers import AutoConfig
-    path, gguf_file = models.resolve(spec, gguf_file)
-    try:
-        return AutoConfig.from_pretrained(path, gguf_file=gguf_file)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"could not read the model config of {spec!r}: {err}") from err
-
-
 def _pruned(config, keep):
     config = copy.deepcopy(config)
     config.num_hidden_layers = len(keep)
@@ -94,42 +85,26 @@ def _pruned(config, keep):
     return config
 
 
-def _in_out(module):
-    """(inputs, outputs) of a linear map: nn.Linear, or GPT-2's Conv1D (weight stored [in, out])."""
-    if isinstance(module, torch.nn.Linear):
-        return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D":
-        return tuple(module.weight.shape)
-    return None
-
-
 def shapes(config, cfg: Config, role: str) -> Shapes:
-    """Shapes of the model `config` describes, built on the meta device: no memory for weights."""
-    from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=models.DTYPES[cfg.dtype])
-    adapter = models.Adapter(model)  # refuses unsupported architectures, as a run would
-    layer = adapter.layers[0]
-
-    def matmul(module):
-        return sum(i * o for i, o in filter(None, map(_in_out, module.modules())))
-
-    head = adapter.head
+    """Shapes of the model `config` describes, counted by the cost model (budget.model_counts) on a copy built on
+    the meta device: no memory for weights."""
+    c = budget.model_counts(config, models.DTYPES[cfg.dtype])
     lora = 0
     if cfg.lora_rank > 0 and role == "target":
-        linear = [(name.split(".")[-1], _in_out(m)) for name, m in layer.named_modules() if _in_out(m)]
+        from transformers import AutoModelForCausalLM
+        with torch.device("meta"):
+            layer = models.Adapter(AutoModelForCausalLM.from_config(config)).layers[0]
+        linear = [(name.split(".")[-1], budget.linear_in_out(m)) for name, m in layer.named_modules()
+                  if budget.linear_in_out(m)]
         missing = [t for t in cfg.lora_targets if t not in {n for n, _ in linear}]
         if missing:
             raise ConfigError(f"lora_targets {missing} name no linear module in a {config.model_type} layer; its "
                               f"linear modules: {sorted({n for n, _ in linear})}")
         # r x (in + out) per adapted module; a name may match several (GPT-2's attn.c_proj and mlp.c_proj)
         lora = cfg.lora_rank * sum(i + o for n, (i, o) in linear if n in cfg.lora_targets)
-    return Shapes(
-        layers=adapter.num_layers, width=adapter.width, heads=config.num_attention_heads,
-        vocab=head.weight.shape[0], params=sum(p.numel() for p in model.parameters()),
-        layer_params=sum(p.numel() for p in layer.parameters()), layer_matmul=matmul(layer),
-        head_matmul=matmul(head), body_matmul=sum(matmul(x) for x in adapter.layers),
-        lora_params=lora, max_positions=getattr(config, "max_position_embeddings", None))
+    return Shapes(layers=c["layers"], width=c["width"], heads=c["heads"], vocab=c["vocab"], params=c["params"],
+                  layer_params=c["layer_params"], layer_matmul=c["layer_matmul"], head_matmul=c["head_matmul"],
+                  body_matmul=c["body_matmul"], lora_params=lora, max_positions=c["max_positions"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,29 +151,17 @@ def plan(cfg: Config, world: int | None = None) -> Plan:
     world = distributed.detect().world if world is None else world
     if world < 1:
         raise ConfigError(f"--world {world}: the number of ranks must be >= 1")
-    per_step = world * cfg.grad_accum_steps
-    if cfg.batch_size % per_step:
-        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by world {world} x grad_accum_steps "
-                          f"{cfg.grad_accum_steps}: each rank runs batch_size / (world x grad_accum_steps) "
-                          f"sequences per micro-batch; use a multiple of {per_step}")
-    from semalign_ds.pipeline import check_paths
+    from semalign_ds.pipeline import check_paths, check_run
     check_paths(cfg)
     for key, role in (("ds_source_config", "source"), ("ds_target_config", "target")):
         if getattr(cfg, key):
             engines.load_ds_config(getattr(cfg, key), role)
 
-    config_s = _hf_config(cfg.source, cfg.source_gguf_file)
-    if cfg.target_keep_layers is not None:
-        if cfg.target_keep_layers[-1] >= config_s.num_hidden_layers:
-            raise ConfigError(f"target_keep_layers {cfg.target_keep_layers} names layer {cfg.target_keep_layers[-1]}"
-                              f", but the source has layers 0..{config_s.num_hidden_layers - 1}")
-        config_t = _pruned(config_s, cfg.target_keep_layers)
-    else:
-        config_t = _hf_config(cfg.target, cfg.target_gguf_file)
+    config_s = models.config_of(cfg.source, cfg.source_gguf_file)
+    given_t = models.config_of(cfg.target, cfg.target_gguf_file) if cfg.target_keep_layers is None else None
+    check_run(cfg, world, config_s, given_t)
+    config_t = _pruned(config_s, cfg.target_keep_layers) if given_t is None else given_t
     src, tgt = shapes(config_s, cfg, "source"), shapes(config_t, cfg, "target")
-    if tgt.layers > src.layers:
-        raise ConfigError(f"the target has more layers ({tgt.layers}) than the source ({src.layers}); SemAlign "
-                          f"transfers from a larger source to a smaller target: swap them or prune the target")
     notes = []
     tok_s = _tokenizer(cfg.tokenizer or cfg.source, None if cfg.tokenizer else cfg.source_gguf_file)
     if tok_s is not None and cfg.target is not None:
@@ -212,9 +175,6 @@ def plan(cfg: Config, world: int | None = None) -> Plan:
         notes.append("no tokenizer: vocabularies compared by size only")
         if src.vocab != tgt.vocab:
             raise ConfigError(f"source vocabulary {src.vocab} != target vocabulary {tgt.vocab}")
-    vocab = min(src.vocab, tgt.vocab)
-    if cfg.fisher_topk >= vocab:
-        raise ConfigError(f"fisher_topk {cfg.fisher_topk} >= vocabulary {vocab}: use 0 for the exact loss")
     for name, limit in (("max_seq_len", cfg.max_seq_len), ("eval_max_seq_len", cfg.eval_max_seq_len)):
         if src.max_positions and limit > min(src.max_positions, tgt.max_positions or src.max_positions):
             notes.append(f"{name} {limit} exceeds the models' max_position_embeddings")
@@ -224,7 +184,7 @@ def plan(cfg: Config, world: int | None = None) -> Plan:
     tokens = count_tokens(cfg, tok_s)
     if tokens.examples < world:
         raise ConfigError(f"{tokens.examples} transfer examples for {world} ranks: every rank needs at least one")
-    pairs = ("attribution: decided at run time" if cfg.pairing == "attribution" and cfg.method == "semalign"
+    pairs = ("attribution: decided at run time" if cfg.pairing == "attribution"
              else "uniform: " + ", ".join(f"{k}->{l}" for k, l in
                                           enumerate(pairing.uniform_pairs(src.layers, tgt.layers), 1)))
     out = Plan(world, src, tgt, tokens, pairs, *disk_bytes(cfg, src, tgt, tokens), notes=notes)
@@ -233,19 +193,18 @@ def plan(cfg: Config, world: int | None = None) -> Plan:
 
 
 def disk_bytes(cfg, src, tgt, tokens):
-    """(cache, one frontier): the cache holds per loss position the stage targets and the source's final state,
-    and the source head once in float32."""
-    b = models.DTYPES[cfg.dtype].itemsize
-    if cfg.method in ("output_kd", "finetune"):
-        per_stage = 0
-    elif cfg.method == "layerwise":
-        per_stage = src.width * b
-    elif cfg.fisher_topk:
-        per_stage = cfg.fisher_topk * (4 + b)  # int32 id + value per kept entry, instead of d_t values
-    else:
-        per_stage = tgt.width * b
-    cache = tokens.loss_positions * (tgt.layers * per_stage + src.width * b) + src.vocab * src.width * 4
-    return cache, tokens.tokens * tgt.width * b
+    """(cache, one frontier): the cache holds per loss position, in float32, the aligned states of every target
+    layer (and a^(0) for the geometry objective), the unit source states for the layer-wise baseline, the top-k
+    supports of the layer stages (int32 ids, float32 z* and tail mass), and the source's final state; and the source
+    head once."""
+    contents = objectives.cache_contents(cfg)
+    per_position = (tgt.layers + contents["aligned_input"]) * tgt.width + src.width
+    if contents["source_states"]:
+        per_position += tgt.layers * src.width
+    if contents["topk"]:
+        per_position += (tgt.layers - 1) * (2 * contents["topk"][0] + 1)
+    cache = tokens.loss_positions * per_position * 4 + src.vocab * src.width * 4
+    return cache, tokens.tokens * tgt.width * 4  # frontiers are kept in float32
 
 
 def _activations(batch, seq, width, heads, b):
@@ -253,6 +212,7 @@ def _activations(batch, seq, width, heads, b):
 
 
 def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) -> list:
+    """Memory per rank and FLOPs (the cost model's, budget.cost and budget.predicted_phases) of each phase."""
     b = models.DTYPES[cfg.dtype].itemsize
     zero_src = world > 1 or cfg.ds_source_config is not None
     zero_tgt = world > 1 or cfg.ds_target_config is not None
@@ -261,13 +221,9 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
     seq = cfg.max_seq_len
     micro = cfg.batch_size // (world * cfg.grad_accum_steps)
     vocab = min(src.vocab, tgt.vocab)
-    kept = cfg.fisher_topk or vocab
-
-    def body_fwd(shape):
-        return 2 * shape.body_matmul + 4 * mean_len * shape.width * shape.layers
-
-    def layer_fwd(shape):
-        return 2 * shape.layer_matmul + 4 * mean_len * shape.width
+    model_s = {"layer_params": src.layer_matmul, "width": src.width, "layers": src.layers, "vocab": vocab}
+    model_t = {"layer_params": tgt.layer_matmul, "width": tgt.width, "layers": tgt.layers, "vocab": vocab,
+               "source_width": src.width}
 
     def training(trainable):
         return (trainable * b + 2 * trainable * b) / (world if zero_tgt else 1)
@@ -281,60 +237,47 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
     out = []
     n_attr = tokens.examples if cfg.attribution_examples is None else min(cfg.attribution_examples, tokens.examples)
     eb, ab = cfg.eval_batch_size, cfg.attribution_batch_size
-    if cfg.pairing == "attribution" and cfg.method == "semalign":
+    if cfg.pairing == "attribution":
         attr_tokens = tokens.tokens * n_attr / tokens.examples
+        attr_loss = tokens.loss_positions * n_attr / tokens.examples
         out.append(Phase("attribution", src_held, 0,
                          src.layers * _activations(ab, seq, src.width, src.heads, b) + 2 * ab * seq * vocab * 4,
-                         3 * (body_fwd(src) + 2 * src.head_matmul) * attr_tokens,
+                         budget.cost(model_s, attr_tokens, attr_loss, mean_len, src.layers, src.layers, 1, 1,
+                                     weight_grads=False)["flops"],
                          f"{n_attr} examples, source forward + backward"))
-    map_flops = 2 * tgt.width * src.width * tgt.layers if cfg.method == "semalign" else 0
     # one shard's rows are held (fp32) until the shard is written
     shard_rows = min(cfg.cache_shard_examples, tokens.examples) * tokens.loss_positions / tokens.examples
     out.append(Phase("activation cache", src_held, 0,
                      _activations(eb, seq, src.width, src.heads, b) / 2 + eb * seq * src.width * b * (tgt.layers + 1)
                      + shard_rows * (tgt.width * tgt.layers + src.width) * 4,
-                     body_fwd(src) * tokens.tokens + map_flops * tokens.loss_positions,
+                     budget.cost(model_s, tokens.tokens, 0, mean_len, src.layers)["flops"],
                      "source forward, no gradient"))
-    step_tokens, step_loss = cfg.batch_size * mean_len, cfg.batch_size * mean_len * loss_share
+    predicted = budget.predicted_phases(cfg, model_t, tokens.examples, tokens.tokens, tokens.loss_positions)
     micro_loss = micro * seq * loss_share
-    kl = 2 * step_loss * vocab * (src.width + 3 * tgt.width)
-    if cfg.method in ("output_kd", "finetune"):
+    every_layer = tgt.layers * _activations(micro, seq, tgt.width, tgt.heads, b) + loss_memory(micro_loss)
+    if "whole" in predicted:
         trainable = tgt.layers * (tgt.lora_params or tgt.layer_params)
         steps = cfg.stage_steps * tgt.layers
-        out.append(Phase(f"output KD ({steps} steps)", tgt.params * b, training(trainable),
-                         tgt.layers * _activations(micro, seq, tgt.width, tgt.heads, b) + loss_memory(micro_loss),
-                         steps * (3 * (body_fwd(tgt) + 2 * tgt.head_matmul) * step_tokens + kl),
-                         "all target layers trained at once"))
-    elif cfg.frontier_stages:
+        name = {"output_kd": "output KD", "finetune": "fine-tuning"}[cfg.method]
+        out.append(Phase(f"{name} ({steps} steps)", tgt.params * b, training(trainable), every_layer,
+                         predicted["whole"], "all target layers trained at once"))
+    if "stages" in predicted:
         trainable = tgt.lora_params or tgt.layer_params
-        layer_grad = 2 if tgt.lora_params else 3  # frozen weights need no weight gradient under LoRA
-        if cfg.method == "semalign" and cfg.layer_objective == "fisher":
-            layer_loss = 8 * step_loss * kept * tgt.width
-        elif cfg.method == "layerwise":
-            layer_loss = 6 * step_loss * tgt.width * src.width  # the learned projection to the source width
-        else:
-            layer_loss = 0
-        frontier = layer_fwd(tgt) * tokens.tokens  # stages 2..L_t first run the finished layer over the data
-        stage = cfg.stage_steps * (layer_grad * layer_fwd(tgt) * step_tokens + layer_loss)
-        final = cfg.stage_steps * (layer_grad * layer_fwd(tgt) * step_tokens + kl
-                                   + (layer_loss if cfg.fisher_weight > 0 else 0))
+        stages = predicted["stages"]
         held, act = tgt.params * b, _activations(micro, seq, tgt.width, tgt.heads, b) + loss_memory(micro_loss)
-        out.append(Phase(f"stage 1 < k < {tgt.layers} (each)", held, training(trainable), act,
-                         stage + frontier, f"one layer's {'LoRA' if tgt.lora_params else 'weights'} trained, "
-                                           f"{cfg.layer_objective if cfg.method == 'semalign' else 'cosine'} loss",
-                         in_total=False))
-        out.append(Phase(f"stage {tgt.layers} (output)", held, training(trainable), act,
-                         final + (frontier if tgt.layers > 1 else 0), "KL at the output", in_total=False))
-        out.append(Phase(f"all {tgt.layers} stages", held, training(trainable), act,
-                         (tgt.layers - 1) * (stage + frontier) + final, "stage 1 runs no frontier forward"))
-    if cfg.joint_steps:
+        objective = objectives.recipe(cfg).layer
+        if tgt.layers > 1:
+            out.append(Phase(f"stage k < {tgt.layers} (each)", held, training(trainable), act, stages[0],
+                             f"one layer's {'LoRA' if tgt.lora_params else 'weights'} trained, {objective.name} "
+                             f"loss, then its frontier", in_total=False))
+        out.append(Phase(f"stage {tgt.layers} (output)", held, training(trainable), act, stages[-1],
+                         "KL at the output", in_total=False))
+        out.append(Phase(f"all {tgt.layers} stages", held, training(trainable), act, sum(stages),
+                         "each stage then runs its layer over the data (the next frontier)"))
+    if "joint" in predicted:
         trainable = tgt.layers * (tgt.lora_params or tgt.layer_params)
-        fisher = cfg.layer_objective == "fisher" and cfg.joint_layer_weight > 0  # the others cost no head projection
-        layers_loss = 8 * step_loss * kept * tgt.width * (tgt.layers - 1) if fisher else 0
-        out.append(Phase(f"joint ({cfg.joint_steps} steps)", tgt.params * b, training(trainable),
-                         tgt.layers * _activations(micro, seq, tgt.width, tgt.heads, b) + loss_memory(micro_loss),
-                         cfg.joint_steps * (3 * (body_fwd(tgt) + 2 * tgt.head_matmul) * step_tokens + kl
-                                            + layers_loss), "all target layers trainable"))
+        out.append(Phase(f"joint ({cfg.joint_steps} steps)", tgt.params * b, training(trainable), every_layer,
+                         predicted["joint"], "all target layers trainable"))
     return out
 
 

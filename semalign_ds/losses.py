@@ -1,12 +1,12 @@
 """The two SemAlign losses on vocabulary-sized logits, with interchangeable back ends.
 
 fisher_quadratic_loss: the Fisher-weighted quadratic surrogate of tau^2 * KL(p* || softmax(z / tau)) around the
-aligned target's logits z* = W y (METHOD.md, section 5):
+aligned target's logits z* = W y (docs/method.md, section 5):
     delta = (W x - W y) / tau,  p* = softmax(W y / tau)
     loss  = tau^2 / 2 * (sum_v p*_v delta_v^2 - (sum_v p*_v delta_v)^2)
 linear_kl_loss: tau^2 * KL(softmax(W_s x_s / tau) || softmax(W_t x_t / tau)).
 fisher_topk_support / fisher_topk_loss: the Fisher loss on the top-k support of p*, which the cache fixes once
-(METHOD.md, "Top-k Fisher"): O(k d) per token instead of O(V d).
+(docs/method.md, "Top-k Fisher"): O(k d) per token instead of O(V d).
 
 The target side (y, x_s, W_s, and W in z*) is a constant: gradients flow to x (x_t) and, when it requires grad, to
 the weight through the trainable side's logits only.
@@ -106,7 +106,7 @@ def fisher_topk_support(y, weight, k, temperature=1.0, chunk_size=None):
 
 def fisher_topk_loss(x, weight, ids, zstar, tail, temperature=1.0, tail_mode="renormalize", mask=None,
                      reduction="mean", chunk_size=None):
-    """The Fisher loss on the top-k support S of p* only (METHOD.md, "Top-k Fisher"): O(k d) per row.
+    """The Fisher loss on the top-k support S of p* only (docs/method.md, "Top-k Fisher"): O(k d) per row.
 
     x: [N, d], weight: [V, d]; ids [N, k] (integer), zstar [N, k] and tail [N] from fisher_topk_support with the
     same weight and temperature. With delta_v = (W_v x - z*_v) / tau on S, p~ = softmax(z*_S / tau) (p*

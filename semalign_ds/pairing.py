@@ -1,6 +1,6 @@
 """Pairing: exactly one source layer per target layer, strictly increasing, the last with the last.
 
-Layers are 1-based here, as in METHOD.md: target layer k (1..L_t) is paired with source layer l(k) (1..L_s), and
+Layers are 1-based here, as in docs/method.md: target layer k (1..L_t) is paired with source layer l(k) (1..L_s), and
 h^(l) is the residual stream after decoder layer l.
 """
 from __future__ import annotations

@@ -57,6 +57,7 @@ class Setup:
     ds_target: dict | None
     monitor: Monitor = None
     validation: data_mod.TokenizedSet | None = None  # validation_fraction of the transfer set, held out
+    source_width: int = 0  # d_s
 
     @property
     def main(self):
@@ -207,13 +208,37 @@ def check_paths(cfg):
         data_mod.check_data_path(cfg.eval_data, "eval_data")
 
 
+def check_run(cfg, world, source_config, target_config=None):
+    """The checks that need the world size or the models' configs (no weights): the run and the dry run apply
+    these same ones, before anything expensive (after check_paths)."""
+    per_step = world * cfg.grad_accum_steps
+    if cfg.batch_size % per_step:
+        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by world {world} x grad_accum_steps "
+                          f"{cfg.grad_accum_steps}: each rank runs batch_size / (world x grad_accum_steps) sequences "
+                          f"per micro-batch; use a multiple of {per_step} (e.g. --set batch_size="
+                          f"{per_step * max(1, cfg.batch_size // per_step)})")
+    models.check_config(source_config, "source")
+    if target_config is not None:
+        models.check_config(target_config, "target")
+    n_source = source_config.num_hidden_layers
+    if cfg.target_keep_layers is not None and cfg.target_keep_layers[-1] >= n_source:
+        raise ConfigError(f"target_keep_layers {cfg.target_keep_layers} names layer "
+                          f"{cfg.target_keep_layers[-1]}, but the source has layers 0..{n_source - 1}")
+    n_target = (len(cfg.target_keep_layers) if cfg.target_keep_layers is not None
+                else target_config.num_hidden_layers)
+    if n_target > n_source:
+        raise ConfigError(f"the target has more layers ({n_target}) than the source ({n_source}); SemAlign "
+                          f"transfers from a larger source to a smaller target: swap them or prune the target")
+    vocab = min(source_config.vocab_size, (target_config or source_config).vocab_size)
+    if cfg.fisher_topk > vocab:
+        raise ConfigError(f"fisher_topk {cfg.fisher_topk} > vocabulary {vocab}: use at most {vocab} (or 0 for the "
+                          f"exact loss)")
+    return n_source, n_target
+
+
 def prepare(cfg, rd):
     rank, world = distributed.rank(), distributed.world()
     check_paths(cfg)
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the world size {world}: each "
-                          f"rank trains on batch_size / world sequences per step; use a multiple of "
-                          f"{world} (e.g. --set batch_size={world * max(1, cfg.batch_size // world)})")
     ds_source = ds_target = None
     if world > 1 or cfg.ds_source_config is not None:
         ds_source = engines.load_ds_config(cfg.ds_source_config or engines.default_config_path("source_zero3"),
@@ -222,19 +247,8 @@ def prepare(cfg, rd):
         ds_target = engines.load_ds_config(cfg.ds_target_config or engines.default_config_path("target_zero2"),
                                            "target")
     source_config = models.config_of(cfg.source, cfg.source_gguf_file)
-    models.check_config(source_config, "source")
     target_config = models.config_of(cfg.target, cfg.target_gguf_file) if cfg.target is not None else None
-    if target_config is not None:
-        models.check_config(target_config, "target")
-    n_source = source_config.num_hidden_layers
-    n_target = (len(cfg.target_keep_layers) if cfg.target_keep_layers is not None
-                else target_config.num_hidden_layers)
-    if n_target > n_source:
-        raise ConfigError(f"the target has more layers ({n_target}) than the source ({n_source}); SemAlign "
-                          f"transfers from a larger source to a smaller target: swap them or prune the target")
-    if cfg.target_keep_layers is not None and cfg.target_keep_layers[-1] >= n_source:
-        raise ConfigError(f"target_keep_layers {cfg.target_keep_layers} names layer "
-                          f"{cfg.target_keep_layers[-1]}, but the source has layers 0..{n_source - 1}")
+    n_source, n_target = check_run(cfg, world, source_config, target_config)
     tok_s = models.load_tokenizer(cfg.source, cfg.source_gguf_file)
     tokenizer = models.load_tokenizer(cfg.tokenizer) if cfg.tokenizer else tok_s  # what the data is tokenised with
     vocab, tok_t = models.vocab_size(tok_s), tok_s
@@ -263,7 +277,8 @@ def prepare(cfg, rd):
     else:
         device = torch.device("cpu")
     return Setup(cfg, rd, device, models.DTYPES[cfg.dtype], rank, world, tokenizer, tok_t, vocab, pad_id, n_source,
-                 n_target, transfer, eval_data, ds_source, ds_target, validation=validation)
+                 n_target, transfer, eval_data, ds_source, ds_target, validation=validation,
+                 source_width=source_config.hidden_size)
 
 
 def transfer_sets(cfg, rd, tokenizer):

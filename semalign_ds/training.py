@@ -1,4 +1,4 @@
-"""Frontier training, shallow to deep (METHOD.md, section 5), and the baselines, on one optimizer loop.
+"""Frontier training, shallow to deep (docs/method.md, section 5), and the baselines, on one optimizer loop.
 
 Stage k trains target layer k alone on the frontier (the output of the finished layers below it); the output-KD
 baseline trains every layer at once. `fit` is the loop they share: seeded global batches (the same whatever the
@@ -12,54 +12,72 @@ verifies the checksums and falls back to the previous checkpoint (or the start o
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from semalign_ds import budget, cache, distributed, engines, lora, rundir, summary
+from semalign_ds import budget, distributed, engines, lora, objectives, rundir, summary
 from semalign_ds.data import batch_order
-from semalign_ds.frontier import Frontier, layer_term, objective, stage_loss
+from semalign_ds.frontier import Frontier
 from semalign_ds.faults import fault_point
 
 
-def phase(s, state, tgt, head_t, store, mark):
-    """Train the target (frontier stages, or the output-KD baseline); returns per-stage metrics. `mark(phase,
-    info)` records a finished stage."""
-    cfg, rd = s.cfg, s.rd
-    mine = distributed.shard(len(s.data))  # sequences this rank trains on and keeps the frontier of
-    counts = s.data.loss_counts
+@dataclass
+class Batch:
+    """One micro-batch of a training step, on the run's device."""
+    idx: list  # the sequences (indices into the transfer set)
+    ids: torch.Tensor
+    attn: torch.Tensor
+    loss_mask: torch.Tensor
+    rows: dict  # the cached rows of its loss positions, by cache key
+    normalizer: int  # loss positions of the whole global batch: summed losses are divided by it
+    step: int  # the optimizer step, 0-based
 
-    def targets(k, final):
-        if cfg.method == "output_kd":
-            out = {}
-        elif cfg.method == "layerwise":
-            out = {"source": store.rows(f"source.{k}", mine, counts)}
-        elif cache.uses_topk(cfg) and not final:
-            out = {name: store.rows(f"topk_{name}.{k}", mine, counts) for name in ("ids", "z", "tail")}
-        else:
-            out = {"aligned": store.rows(f"aligned.{k}", mine, counts)}
-            if cfg.layer_objective == "geometry":  # the aligned source residual of the pair span
-                out["aligned_in"] = store.rows(f"aligned.{k - 1}", mine, counts)
-        if final:
-            out["source_final"] = store.rows("source_final", mine, counts)
-            out["source_head"] = rundir.load_tensors(store.head_path())["weight"].to(s.device, s.dtype)
-        return out
+
+@dataclass
+class Job:
+    """What fit() trains: `module`'s parameters for `steps` optimizer steps on the sequences `members` (this
+    rank's), each micro-batch's (loss, parts) given by `step(Batch)`."""
+    tag: str  # checkpoint folder and metrics tag
+    desc: str  # progress bar
+    module: torch.nn.Module
+    steps: int
+    seed_stage: int  # batch order is seeded by (seed, seed_stage)
+    rows: dict  # this rank's cached rows, by cache key
+    members: list
+    step: Callable
+    peak_lr: float | None = None
+
+
+def phase(s, state, tgt, head_t, store, mark):
+    """Train the target (frontier stages and a joint phase, or a whole-model baseline); returns per-stage metrics.
+    `mark(phase, info)` records a finished stage."""
+    cfg, rd = s.cfg, s.rd
+    recipe = objectives.recipe(cfg)
+    mine = distributed.shard(len(s.data))  # sequences this rank trains on and keeps the frontier of
+    source_head = (rundir.load_tensors(store.head_path())["weight"].to(s.device, s.dtype)
+                   if recipe.uses_source_head else None)
+
+    def rows(keys):
+        return {key: store.rows(key, mine, s.data.loss_counts) for key in keys}
 
     metrics = state.get("stage_metrics", {})
-    if cfg.method in ("output_kd", "finetune"):
+    if cfg.trains_whole_model:  # output KD or fine-tuning: every layer at once, the output terms only
         name = cfg.method
         path = rd.path("stages", "layers.safetensors")
         if f"stage_{name}" not in state["done"]:
-            batch_targets = targets(s.n_target, True) if name == "output_kd" else {}
             desc = {"output_kd": "output KD", "finetune": "fine-tuning"}[name]
+            step = functools.partial(whole_model_step, tgt, recipe, head_t, source_head)
             with adapters(s, list(tgt.layers), 0):
-                metrics[name] = fit(s, name, desc, tgt.layers, cfg.stage_steps * s.n_target, 0, batch_targets, mine,
-                                    whole_model_loss(s, tgt, head_t))
-            metrics[name]["budget"] = fit_cost(s, tgt, metrics[name], name, s.n_target)
+                metrics[name] = fit(s, Job(name, desc, tgt.layers, cfg.stage_steps * s.n_target, 0,
+                                           rows(recipe.keys(s.n_target, True)), mine, step))
+            metrics[name]["budget"] = fit_cost(s, tgt, metrics[name], recipe, "whole", s.n_target)
             if s.main:
                 rundir.save_tensors(path, tgt.layers.state_dict())
             state["stage_metrics"] = metrics
@@ -75,7 +93,8 @@ def phase(s, state, tgt, head_t, store, mark):
             continue
         if frontier is None:
             frontier = frontier_after(s, tgt, k - 1, mine)
-        metrics[str(k)] = train_stage(s, tgt, head_t, k, frontier, targets(k, k == s.n_target))
+        final = k == s.n_target
+        metrics[str(k)] = train_stage(s, tgt, recipe, head_t, source_head, k, frontier, rows(recipe.keys(k, final)))
         if s.main:
             rundir.save_tensors(weights, layer.state_dict())
         t0 = time.time()
@@ -83,7 +102,7 @@ def phase(s, state, tgt, head_t, store, mark):
                                     cfg.eval_batch_size, s.device, show=s.main)
         total = int(s.data.offsets[-1])  # the next frontier: layer k forward over every position
         metrics[str(k)]["budget"] = budget.add(
-            fit_cost(s, tgt, metrics[str(k)], "stage", 1, k == s.n_target),
+            fit_cost(s, tgt, metrics[str(k)], recipe, "stage", 1, final),
             budget.cost(budget.shape(tgt.config, s.vocab), total, 0, total / len(s.data), 1,
                         seconds=time.time() - t0))
         rundir.save_tensors(frontier_path(s, k), {"states": frontier.states})
@@ -94,15 +113,12 @@ def phase(s, state, tgt, head_t, store, mark):
     if cfg.joint_steps > 0:
         path = rd.path("stages", "joint.safetensors")
         if "joint" not in state["done"]:
-            joint_targets = {**{f"aligned.{k}": store.rows(f"aligned.{k}", mine, counts)
-                                for k in range(0 if cfg.layer_objective == "geometry" else 1, s.n_target + 1)},
-                             **targets(s.n_target, True)}
-            joint_targets.pop("aligned", None)
-            joint_targets.pop("aligned_in", None)
+            step = functools.partial(joint_step, tgt, recipe, head_t, source_head, cfg.joint_layer_weight,
+                                     cfg.joint_steps)
             with adapters(s, list(tgt.layers), s.n_target + 1):
-                metrics["joint"] = fit(s, "joint", "joint", tgt.layers, cfg.joint_steps, s.n_target + 1,
-                                       joint_targets, mine, joint_loss(s, tgt, head_t), cfg.joint_lr)
-            metrics["joint"]["budget"] = fit_cost(s, tgt, metrics["joint"], "joint", s.n_target)
+                metrics["joint"] = fit(s, Job("joint", "joint", tgt.layers, cfg.joint_steps, s.n_target + 1,
+                                              rows(recipe.joint_keys(s.n_target)), mine, step, cfg.joint_lr))
+            metrics["joint"]["budget"] = fit_cost(s, tgt, metrics["joint"], recipe, "joint", s.n_target)
             if s.main:
                 rundir.save_tensors(path, tgt.layers.state_dict())
             state["stage_metrics"] = metrics
@@ -138,25 +154,69 @@ def forward_layer(tgt, j, h, attn, dtype):
     return tgt.layer(j, h, tgt.context(h, attn))
 
 
-def train_stage(s, tgt, head_t, k, frontier, targets):
-    """Stage k: target layer k (and, for the layer-wise baseline, its projection) on the frontier."""
-    cfg = s.cfg
-    module, projection = tgt.layers[k - 1], None
-    if cfg.method == "layerwise" and (k < s.n_target or cfg.fisher_weight > 0):
+def train_stage(s, tgt, recipe, head_t, source_head, k, frontier, rows):
+    """Stage k: target layer k (and whatever its objective trains with it: the layer-wise projection) on the
+    frontier."""
+    final = k == s.n_target
+    module = tgt.layers[k - 1]
+    projection = None
+    objective = recipe.objective(final)
+    if objective is not None and (not final or recipe.final_layer_weight > 0):
         with torch.random.fork_rng():
-            torch.manual_seed(cfg.seed + k)
-            projection = torch.nn.Linear(tgt.width, targets["source"].shape[1], bias=False)
+            torch.manual_seed(s.cfg.seed + k)
+            projection = objective.trainable(tgt.width, s.source_width)
+    if projection is not None:
         projection.to(s.device, s.dtype)
         module = torch.nn.ModuleDict({"layer": module, "projection": projection})
-
-    def batch_loss(idx, ids, attn, loss_mask, batch_targets, normalizer, step):
-        h_in = frontier.batch(idx).to(s.device, s.dtype)
-        return stage_loss(tgt, k, s.n_target, h_in, attn, loss_mask, batch_targets, head_t, cfg, ids, normalizer,
-                          projection)
-
+    step = functools.partial(stage_step, tgt, recipe, head_t, source_head, k, final, frontier, projection,
+                             s.dtype)
     with adapters(s, [tgt.layers[k - 1]], k):
-        return fit(s, f"stage_{k}", f"stage {k}/{s.n_target}", module, cfg.stage_steps, k, targets,
-                   frontier.members, batch_loss)
+        return fit(s, Job(f"stage_{k}", f"stage {k}/{s.n_target}", module, s.cfg.stage_steps, k, rows,
+                          frontier.members, step))
+
+
+# --- the step functions: (loss, parts) of one micro-batch ---------------------------------------------------------
+def _inputs(b: Batch, x, head, norm, source_head, residual=None, projection=None):
+    return objectives.Inputs(x=x, rows=b.rows, head=head, norm=norm, residual=residual,
+                             counts=b.loss_mask.sum(1), labels=b.ids[:, 1:][b.loss_mask[:, :-1]],
+                             source_head=source_head, projection=projection)
+
+
+def stage_step(tgt, recipe, head, source_head, k, final, frontier, projection, dtype, b: Batch):
+    """Frontier stage k (1-based): target layer k on the frontier of the batch, then the stage's objective."""
+    h_in = frontier.batch(b.idx).to(b.ids.device, dtype)
+    h_out = tgt.layer(k - 1, h_in, tgt.context(h_in, b.attn))
+    objective = recipe.objective(final)
+    residual = (h_out - h_in)[b.loss_mask] if objective is not None and objective.uses_residual else None
+    inp = _inputs(b, tgt.norm(h_out[b.loss_mask]), head, tgt.norm, source_head, residual, projection)
+    return recipe.stage_loss(inp, k, final, b.normalizer)
+
+
+def whole_model_step(tgt, recipe, head, source_head, b: Batch):
+    """The baselines that train every layer at once (output KD, fine-tuning): the output terms only."""
+    h = tgt.hidden_states(b.ids, b.attn)[-1]
+    inp = _inputs(b, tgt.norm(h[b.loss_mask]), head, tgt.norm, source_head)
+    return recipe.stage_loss(inp, tgt.num_layers, True, b.normalizer)
+
+
+def joint_step(tgt, recipe, head, source_head, layer_weight, steps, b: Batch):
+    """The joint phase: every target layer, the last stage's objective plus w(t) times the exact layer objective
+    of layers 1..L_t - 1, w falling linearly from layer_weight to 0 over the phase's steps."""
+    states = tgt.hidden_states(b.ids, b.attn)
+    n, objective = len(states) - 1, recipe.exact_layer
+
+    def inputs(k):
+        residual = (states[k] - states[k - 1])[b.loss_mask] if objective.uses_residual else None
+        return _inputs(b, tgt.norm(states[k][b.loss_mask]), head, tgt.norm, source_head, residual)
+
+    loss, parts = recipe.stage_loss(inputs(n), n, True, b.normalizer)
+    weight = layer_weight * (1 - b.step / steps)
+    if weight > 0 and n > 1:
+        layers = sum(objective.loss(inputs(k), k) for k in range(1, n)) / float(b.normalizer)
+        loss = loss + weight * layers
+        parts["layers"] = float(layers.detach())
+    parts["layer_weight"] = weight
+    return loss, parts
 
 
 @contextlib.contextmanager
@@ -174,58 +234,10 @@ def adapters(s, layers, seed_stage):
         lora.merge(layer)
 
 
-def whole_model_loss(s, tgt, head_t):
-    """The baselines that train every target layer at once: output KD (KL at the output only) and plain
-    fine-tuning (the labels' cross-entropy only)."""
-    def batch_loss(idx, ids, attn, loss_mask, batch_targets, normalizer, step):
-        h = tgt.hidden_states(ids, attn)[-1]
-        x = tgt.norm(h[loss_mask])
-        labels = ids[:, 1:][loss_mask[:, :-1]]
-        if s.cfg.method == "finetune":
-            ce = F.cross_entropy((x @ head_t.T).float(), labels, reduction="sum") / float(normalizer)
-            return ce, {"ce": float(ce.detach())}
-        return objective(x, batch_targets, True, tgt.norm, head_t, s.cfg, labels, normalizer)
-    return batch_loss
-
-
-def joint_loss(s, tgt, head_t):
-    """The joint phase: every target layer, the output objective (objective() of the last stage) plus w(t) times
-    the layer objectives of layers 1..L_t - 1, w decaying linearly from joint_layer_weight to 0 over joint_steps."""
-    cfg, n = s.cfg, s.n_target
-
-    def batch_loss(idx, ids, attn, loss_mask, batch_targets, normalizer, step):
-        states = tgt.hidden_states(ids, attn)
-        counts = loss_mask.sum(1)
-        labels = ids[:, 1:][loss_mask[:, :-1]]
-
-        def layer_targets(k):
-            out = {"aligned": batch_targets[f"aligned.{k}"]}
-            if cfg.layer_objective == "geometry":
-                out["aligned_in"] = batch_targets[f"aligned.{k - 1}"]
-            return out
-
-        def residual(k):
-            return (states[k] - states[k - 1])[loss_mask] if cfg.layer_objective == "geometry" else None
-
-        final = {**layer_targets(n), "source_final": batch_targets["source_final"],
-                 "source_head": batch_targets["source_head"]}
-        loss, parts = objective(tgt.norm(states[n][loss_mask]), final, True, tgt.norm, head_t, cfg, labels,
-                                normalizer, residual=residual(n), counts=counts)
-        weight = cfg.joint_layer_weight * (1 - step / cfg.joint_steps)
-        if weight > 0 and n > 1:
-            layers = sum(layer_term(tgt.norm(states[k][loss_mask]), layer_targets(k), tgt.norm, head_t, cfg,
-                                    residual=residual(k), counts=counts)[1] for k in range(1, n)) / float(normalizer)
-            loss = loss + weight * layers
-            parts["layers"] = float(layers.detach())
-        parts["layer_weight"] = weight
-        return loss, parts
-    return batch_loss
-
-
-def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss, peak_lr=None):
-    """The optimizer loop shared by every stage: seeded global batches, each rank computing the sequences it
-    owns, checkpoints every checkpoint_every steps (resumed from), metrics to TensorBoard and metrics.jsonl."""
-    cfg = s.cfg
+def fit(s, job: Job):
+    """The optimizer loop every phase shares: seeded global batches, each rank computing the sequences it owns,
+    checkpoints every checkpoint_every steps (resumed from), metrics to TensorBoard and metrics.jsonl."""
+    cfg, module, steps = s.cfg, job.module, job.steps
     lora.set_trainable(module)
     if s.ds_target is not None:
         gas = cfg.grad_accum_steps
@@ -234,29 +246,30 @@ def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss, p
         stage = engines.DeepSpeedStage(module, cfg, ds)
     else:
         stage = engines.TorchStage(module, cfg)
-    ckpt_dir = s.rd.path("stages", f"checkpoint-{tag}")
+    ckpt_dir = s.rd.path("stages", f"checkpoint-{job.tag}")
     meta = load_checkpoint(s, stage, ckpt_dir)
     start, history = (meta["step"], meta["history"]) if meta else (0, [])
     if meta and s.main:
-        print(f"{desc}: resuming at step {start} of {steps}")
-    s.monitor.resume(tag, start)  # steps logged after the checkpoint are logged again, not twice
+        print(f"{job.desc}: resuming at step {start} of {steps}")
+    s.monitor.resume(job.tag, start)  # steps logged after the checkpoint are logged again, not twice
     counts = s.data.loss_counts
-    order = batch_order(len(s.data), cfg.batch_size, steps, cfg.seed, seed_stage)
+    order = batch_order(len(s.data), cfg.batch_size, steps, cfg.seed, job.seed_stage)
     # the whole phase's token positions (global, every step, also those done before a resume): its compute
     lengths = s.data.lengths
     positions = sum(int(lengths[b].sum()) for b in order)
     loss_positions = sum(int(counts[b].sum()) for b in order)
+    members = job.members
     owned = set(members)
     row_start = torch.zeros(len(s.data) + 1, dtype=torch.long)  # this rank's target rows per sequence
     local_counts = torch.zeros(len(s.data), dtype=torch.long)
     local_counts[members] = counts[members]
     row_start[1:] = local_counts.cumsum(0)
-    bar = s.bar(range(start, steps), desc=desc, initial=start, total=steps)
+    bar = s.bar(range(start, steps), desc=job.desc, initial=start, total=steps)
     t0, tokens = time.time(), 0
     for step in bar:
         batch = order[step]
         total = int(counts[batch].sum())  # loss positions in the whole global batch
-        lr = lr_at(cfg, step, steps, peak_lr)
+        lr = lr_at(cfg, step, steps, job.peak_lr)
         stage.set_lr(lr)
         loss, parts = 0.0, {}
         for micro in micro_batches([i for i in batch if i in owned], cfg.grad_accum_steps):
@@ -266,9 +279,9 @@ def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss, p
             idx = micro or members[:1]
             ids, attn, loss_mask = (t.to(s.device) for t in s.data.batch(idx, s.pad_id))
             rows = torch.cat([torch.arange(row_start[i], row_start[i + 1]) for i in idx])
-            batch_targets = {name: t if name == "source_head" else t[rows].to(s.device)
-                             for name, t in targets.items()}
-            micro_loss, micro_parts = batch_loss(idx, ids, attn, loss_mask, batch_targets, total, step)
+            b = Batch(idx, ids, attn, loss_mask, {key: t[rows].to(s.device) for key, t in job.rows.items()}, total,
+                      step)
+            micro_loss, micro_parts = job.step(b)
             micro_loss = micro_loss * weight
             stage.backward(micro_loss * stage.scale)
             loss = loss + float(micro_loss.detach())
@@ -284,17 +297,17 @@ def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss, p
         history.append(float(report[0]))
         bar.set_postfix(loss=f"{history[-1]:.4f}")
         if step % cfg.log_every == 0 or step == steps - 1:
-            s.monitor.log(tag, {"loss": history[-1], "grad_norm": grad_norm, "lr": lr,
-                                "tokens_per_s_rank0": tokens / (time.time() - t0),
-                                **{n: float(v) for n, v in zip(names, report[1:])},
-                                **summary.memory_scalars(s.device)}, step)
+            s.monitor.log(job.tag, {"loss": history[-1], "grad_norm": grad_norm, "lr": lr,
+                                    "tokens_per_s_rank0": tokens / (time.time() - t0),
+                                    **{n: float(v) for n, v in zip(names, report[1:])},
+                                    **summary.memory_scalars(s.device)}, step)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
             save_checkpoint(s, stage, ckpt_dir, {"step": step + 1, "history": history})
         elif stop and step + 1 < steps:
             save_checkpoint(s, stage, ckpt_dir, {"step": step + 1, "history": history})
         if stop and step + 1 < steps:
-            raise distributed.Preempted(f"{desc}: stopped on request after step {step + 1} of {steps}, checkpoint saved in "
-                            f"{ckpt_dir}; rerun the same command to resume")
+            raise distributed.Preempted(f"{job.desc}: stopped on request after step {step + 1} of {steps}, "
+                                        f"checkpoint saved in {ckpt_dir}; rerun the same command to resume")
         fault_point("stage_step", s.rank)
     module.requires_grad_(False)
     distributed.barrier()
@@ -307,9 +320,9 @@ def fit(s, tag, desc, module, steps, seed_stage, targets, members, batch_loss, p
             "loss_positions": loss_positions, "mean_len": positions / max(1, steps * cfg.batch_size)}
 
 
-def fit_cost(s, tgt, metrics, kind, layers, final=True):
+def fit_cost(s, tgt, metrics, recipe, kind, layers, final=True):
     """The budget (budget.cost) of a finished fit() that ran `layers` target layers forward and backward."""
-    heads = budget.training_heads(s.cfg, final, kind, layers)
+    heads = recipe.step_heads(kind, final, s.vocab, tgt.width, s.source_width, layers, s.cfg.joint_layer_weight)
     return budget.cost(budget.shape(tgt.config, s.vocab), metrics["positions"], metrics["loss_positions"],
                        metrics["mean_len"], layers, layers, *heads, weight_grads=s.cfg.lora_rank == 0,
                        seconds=metrics["seconds"])

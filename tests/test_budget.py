@@ -15,7 +15,9 @@ def test_layer_weights_are_the_models_own(arch):
     d = model.config.hidden_size
     # norms and biases are not matmul weights: count only 2-D weights
     weights = sum(p.numel() for p in layer.parameters() if p.dim() == 2)
-    assert budget.shape(model.config, 97) == {"layer_params": weights, "width": d, "layers": 2, "vocab": 97}
+    assert budget.shape(model.config, 97) == {"layer_params": weights, "width": d, "layers": 2, "vocab": 97,
+                                              "source_width": d}
+    assert budget.shape(model.config, 97, source_width=7)["source_width"] == 7
 
 
 def test_cost_is_the_hand_count():
@@ -50,17 +52,45 @@ def test_a_runs_budget_counts_its_batches(tmp_path):
     assert got["training"]["flops"] == pytest.approx(sum(got["phases"][f"stage_{k}"]["flops"] for k in (1, 2, 3)))
     assert got["total"]["flops"] == pytest.approx(got["training"]["flops"] + got["phases"]["cache"]["flops"]
                                                   + got["phases"]["attribution"]["flops"])
+    # the prediction compare.py matches budgets with (mean lengths for the sampled batches) against the count
+    from semalign_ds import models
+    shape = budget.shape(models.config_of(cfg.target), 512, models.config_of(cfg.source).hidden_size)
+    predicted = budget.predicted_training(cfg, shape, data.lengths, data.loss_counts)
+    assert predicted == pytest.approx(got["training"]["flops"], rel=0.15)
+    print(f"predicted / counted training FLOPs: {predicted / got['training']['flops']:.4f}")
 
 
 def test_the_joint_phase_counts_the_layer_objectives_it_computes():
     """Heads per loss position of a joint step: the output's KL (2 forward, 1 backward) plus, while the layer
     weight is above 0, the Fisher objective's two projections (W x, W y) and one backward for each of the L - 1
     lower layers; a joint phase at weight 0 is output KD and costs what it does."""
+    from semalign_ds import objectives
     cfg = config_mod.load(TINY_YAML, {"joint_steps": 5})
     assert cfg.layer_objective == "fisher" and cfg.fisher_weight == 0 and cfg.ce_weight == 0
-    assert budget.training_heads(cfg, True, "joint", 7) == (2 + 2 * 6, 1 + 6)
-    no_layers = cfg.model_copy(update={"joint_layer_weight": 0.0})
-    assert budget.training_heads(no_layers, True, "joint", 7) == (2, 1)
-    assert budget.training_heads(no_layers, True, "joint", 7) == budget.training_heads(cfg, True, "output_kd", 7)
+
+    def heads(c, kind, weight=None):
+        weight = c.joint_layer_weight if weight is None else weight
+        return objectives.recipe(c).step_heads(kind, True, 97, 16, 16, 7, weight)
+
+    assert heads(cfg, "joint") == (2 + 2 * 6, 1 + 6)
+    assert heads(cfg, "joint", 0.0) == (2, 1)
+    assert heads(cfg, "joint", 0.0) == heads(cfg.model_copy(update={"method": "output_kd", "joint_steps": 0}),
+                                             "whole")
     cosine = cfg.model_copy(update={"layer_objective": "cosine"})
-    assert budget.training_heads(cosine, True, "joint", 7) == (2, 1)  # the cosine objective needs no head
+    assert heads(cosine, "joint") == (2, 1)  # the cosine objective needs no head
+
+
+def test_the_dry_run_and_the_budget_count_the_same_training_flops():
+    """One cost model: the dry run's training rows are budget.predicted_phases of the same counts."""
+    from semalign_ds import dryrun
+    for extra in ({}, {"method": "output_kd"}, {"joint_steps": 3, "layer_objective": "cosine"},
+                  {"fisher_topk": 5}):
+        cfg = config_mod.load(TINY_YAML, {"max_examples": 13, "stage_steps": 3, **extra})
+        p = dryrun.plan(cfg, 1)
+        model = {"layer_params": p.target.layer_matmul, "width": p.target.width, "layers": p.target.layers,
+                 "vocab": min(p.source.vocab, p.target.vocab), "source_width": p.source.width}
+        want = budget.predicted_phases(cfg, model, p.tokens.examples, p.tokens.tokens, p.tokens.loss_positions)
+        training = sum(ph.flops for ph in p.phases if ph.in_total and ph.name not in ("attribution",
+                                                                                    "activation cache"))
+        assert training == pytest.approx(sum(want.get("stages", [])) + want.get("whole", 0) + want.get("joint", 0),
+                                         rel=1e-12), extra

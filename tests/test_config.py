@@ -74,6 +74,8 @@ def test_yaml_1_1_floats_are_coerced(tmp_path, text, value):
     ("target_keep_layers", [3, 1], r"strictly increasing"),
     ("prompt_field", 7, r"prompt_field=7 .* a string"),
     ("ds_source_config", "/nowhere.json", r"ds_source_config: no such file"),
+    ("fisher_weight", 0.5, r"fisher_weight 0\.5 adds the layer objective .* method output_kd .* set fisher_weight=0"),
+    ("layer_objective", "fishr", r"no layer objective 'fishr': one of fisher, cosine, geometry"),
 ])
 def test_bad_values_are_refused_with_key_value_and_what_is_allowed(key, value, match):
     with pytest.raises(ConfigError, match=match) as err:

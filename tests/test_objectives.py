@@ -5,8 +5,8 @@ Tolerances (relative error of the loss and of the input gradient): float64 1e-10
 import pytest
 import torch
 
-from semalign_ds import config as config_mod, models
-from semalign_ds.frontier import geometry_loss, objective, stage_loss
+from semalign_ds import config as config_mod, models, objectives, training
+from semalign_ds.objectives import Inputs, geometry_loss
 from tests.helpers import TINY_YAML, random_model
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -60,7 +60,8 @@ def test_cosine_objective():
     a = torch.randn(n, d, generator=g, dtype=torch.float64)
     gain = torch.rand(d, generator=g, dtype=torch.float64) + 0.5
     norm = lambda h: gain * h / h.square().mean(-1, keepdim=True).sqrt()  # an RMSNorm
-    loss, parts = objective(x, {"aligned": a}, False, norm, None, cfg(layer_objective="cosine"), normalizer=41)
+    recipe = objectives.recipe(cfg(layer_objective="cosine"))
+    loss, parts = recipe.stage_loss(Inputs(x=x, rows={"aligned.3": a}, norm=norm), 3, False, 41)
     y = norm(a)
     want = sum(1 - (x[i] @ y[i]) / (x[i].norm() * y[i].norm()) for i in range(n)) / 41
     assert rel(loss, want) < 1e-12 and parts == {"cosine": pytest.approx(float(want), rel=1e-12)}
@@ -80,13 +81,15 @@ def test_geometry_through_a_layer_uses_the_models_own_residual():
     loss_mask[:, -1] = False
     states = adapter.hidden_states(ids, attn)
     n = int(loss_mask.sum())
-    targets = {"aligned": torch.randn(n, 40, generator=g, dtype=torch.float64),
-               "aligned_in": torch.randn(n, 40, generator=g, dtype=torch.float64)}
     k = 2
-    got, parts = stage_loss(adapter, k, 3, states[k - 1], attn, loss_mask, targets, None,
-                            cfg(layer_objective="geometry"), ids)
+    rows = {f"aligned.{k}": torch.randn(n, 40, generator=g, dtype=torch.float64),
+            f"aligned.{k - 1}": torch.randn(n, 40, generator=g, dtype=torch.float64)}
+    frontier = training.Frontier(states[k - 1][attn.bool()], torch.tensor([0, 13, 22, 28]), [0, 1, 2])
+    batch = training.Batch([0, 1, 2], ids, attn, loss_mask, rows, n, 0)
+    recipe = objectives.recipe(cfg(layer_objective="geometry"))
+    got, parts = training.stage_step(adapter, recipe, None, None, k, False, frontier, None, torch.float64, batch)
     residual = (states[k] - states[k - 1])[loss_mask]
-    want = geometry_reference(residual, targets["aligned"] - targets["aligned_in"],
+    want = geometry_reference(residual, rows[f"aligned.{k}"] - rows[f"aligned.{k - 1}"],
                               loss_mask.sum(1).tolist()) / n
     assert rel(got, want) < 1e-10 and set(parts) == {"geometry"}
 
@@ -115,3 +118,33 @@ def test_geometry_and_least_squares_run_end_to_end(tmp_path):
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
     for tag in ("stage_1", "stage_2", "joint"):
         assert all(x["geometry" if tag != "joint" else "layers"] > 0 for x in lines if x.get("tag") == tag), tag
+
+
+def test_the_registry_is_what_training_budget_and_cache_ask():
+    """recipe(cfg) resolves method and layer_objective once: the stages' objective, the exact one for the last stage
+    and the joint phase, the cache entries each reads, its head projections, and what the cache must hold."""
+    r = objectives.recipe(cfg())
+    assert r.layer.name == "fisher" and r.keys(3, False) == ("aligned.3",)
+    assert r.keys(5, True) == ("source_final",) and r.uses_source_head
+    assert r.step_heads("stage", False, 500, 16, 16) == (2, 1)
+    assert r.step_heads("stage", True, 500, 16, 24) == (1 + 24 / 16, 1)  # KL: both heads forward, the target's back
+    topk = objectives.recipe(cfg(fisher_topk=7))
+    assert topk.keys(2, False) == ("topk_ids.2", "topk_z.2", "topk_tail.2")
+    assert topk.exact_layer.name == "fisher" and topk.joint_keys(3) == ("aligned.1", "aligned.2", "source_final")
+    assert topk.step_heads("stage", False, 500, 16, 16) == (7 / 500, 7 / 500)
+    assert objectives.cache_contents(cfg(fisher_topk=7))["topk"] == (7, 1.0)
+    geometry = objectives.recipe(cfg(layer_objective="geometry"))
+    assert geometry.keys(1, False) == ("aligned.1", "aligned.0") and geometry.layer.uses_residual
+    assert objectives.cache_contents(cfg(layer_objective="geometry"))["aligned_input"]
+    assert objectives.recipe(cfg(layer_objective="cosine", fisher_topk=7)).layer.name == "cosine"  # no top-k form
+    layerwise = objectives.recipe(cfg(method="layerwise"))
+    assert layerwise.keys(2, False) == ("source.2",) and objectives.cache_contents(cfg(method="layerwise"))[
+        "source_states"]
+    assert isinstance(layerwise.layer.trainable(16, 24), torch.nn.Linear)
+    kd = objectives.recipe(cfg(method="output_kd", ce_weight=0.5))
+    assert kd.layer is None and [o.name for _, o in kd.output] == ["kl", "ce"]
+    assert kd.step_heads("whole", True, 500, 16, 16) == (2 + 1, 1 + 1)
+    finetune = objectives.recipe(cfg(method="finetune"))
+    assert finetune.keys(5, True) == () and not finetune.uses_source_head
+    with pytest.raises(config_mod.ConfigError, match="no layer objective 'fishr': one of fisher, cosine"):
+        cfg(layer_objective="fishr")
