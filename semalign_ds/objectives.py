@@ -87,6 +87,40 @@ class Fisher(LayerObjective):
         return fisher_quadratic_loss(inp.x, y, inp.head, self.temperature, reduction="sum", backend=self.backend)
 
 
+class DiagFisher(LayerObjective):
+    """The diagonal reading of the Fisher surrogate: tau^2/2 * sum_v p*_v delta_v^2, i.e. diag(p*) in place of the
+    softmax Fisher diag(p*) - p* p*^T. Unlike the full surrogate it is not shift-invariant in delta: moving every
+    logit by the same amount costs tau^2/2 * c^2."""
+    name = term = "diag_fisher"
+
+    def heads(self, vocab):
+        return 2, 1
+
+    def loss(self, inp, k):
+        y = inp.norm(inp.rows[f"aligned.{k}"].to(inp.x.dtype))
+        return diag_fisher_loss(inp.x, y, inp.head, self.temperature)
+
+
+def diag_fisher_loss(x, y, weight, temperature=1.0, chunk_rows=None):
+    """Summed tau^2/2 * sum_v p*_v delta_v^2 over the rows of x, y [n, d] with weight [V, d]. Row blocks of
+    [rows, V] logits are recomputed in the backward (activation checkpointing), so no [n, V] tensor is kept; x - y
+    is formed in float32 before the projection, as the Fisher loss forms it (docs/method.md, "Fused losses")."""
+    rows = chunk_rows or max(1, (1 << 22) // max(weight.shape[0], 1))
+    total = x.new_zeros((), dtype=_acc(x.dtype))
+    for a in range(0, x.shape[0], rows):
+        total = total + checkpoint(_diag_fisher_block, x[a:a + rows], y[a:a + rows], weight, temperature,
+                                   use_reentrant=False)
+    return total
+
+
+def _diag_fisher_block(x, y, weight, tau):
+    acc = _acc(x.dtype)
+    w = weight.to(acc)
+    delta = ((x.to(acc) - y.to(acc)) @ w.T) / tau
+    p = torch.softmax((y.to(acc) @ w.T) / tau, dim=-1)
+    return tau * tau / 2 * (p * delta.square()).sum()
+
+
 class FisherTopK(LayerObjective):
     """The Fisher surrogate on the top-k support of p* that the cache holds (docs/method.md, "Top-k Fisher")."""
     name, term = "fisher", "fisher"
@@ -203,7 +237,7 @@ class CrossEntropy:
 
 
 # the config's layer_objective names (method semalign); the layer-wise baseline and top-k are chosen by recipe()
-LAYER_OBJECTIVES = {"fisher": Fisher, "cosine": Cosine, "geometry": Geometry}
+LAYER_OBJECTIVES = {"fisher": Fisher, "cosine": Cosine, "geometry": Geometry, "diag_fisher": DiagFisher}
 
 
 @dataclass(frozen=True)
