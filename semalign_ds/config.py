@@ -187,8 +187,8 @@ class Config(BaseModel):
         return self.model_dump()
 
     def save(self, path):
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+        from semalign_ds import rundir  # it imports ConfigError from here
+        rundir.write_json(path, self.to_dict())
 
     def __str__(self):
         width = max(map(len, type(self).model_fields))

@@ -164,8 +164,7 @@ def _run(cfg):
         if s.eval_data is not None:
             text = summary.report_markdown(report, cfg.eval_data)
             if s.main:
-                with open(rd.path("report.md"), "w") as f:
-                    f.write(text)
+                rundir.write_text(rd.path("report.md"), text)
             s.monitor.print(text)
     if s.main:
         print(summary.summarize(rd.root), flush=True)
