@@ -186,10 +186,6 @@ class Config(BaseModel):
     def to_dict(self):
         return self.model_dump()
 
-    def save(self, path):
-        from semalign_ds import rundir  # it imports ConfigError from here
-        rundir.write_json(path, self.to_dict())
-
     def __str__(self):
         width = max(map(len, type(self).model_fields))
         return "\n".join(f"  {name:<{width}} = {getattr(self, name)!r}" for name in type(self).model_fields)

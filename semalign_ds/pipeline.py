@@ -306,7 +306,7 @@ def open_run_dir(s, state):
     if s.main:
         rd.make("data", "stages", "frontier")
         rd.lock()
-        s.cfg.save(rd.path("config.json"))
+        rundir.write_json(rd.path("config.json"), s.cfg.to_dict())
         rd.write_state(state)
         for name, tokens in (("transfer", s.data), ("eval", s.eval_data), ("validation", s.validation)):
             path = rd.path("data", f"{name}.safetensors")
