@@ -82,7 +82,7 @@ def start_from_reference(reference, cfg, local_rank=None):
                     shutil.copytree(path, os.path.join(tmp, name), copy_function=os.link)
                 elif os.path.isfile(path):
                     os.link(path, os.path.join(tmp, name))
-            cfg.save(os.path.join(tmp, "config.json"))
+            rundir.write_json(os.path.join(tmp, "config.json"), cfg.to_dict())
             rundir.RunDir(tmp).write_state({"done": {p: state["done"][p] for p in SOURCE_PHASES}})
             os.rename(tmp, cfg.output_dir)  # all or nothing: a kill before this leaves no half-started run
             print(f"compare: {cfg.output_dir} starts from the source phases of {reference.output_dir} "

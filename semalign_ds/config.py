@@ -202,10 +202,6 @@ class Config(BaseModel):
     def to_dict(self):
         return self.model_dump()
 
-    def save(self, path):
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-
     def __str__(self):
         width = max(map(len, type(self).model_fields))
         return "\n".join(f"  {name:<{width}} = {getattr(self, name)!r}" for name in type(self).model_fields)

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 
-from semalign_ds.rundir import sha256
+from semalign_ds.rundir import sha256, write_json, write_text
 
 CHECKSUMS = "semalign_checksums.json"
 # transformers 4.x's name for a tokenizer that is only a tokenizer.json
@@ -29,11 +29,9 @@ def save_hf(model, tokenizer, folder, extras: dict | None = None):
     _rewrite_json(os.path.join(tmp, "config.json"), legacy_config)
     _rewrite_json(os.path.join(tmp, "tokenizer_config.json"), legacy_tokenizer_config)
     for name, value in (extras or {}).items():
-        with open(os.path.join(tmp, name), "w") as f:
-            json.dump(value, f, indent=2)
+        write_json(os.path.join(tmp, name), value)
     sums = {name: sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
-    with open(os.path.join(tmp, CHECKSUMS), "w") as f:
-        json.dump(sums, f, indent=2)
+    write_json(os.path.join(tmp, CHECKSUMS), sums)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 
@@ -52,9 +50,7 @@ def _rewrite_json(path, change):
         return
     with open(path) as f:
         data = json.load(f)
-    with open(path, "w") as f:
-        json.dump(change(data), f, indent=2, sort_keys=True)
-        f.write("\n")
+    write_text(path, json.dumps(change(data), indent=2, sort_keys=True) + "\n")
 
 
 def legacy_config(config: dict) -> dict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import functools
 import inspect
 import os
 import re
@@ -240,10 +241,10 @@ class Adapter:
 
     def context(self, h, attention_mask):
         """Per-layer keyword arguments for a right-padded batch [B, T, d] with its [B, T] attention mask."""
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+        create_causal_mask, create_sliding_window_causal_mask, cache_arg = _mask_builders()
         positions = _positions(attention_mask)
-        mask_args = dict(config=self.config, inputs_embeds=h, attention_mask=_right_padded(attention_mask),
-                         past_key_values=None, position_ids=positions)
+        mask_args = {"config": self.config, "inputs_embeds": h, "attention_mask": _right_padded(attention_mask),
+                     cache_arg: None, "position_ids": positions}
         types = self._layer_types()
         masks = {"full_attention": create_causal_mask(**mask_args)}
         if "sliding_attention" in types:
@@ -309,6 +310,20 @@ def _right_padded(attention_mask):
     if not bool((attention_mask.cummin(dim=1).values == attention_mask).all()):
         raise ValueError("the adapter runs right-padded batches only (each attention-mask row: ones, then zeros)")
     return None
+
+
+@functools.cache
+def _mask_builders():
+    """transformers' causal-mask builders and the name of their cache argument, looked up once: `cache` since
+    transformers renamed `past_key_values` (deprecated in 5.24, removed in 5.40), `past_key_values` before."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+    return create_causal_mask, create_sliding_window_causal_mask, cache_argument(create_causal_mask)
+
+
+def cache_argument(fn):
+    """The name under which `fn` (a transformers mask builder) takes the key/value cache."""
+    params = inspect.signature(fn).parameters  # follows the deprecation wrapper to the function itself
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _positions(ids_or_mask):

@@ -14,6 +14,7 @@ import json
 import os
 import time
 
+from semalign_ds import rundir
 from semalign_ds.config import ConfigError
 
 # tracker -> (module to import, what to pip install)
@@ -71,9 +72,7 @@ class Monitor:
             ids["wandb"] = self.wandb.id
         if "mlflow" in self.report_to:
             ids["mlflow"] = self.mlflow_run = self._start_mlflow(ids.get("mlflow"))
-        with open(self.path("trackers.json.tmp"), "w") as f:
-            json.dump(ids, f)
-        os.replace(self.path("trackers.json.tmp"), self.path("trackers.json"))
+        rundir.write_json(self.path("trackers.json"), ids)
 
     def path(self, name):
         return os.path.join(self.folder, name)
@@ -147,9 +146,7 @@ class Monitor:
                     continue
             kept.append(json.dumps(record) + "\n")
         self.sent[tag] = last
-        with open(self.path("metrics.jsonl.tmp"), "w") as f:
-            f.writelines(kept)
-        os.replace(self.path("metrics.jsonl.tmp"), self.path("metrics.jsonl"))
+        rundir.write_text(self.path("metrics.jsonl"), "".join(kept))
         self.lines = open(self.path("metrics.jsonl"), "a")
 
     def log(self, tag, values: dict, step: int):

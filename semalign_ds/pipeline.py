@@ -165,8 +165,7 @@ def _run(cfg):
         if s.eval_data is not None:
             text = summary.report_markdown(report, cfg.eval_data)
             if s.main:
-                with open(rd.path("report.md"), "w") as f:
-                    f.write(text)
+                rundir.write_text(rd.path("report.md"), text)
             s.monitor.print(text)
     if s.main:
         print(summary.summarize(rd.root), flush=True)
@@ -322,7 +321,7 @@ def open_run_dir(s, state):
     if s.main:
         rd.make("data", "stages", "frontier")
         rd.lock()
-        s.cfg.save(rd.path("config.json"))
+        rundir.write_json(rd.path("config.json"), s.cfg.to_dict())
         rd.write_state(state)
         for name, tokens in (("transfer", s.data), ("eval", s.eval_data), ("validation", s.validation)):
             path = rd.path("data", f"{name}.safetensors")

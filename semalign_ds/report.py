@@ -7,6 +7,8 @@ import json
 import os
 import re
 
+from semalign_ds import rundir
+
 
 def fmt(value, pct):
     if value is None or value != value:
@@ -30,19 +32,18 @@ def markdown_table(report):
 
 
 def write_report(report, samples, output_dir):
+    """report.json, report.md, samples/MODEL/BENCHMARK.jsonl and report.png, each written whole or not at all."""
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2, default=str)
-    with open(os.path.join(output_dir, "report.md"), "w") as f:
-        f.write("# Evaluation\n\n" + markdown_table(report) + "\n![scores](report.png)\n")
+    rundir.write_json(os.path.join(output_dir, "report.json"), report, default=str)
+    rundir.write_text(os.path.join(output_dir, "report.md"),
+                      "# Evaluation\n\n" + markdown_table(report) + "\n![scores](report.png)\n")
     for (name, bench), per_example in samples.items():
         if per_example is None:
             continue
         folder = os.path.join(output_dir, "samples", re.sub(r"[^\w.-]", "_", name))
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"{bench}.jsonl"), "w") as f:
-            for r in per_example:
-                f.write(json.dumps(r, default=str) + "\n")
+        rundir.write_text(os.path.join(folder, f"{bench}.jsonl"),
+                          "".join(json.dumps(r, default=str) + "\n" for r in per_example))
     write_bar_chart(report, os.path.join(output_dir, "report.png"))
 
 
@@ -65,5 +66,7 @@ def write_bar_chart(report, path):
         ax.margins(y=0.15)
     fig.legend(bars, names, loc="lower center", ncol=min(len(names), 5), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        rundir.write_file(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)

@@ -75,15 +75,27 @@ def commit(tmp, path):
     os.replace(tmp, path)
 
 
-def write_json(path, value):
+def write_file(path, write):
+    """Write `path` whole or not at all: write(tmp) fills a temporary file beside it, which then replaces it."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with writing(path):
-            with open(tmp, "w") as f:
-                json.dump(value, f, indent=2)
+            write(tmp)
             commit(tmp, path)
     finally:
         _remove(tmp)
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    write_file(path, write)
+
+
+def write_json(path, value, **dump):
+    """A JSON file written whole or not at all; `dump`: json.dumps options besides indent=2 (default=str)."""
+    write_text(path, json.dumps(value, indent=2, **dump))
 
 
 def read_json(path, what="file"):

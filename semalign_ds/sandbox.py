@@ -226,9 +226,9 @@ def _probe(cmd: list[str], **kwargs) -> str | None:
 _PROBE_CODE = ["-I", "-c", "import json, os, resource, runpy; print('ok')"]
 
 
-def _launcher(unisolated: bool = False) -> str | None:
-    """The bwrap path to isolate with, or None to run unisolated (only when accepted and safe); otherwise raises
-    IsolationUnavailable saying what is missing."""
+def isolation_problem() -> str | None:
+    """None when programs can run isolated here; otherwise what is missing and how to get it. The probe behind it
+    runs once per bwrap."""
     name = os.environ.get(BWRAP_ENV) or "bwrap"
     bwrap = shutil.which(name)
     key = bwrap or name
@@ -241,11 +241,19 @@ def _launcher(unisolated: bool = False) -> str | None:
                 cmd = isolated_command(bwrap, f.workdir, {}, stage=f.stage) + [interpreter()[0]] + _PROBE_CODE
                 _PROBES[key] = _probe(cmd)
     if _PROBES[key] is None:
-        return bwrap
-    missing = (f"Code cannot run isolated: {_PROBES[key]}. Install bubblewrap (Debian/Ubuntu: apt-get install "
-               f"bubblewrap; Fedora: dnf install bubblewrap) on a kernel that allows user namespaces "
-               f"(sysctl kernel.unprivileged_userns_clone=1 / user.max_user_namespaces > 0), or point {BWRAP_ENV} "
-               f"at a working bwrap")
+        return None
+    return (f"Code cannot run isolated: {_PROBES[key]}. Install bubblewrap (Debian/Ubuntu: apt-get install "
+            f"bubblewrap; Fedora: dnf install bubblewrap) on a kernel that allows user namespaces "
+            f"(sysctl kernel.unprivileged_userns_clone=1 / user.max_user_namespaces > 0), or point {BWRAP_ENV} "
+            f"at a working bwrap")
+
+
+def _launcher(unisolated: bool = False) -> str | None:
+    """The bwrap path to isolate with, or None to run unisolated (only when accepted and safe); otherwise raises
+    IsolationUnavailable saying what is missing."""
+    missing = isolation_problem()
+    if missing is None:
+        return shutil.which(os.environ.get(BWRAP_ENV) or "bwrap")
     if not unisolated_allowed(unisolated):
         raise IsolationUnavailable(
             f"{missing}. To run generated code with limits but no isolation (it can then read the host's files "

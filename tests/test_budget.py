@@ -33,6 +33,7 @@ def test_cost_is_the_hand_count():
     assert total["flops"] == got["flops"] + frozen["flops"] and "seconds" not in total
 
 
+@pytest.mark.slow
 def test_a_runs_budget_counts_its_batches(tmp_path):
     cfg = config_mod.load(TINY_YAML, {"max_examples": 13, "stage_steps": 3, "eval_data": None, "batch_size": 3,
                                       "cache_shard_examples": 7, "output_dir": str(tmp_path / "run"),

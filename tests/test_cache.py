@@ -42,6 +42,7 @@ def test_shards_are_verified_and_recomputed_on_request(tmp_path):
     assert not data.exists()
 
 
+@pytest.mark.slow
 def test_a_run_recomputes_a_corrupt_shard(tmp_path, capfd):
     """A flipped byte in a shard of a finished cache: the rerun notices, recomputes that shard and trains on it."""
     out = tmp_path / "run"

@@ -11,6 +11,7 @@ import pytest
 from tests.helpers import ROOT, TINY_YAML
 
 
+@pytest.mark.slow
 def test_compare_variants_on_tiny_at_equal_compute(tmp_path):
     out = tmp_path / "cmp"
     cmd = [sys.executable, os.path.join(ROOT, "launchers", "compare.py"), "--config", TINY_YAML,
@@ -117,6 +118,7 @@ def test_a_reference_without_stages_is_refused_before_any_run(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_stop_request_ends_compare_with_exit_75_and_a_rerun_resumes(tmp_path):
     """SIGUSR1 in the middle of a variant's training: the run saves a checkpoint, compare exits 75 (try again)
     with the reason and no traceback, and the same command finishes from there."""

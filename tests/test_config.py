@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from semalign_ds import config as config_mod
+from semalign_ds import config as config_mod, rundir
 from semalign_ds.config import Config, ConfigError
 from semalign_ds.embedded import DEFAULT_RUN
 from tests.helpers import ROOT
@@ -30,7 +30,7 @@ def test_defaults_and_interface(tmp_path):
     # every key has a description, and the defaults round-trip through save/from_dict
     assert all(f.description for f in Config.model_fields.values())
     cfg = config_mod.load(TINY_YAML)
-    cfg.save(tmp_path / "c.json")
+    rundir.write_json(tmp_path / "c.json", cfg.to_dict())
     again = config_mod.from_dict(json.loads((tmp_path / "c.json").read_text()))
     assert again == cfg and again.differs(cfg) == [] and again.to_dict() == cfg.to_dict()
     assert "  lr" in str(cfg) and "= 0.003" in str(cfg)

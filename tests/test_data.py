@@ -178,6 +178,7 @@ def test_json_list_file_and_explicit_layout_errors(tmp_path):
         data.read_rows(str(path), data_format="chat")
 
 
+@pytest.mark.slow
 def test_a_huge_row_is_cut_before_tokenisation(tmp_path):
     """A 33 MB response is cut to max_row_chars before the tokenizer sees it: time and memory stay small."""
     import subprocess
@@ -238,6 +239,7 @@ def test_tokenize_itself_cuts_rows_it_is_given(tok, monkeypatch):
     assert rows[0]["prompt"] == "p" * 1500  # the caller's rows are left as they were
 
 
+@pytest.mark.slow  # builds both embedded data sets (a minute)
 def test_the_idlelib_evaluation_is_never_in_the_transfer_set():
     """embedded:idlelib, the second held-out evaluation: IDLE's documented functions, none of whose bodies the
     transfer set embedded:stdlib holds, in the same order whatever the seed."""

@@ -13,6 +13,8 @@ from semalign_ds import pipeline
 from tests.helpers import ROOT, TINY_YAML
 from tests.test_pipeline import tiny_config
 
+pytestmark = pytest.mark.slow  # torchrun, 2 ranks against 1
+
 SETTINGS = {"max_examples": 20, "stage_steps": 6, "eval_max_examples": 4, "cache_shard_examples": 6,
             "batch_size": 4, "checkpoint_every": 2, "eval_max_seq_len": 160}
 

@@ -144,6 +144,7 @@ def test_refusals(tmp_path, overrides, world, match):
         dryrun.plan(config_mod.from_dict(values), world=world)
 
 
+@pytest.mark.slow
 def test_llama2_13b_to_7b_plan_holds_no_weights():
     """The paper's scale on this machine: a plan in well under a minute, peak RSS far below one model's weights
     (13B parameters in bf16 would be 24 GiB)."""

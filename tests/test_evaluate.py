@@ -116,6 +116,7 @@ def test_loader_errors_name_the_missing_fields(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # answers and programs
 
+@pytest.mark.sandbox
 def test_truncation_and_programs_run():
     completion = "    return a + b\n\ndef unrelated():\n    pass\n"
     assert tasks.truncate_at(completion, tasks.HUMANEVAL_STOP) == "    return a + b\n"
@@ -182,6 +183,7 @@ def test_mmlu_and_gsm8k_on_a_tiny_model(tiny, tmp_path, monkeypatch):
     assert (res["accuracy"], res["accuracy_flexible"]) == (pytest.approx(1 / 3), pytest.approx(2 / 3))
 
 
+@pytest.mark.sandbox
 def test_code_benchmarks(tiny, tmp_path, monkeypatch):
     model, tok = tiny
     monkeypatch.delenv(sandbox.ENV_FLAG, raising=False)
@@ -225,6 +227,7 @@ def read_png(path):
         return img.size
 
 
+@pytest.mark.sandbox
 def test_evaluate_models_writes_the_report(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(sandbox.ENV_FLAG, raising=False)
     data = {"mmlu": write_jsonl(tmp_path / "mmlu.jsonl", MMLU), "gsm8k": write_jsonl(tmp_path / "g.jsonl", GSM8K),
@@ -266,6 +269,7 @@ def test_sampled_generation_is_seeded_per_prompt(tiny):
         gen.Sampling(2, temperature=0.0)
 
 
+@pytest.mark.sandbox
 def test_sampled_pass_at_k_of_the_code_benchmarks(tiny, tmp_path, monkeypatch):
     model, tok = tiny
     he = load("humaneval", write_jsonl(tmp_path / "he.jsonl", HUMANEVAL))
@@ -315,6 +319,7 @@ def test_launcher_options():
     assert launcher.sampling(launcher.parser().parse_args(["--model", "m", "--output-dir", "o"])) == (None, (1,))
 
 
+@pytest.mark.sandbox
 def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(tiny, monkeypatch):
     """All 164 packaged problems: each canonical solution, cut at the reference stop sequences as a generation
     would be, passes in the sandbox; the first line alone (a wrong completion) fails."""

@@ -9,6 +9,8 @@ import pytest
 from helpers import ROOT, TINY
 from test_evaluate import GSM8K, HUMANEVAL, MBPP, MMLU, write_jsonl
 
+pytestmark = [pytest.mark.slow, pytest.mark.sandbox]  # torchrun; runs generated code
+
 
 def launch(args, nproc, tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",

@@ -9,6 +9,8 @@ import torch
 from semalign_ds import config as config_mod, pipeline
 from tests.helpers import ARCH_CONFIGS, TINY, TINY_YAML, tiny_model_dir
 
+pytestmark = pytest.mark.slow  # whole pipeline runs
+
 FAST = {"max_examples": 16, "stage_steps": 3, "eval_max_examples": 4, "cache_shard_examples": 8, "batch_size": 4,
         "max_seq_len": 64, "attribution_examples": 8}
 

@@ -18,6 +18,8 @@ from semalign_ds import config as config_mod, pipeline
 from semalign_ds.config import ConfigError
 from tests.parity import GOLDEN, ROOT, SETTINGS, TINY_YAML, command, environment, launch, tensor_checksum
 
+pytestmark = pytest.mark.slow  # killed and rerun pipelines, 1 and 2 ranks
+
 GOLD = json.load(open(GOLDEN))
 
 

@@ -14,6 +14,7 @@ from tests.parity import SETTINGS, launch, summary as parity_summary
 JOINT = {"joint_steps": 4, "joint_lr": 1e-3, "joint_layer_weight": 2.0, "layer_objective": "cosine"}
 
 
+@pytest.mark.slow
 def test_joint_phase_trains_every_layer_and_resumes_after_a_kill(tmp_path):
     killed = tmp_path / "killed"
     # the 6-step stages pass stage_step 18 times; the 21st is joint step 3, after its checkpoint at step 2
@@ -48,6 +49,7 @@ def test_joint_steps_need_semalign(tmp_path):
         config_mod.load(TINY_YAML, {"joint_steps": 3, "method": "output_kd"})
 
 
+@pytest.mark.slow
 def test_a_run_without_stages_is_the_joint_phase_alone(tmp_path):
     """stage_steps 0: no frontier stage runs; the joint phase trains every layer of the target as it starts
     (output KL plus the aligned layer objectives), and the budget counts that phase only."""
@@ -76,6 +78,7 @@ def test_no_stages_and_no_joint_phase_is_refused():
             config_mod.load(TINY_YAML, {"stage_steps": 0, "method": method})
 
 
+@pytest.mark.slow
 def test_the_joint_phase_alone_on_2_ranks_matches_1_rank(tmp_path):
     """A run without stages (semalign-aux's shape) under torchrun on 2 ranks (gloo): the same losses per step and
     the same target as 1 rank, within fp32 reduction order."""

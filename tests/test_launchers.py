@@ -210,6 +210,7 @@ def test_shell_scripts_parse():
         assert proc.returncode == 0, f"{script}: {proc.stderr}"
 
 
+@pytest.mark.slow
 def test_the_distributed_cli():
     proc = subprocess.run([sys.executable, "-m", "semalign_ds.distributed", "check-hostfile",
                            os.path.join(SLURM, "hostfile.example"), "--batch-size", "6"],
@@ -217,6 +218,7 @@ def test_the_distributed_cli():
     assert proc.returncode == 2 and "does not divide batch_size 6" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(os.path.join(BIN, "mpirun")), reason="no mpirun in the venv")
 def test_real_mpirun_variables():
     proc = subprocess.run([os.path.join(BIN, "mpirun"), "-n", "2", sys.executable, "-m", "semalign_ds.distributed",
@@ -284,6 +286,7 @@ def reference(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_torchrun_nodes_on_loopback(reference, tmp_path):
     out, port = tmp_path / "two-nodes", free_port()
     t0 = time.time()
@@ -296,6 +299,7 @@ def test_two_torchrun_nodes_on_loopback(reference, tmp_path):
     print(f"two torchrun nodes: {time.time() - t0:.0f} s")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(os.path.join(BIN, "mpirun")), reason="no mpirun in the venv")
 def test_mpirun(reference, tmp_path):
     out = tmp_path / "mpirun"
@@ -305,6 +309,7 @@ def test_mpirun(reference, tmp_path):
     assert_same_target(out, reference)
 
 
+@pytest.mark.slow
 def test_deepspeed_launcher_one_node(reference, tmp_path):
     out = tmp_path / "deepspeed"
     logs = launch([[sys.executable, os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port",
@@ -313,6 +318,7 @@ def test_deepspeed_launcher_one_node(reference, tmp_path):
     assert_same_target(out, reference)
 
 
+@pytest.mark.slow
 def test_deepspeed_launcher_two_nodes_without_ssh(reference, tmp_path):
     """The multi-node path of the deepspeed launcher (a hostfile of two nodes), each "node" started by hand with
     --no_ssh --node_rank, as on clusters without passwordless ssh."""
@@ -326,6 +332,7 @@ def test_deepspeed_launcher_two_nodes_without_ssh(reference, tmp_path):
     assert_same_target(out, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(os.path.join(BIN, "mpirun")), reason="no mpirun in the venv")
 def test_deepspeed_launcher_with_mpich(reference, tmp_path):
     """--launcher mpich sets RANK/WORLD_SIZE/MASTER_ADDR next to MPICH's PMI_RANK/PMI_SIZE: one launch, not two."""
@@ -365,6 +372,7 @@ exit $rc
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["srun", "torchrun"])
 def test_sbatch_script_on_a_fake_two_node_allocation(reference, tmp_path, launcher):
     """transfer.sbatch run as the batch step of a 2-node job, with srun/scontrol stand-ins that start the tasks on
@@ -395,6 +403,7 @@ def test_sbatch_script_on_a_fake_two_node_allocation(reference, tmp_path, launch
 
 
 # --- monitoring -------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tensorboard_holds_per_stage_scalars(reference):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(reference / "tb"))
@@ -413,6 +422,7 @@ def test_tensorboard_holds_per_stage_scalars(reference):
     assert {"attribution", "cache", "stage_1", "stage_2", "stage_3"} <= {line["tag"] for line in lines}
 
 
+@pytest.mark.slow
 def test_one_screen_summary(reference):
     text = summary.summarize(str(reference))
     lines = text.splitlines()
@@ -435,6 +445,7 @@ def test_one_screen_summary(reference):
     assert mem["rss_peak_mib"] >= mem.get("rss_mib", 0) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux /proc only")
 def test_phase_peaks_and_released_memory():
     """Freed memory is handed back (glibc would keep it resident), and a phase's peak is its own while the
@@ -465,6 +476,7 @@ print(base["rss_mib"], big["rss_mib"], after["rss_mib"], big["rss_phase_peak_mib
     assert whole > peak1 - 5  # the process's peak remembers it
 
 
+@pytest.mark.slow
 def test_benchmark_bookkeeping(reference, tmp_path):
     """The benchmark's table and CSV rows from a finished run (the benchmark's own runs take minutes)."""
     import importlib.util

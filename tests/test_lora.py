@@ -50,6 +50,7 @@ def test_unknown_target_is_refused_naming_the_projections():
         lora.attach(layer, ["c_attn"], 4, 8.0, 0)
 
 
+@pytest.mark.slow
 def test_a_lora_run_changes_only_the_named_projections(tmp_path):
     from transformers import AutoModelForCausalLM
     cfg = config_mod.load(TINY_YAML, {"max_examples": 13, "stage_steps": 3, "eval_data": None, "batch_size": 3,
@@ -66,6 +67,7 @@ def test_a_lora_run_changes_only_the_named_projections(tmp_path):
     assert budget["phases"]["stage_1"]["backward_layer_tokens"] > 0
 
 
+@pytest.mark.slow  # a pipeline run, up to its refusal
 def test_lora_targets_checked_before_the_source_runs(tmp_path):
     cfg = config_mod.load(TINY_YAML, {"output_dir": str(tmp_path / "run"), "lora_rank": 4,
                                       "lora_targets": ["qkv"], "report_to": ["none"]})

@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 
 from tests.parity import GOLDEN, ROOT, launch
 
+pytestmark = pytest.mark.slow  # pipeline runs on 1 and 2 ranks
+
 GOLD = json.load(open(GOLDEN))
 
 

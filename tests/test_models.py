@@ -1,4 +1,5 @@
 """The adapter runs a model layer by layer exactly as the model's own forward does."""
+import functools
 import importlib.util
 
 import pytest
@@ -71,6 +72,20 @@ def test_prune_keeps_the_named_layers(arch):
     assert len(full.layers) == 5  # the source is untouched
     with pytest.raises(ConfigError, match="only 5 layers"):
         models.prune_layers(model, [0, 5])
+
+
+def test_masks_take_the_cache_under_the_name_the_installed_transformers_uses():
+    """transformers renamed the mask builders' `past_key_values` to `cache` (the old name warns from 5.24 and goes
+    in 5.40); the name is read from the signature, through the deprecation wrapper."""
+    def before(config, inputs_embeds, attention_mask, past_key_values, position_ids=None):
+        pass
+
+    def after(config, inputs_embeds, attention_mask, cache, position_ids=None):
+        pass
+    assert models.cache_argument(before) == "past_key_values" and models.cache_argument(after) == "cache"
+    assert models.cache_argument(functools.wraps(after)(lambda *args, **kwargs: None)) == "cache"
+    from transformers.masking_utils import create_causal_mask
+    assert models._mask_builders()[2] == models.cache_argument(create_causal_mask)
 
 
 def test_unknown_architecture_is_named():

@@ -98,6 +98,7 @@ def test_mlflow_gets_the_config_and_each_step_once(tmp_path, monkeypatch):
     assert len(client.search_runs([run.info.experiment_id])) == 1  # the resume continued the same run
 
 
+@pytest.mark.slow  # W&B starts its service process
 def test_wandb_offline_gets_the_config_and_each_step_once(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb", reason="optional tracker: pip install wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -94,6 +94,7 @@ def test_geometry_through_a_layer_uses_the_models_own_residual():
     assert rel(got, want) < 1e-10 and set(parts) == {"geometry"}
 
 
+@pytest.mark.slow
 def test_geometry_and_least_squares_run_end_to_end(tmp_path):
     """The wiring: the least-squares map is the run's M, the cache holds the aligned embeddings a^(0) that the
     geometry objective's first stage needs, and every stage and the joint phase log the geometry term."""

@@ -7,6 +7,8 @@ import torch
 
 from tests.parity import GOLDEN, launch, summary
 
+pytestmark = pytest.mark.slow  # pipeline runs on 1 and 2 ranks
+
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_losses_and_target_match_the_goldens(world, tmp_path):

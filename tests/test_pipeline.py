@@ -28,6 +28,7 @@ def tiny_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_outputs(tiny_run):
     from transformers import AutoModelForCausalLM
     target = AutoModelForCausalLM.from_pretrained(tiny_run / "target")
@@ -46,6 +47,7 @@ def test_outputs(tiny_run):
         assert (tiny_run / "target" / name).is_file()
 
 
+@pytest.mark.slow
 def test_only_layers_change_and_the_frontier_is_the_trained_prefix(tiny_run):
     from transformers import AutoModelForCausalLM
     cfg = tiny_config(tiny_run)
@@ -69,6 +71,7 @@ def test_only_layers_change_and_the_frontier_is_the_trained_prefix(tiny_run):
         torch.testing.assert_close(frontier[a:b], h, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # the pipeline through its cache phase
 def test_a_stage_changes_only_its_own_layer(tmp_path):
     from semalign_ds import alignment, cache, pairing, rundir, training
     cfg = tiny_config(tmp_path / "r", stage_steps=3)
@@ -94,6 +97,7 @@ def test_a_stage_changes_only_its_own_layer(tmp_path):
     rd.unlock()
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_gives_the_same_target(tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     pipeline.run(tiny_config(straight, stage_steps=6, checkpoint_every=2))
@@ -174,11 +178,13 @@ def test_missing_paths_and_empty_data(tmp_path):
     refused(tmp_path / "o3", r"no usable rows \(1 dropped: 1 empty", data=str(empty))
 
 
+@pytest.mark.slow
 def test_changed_config_is_not_silently_resumed(tiny_run):
     with pytest.raises(ConfigError, match="different config \\(lr differ"):
         pipeline.run(tiny_config(tiny_run, lr=1.0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["layerwise", "output_kd", "finetune"])
 def test_baselines_train_what_they_should(tmp_path, method):
     """The baselines of the comparison: the layer-wise one trains every layer stage by stage on cached source

@@ -10,6 +10,8 @@ from semalign_ds import sandbox
 from semalign_ds.sandbox import Limits, run_program
 from tests.helpers import processes_with
 
+pytestmark = pytest.mark.sandbox  # every test here runs programs isolated
+
 
 def run(code, **limits):
     return run_program(textwrap.dedent(code), Limits(**limits), allow=True)

@@ -56,6 +56,7 @@ def accepted(server):
         return False
 
 
+@pytest.mark.sandbox
 def test_runs_unprivileged_in_namespaces_of_its_own(monkeypatch):
     monkeypatch.setenv("SEMALIGN_TEST_TOKEN", "inherited")
     res = run("""
@@ -84,6 +85,7 @@ def test_runs_unprivileged_in_namespaces_of_its_own(monkeypatch):
     assert blocked == ["BLOCKED True", "BLOCKED True"]
 
 
+@pytest.mark.sandbox
 def test_standard_library_program_works():
     res = run("""
         import collections, hashlib, itertools, json, math, re, statistics, fractions, heapq, string
@@ -92,6 +94,7 @@ def test_standard_library_program_works():
     assert res.passed and res.stdout.split() == ["9dd4e461268c8034f5c8564e155c67a6", "35", '["a",', '"b",', '"c"]']
 
 
+@pytest.mark.sandbox
 def test_no_network_through_setns_into_another_namespace(canary, listener):
     """setns() into the canary's (host) network namespace through /proc, then reach a host TCP listener."""
     proc, _ = canary
@@ -124,6 +127,7 @@ def test_no_network_through_setns_into_another_namespace(canary, listener):
     assert got[2].startswith("BLOCKED connect") and not accepted(listener)
 
 
+@pytest.mark.sandbox
 def test_no_host_unix_sockets(tmp_path):
     """A socket file in a host temp folder, and an abstract socket, are both out of reach."""
     path = str(tmp_path / "host.sock")
@@ -153,6 +157,7 @@ def test_no_host_unix_sockets(tmp_path):
             s.close()
 
 
+@pytest.mark.sandbox
 def test_cannot_read_other_processes_or_host_files(canary, tmp_path, monkeypatch):
     proc, secret = canary
     monkeypatch.setenv("SEMALIGN_TEST_TOKEN", secret)  # the evaluating process's own environment
@@ -179,6 +184,7 @@ def test_cannot_read_other_processes_or_host_files(canary, tmp_path, monkeypatch
     assert secret not in res.stdout + res.stderr
 
 
+@pytest.mark.sandbox
 def test_cannot_write_outside_its_folder(tmp_path):
     name = "semalign-hostile-" + secrets.token_hex(6)
     site = sysconfig.get_paths()["purelib"]
@@ -198,6 +204,7 @@ def test_cannot_write_outside_its_folder(tmp_path):
     assert not any(os.path.exists(t) for t in targets)
 
 
+@pytest.mark.sandbox
 def test_cannot_signal_a_process_outside(canary):
     proc, _ = canary
     res = run(f"""
@@ -213,6 +220,7 @@ def test_cannot_signal_a_process_outside(canary):
     assert proc.poll() is None
 
 
+@pytest.mark.sandbox
 def test_fork_loop_is_bounded_and_leaves_nothing():
     """Children that sleep, forked until refused, then a fork bomb: the process limit holds, the time limit ends
     it, and no process is left (the program's path, in every child's command line, finds them on the host)."""
@@ -244,6 +252,7 @@ def test_fork_loop_is_bounded_and_leaves_nothing():
     assert processes_with(workdir) == []
 
 
+@pytest.mark.sandbox
 def test_huge_output_is_capped():
     res = run("""
         import sys

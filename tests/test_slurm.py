@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from tests.helpers import ROOT, TINY_YAML
 
+pytestmark = pytest.mark.slow  # batch scripts, launchers and pipeline runs
+
 SBATCH = os.path.join(ROOT, "launchers", "slurm", "transfer.sbatch")
 RANK_SH = os.path.join(ROOT, "launchers", "slurm", "rank.sh")
 

@@ -7,6 +7,8 @@ from safetensors.torch import load_file
 
 from tests.parity import GOLDEN, launch
 
+pytestmark = pytest.mark.slow  # pipeline runs in subprocesses
+
 GOLD = json.load(open(GOLDEN))
 
 

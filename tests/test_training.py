@@ -56,6 +56,7 @@ def run_weights(out, world=1, **extra):
     return load_file(os.path.join(out, "target", "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_gives_the_target_of_one_batch(tmp_path):
     """batch_size sequences per optimizer step, in 2 micro-batches: the same steps as one batch, in fp32 rounding,
     on 1 rank (plain autograd) and on 2 ranks (DeepSpeed's accumulation)."""

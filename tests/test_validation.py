@@ -1,6 +1,7 @@
 """validation_fraction: a seeded share of the transfer set held out (never trained on), its NLL in report.json."""
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +30,7 @@ def test_split_is_seeded_disjoint_and_complete():
         assert torch.equal(full.loss[full.offsets[j]:full.offsets[j + 1]], held.loss[s:held.offsets[i + 1]])
 
 
+@pytest.mark.slow
 def test_validation_nll_is_reported_on_held_out_examples(tmp_path):
     from transformers import AutoModelForCausalLM
     out = tmp_path / "run"
