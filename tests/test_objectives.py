@@ -196,6 +196,7 @@ def test_the_registry_is_what_training_budget_and_cache_ask():
         cfg(layer_objective="fishr")
 
 
+@pytest.mark.slow
 def test_diag_fisher_runs_in_the_tiny_pipeline(tmp_path):
     """The registry's example objective end to end: stages log it, the budget counts its head projections."""
     import json
