@@ -658,7 +658,7 @@ def step_throughput(ctx):
             row = {"date": date, "device": ctx.results.device_name, "run": run, "phase": phase,
                    "seconds": _fmt(p.get("seconds"), ".3f"), "tokens": p.get("tokens") or "",
                    "tokens_per_s": _fmt(rate, ".1f"), "flops_per_token": fpt or "", "flops_rule": rule,
-                   "tflops": _fmt(tflops, ".2f"), "mm_tflops": f"{mm:.2f}", "mfu": _fmt(tflops / mm if tflops else None,
+                   "tflops": _fmt(tflops, ".4g"), "mm_tflops": f"{mm:.4g}", "mfu": _fmt(tflops / mm if tflops else None,
                                                                                      ".3f"),
                    "n_source": n_s, "n_target": n_t, "dtype": model_dtype,
                    "settings": " ".join(f"{k}={v}" for k, v in tp.items())}
