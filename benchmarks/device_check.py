@@ -41,6 +41,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -543,7 +544,8 @@ def step_pipeline(ctx):
 # step 4: throughput at a real model shape
 
 THROUGHPUT_FIELDS = ["date", "device", "run", "phase", "seconds", "tokens", "tokens_per_s", "flops_per_token",
-                     "flops_rule", "tflops", "mm_tflops", "mfu", "n_source", "n_target", "dtype", "settings"]
+                     "flops_rule", "tflops", "mm_tflops", "mfu", "stage_work_per_token", "mfu_stage_work",
+                     "n_source", "n_target", "dtype", "settings"]
 
 
 def write_tokenizer(folder, vocab):
@@ -606,6 +608,20 @@ def phase_flops(phase, n_s, n_t):
     return None, ""
 
 
+def stage_work(phase, shapes):
+    """FLOPs per loss token that a frontier stage does (6*N_t counts the whole target, a stage trains one layer):
+    the layer's forward and backward, 6 * its parameters, plus the loss with the head frozen, Fisher 8*V*d_t on
+    the inner stages, the output KL 2*V*(d_s + 3*d_t) on the last. None for other phases."""
+    if not phase.startswith("stage_") or not phase[6:].isdigit():
+        return None
+    t, v, d_s = shapes["target"], shapes["vocab"], shapes["source"]["hidden_size"]
+    d, f, layers = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"]
+    kv = d // t["num_attention_heads"] * t["num_key_value_heads"]
+    layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d  # q, o; k, v; gate, up, down; two norms
+    loss = 8 * v * d if int(phase[6:]) < layers else 2 * v * (d_s + 3 * d)
+    return 6 * layer + loss
+
+
 def step_throughput(ctx):
     import torch
     s, dev = ctx.sizes, ctx.device
@@ -661,6 +677,9 @@ def step_throughput(ctx):
                    "tflops": _fmt(tflops, ".4g"), "mm_tflops": f"{mm:.4g}", "mfu": _fmt(tflops / mm if tflops else None,
                                                                                      ".3f"),
                    "n_source": n_s, "n_target": n_t, "dtype": model_dtype,
+                   "stage_work_per_token": stage_work(phase, m) or "",
+                   "mfu_stage_work": _fmt(rate * stage_work(phase, m) / 1e12 / mm if rate and stage_work(phase, m)
+                                          else None, ".3f"),
                    "settings": " ".join(f"{k}={v}" for k, v in tp.items())}
             ctx.results.csv_row("throughput.csv", THROUGHPUT_FIELDS, row)
         runs.append(run)
@@ -685,6 +704,32 @@ def _table(rows, cols):
     return "\n".join(lines) + "\n"
 
 
+def _detail(info):
+    if info.get("error") or info.get("reason"):
+        return info.get("error") or info.get("reason")
+    if "checks" in info:
+        return f"{info['checks']} checks, {info['failed_checks']} failed"
+    if "rows" in info:
+        return f"{info['rows']} rows, {info['failed_rows']} failed" + (f"; {len(info['skipped'])} skipped"
+                                                                       if info.get("skipped") else "")
+    if "runs" in info:
+        runs = info["runs"]
+        return ", ".join(f"{k} {'passed' if v else 'failed'}" for k, v in runs.items()) if isinstance(runs, dict) \
+            else ", ".join(runs) + ("; failed: " + ", ".join(info["failed"]) if info.get("failed") else "")
+    return ""
+
+
+def _count(n):
+    n = int(n)
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+
+
+def clean_paths(text):
+    """Machine paths out of what gets committed: the checkout as ".", installed packages from site-packages/."""
+    text = text.replace(str(ROOT) + os.sep, "").replace(str(ROOT), ".")
+    return re.sub(r"(?:/[^\s\"'/]+)+/(?:site|dist)-packages/", "site-packages/", text)
+
+
 def write_markdown(results, outcome):
     """gpu.md: device, versions, date, each step's status and tables; rewritten after every step."""
     summ = json.loads(results.path("summary.json").read_text()) if results.path("summary.json").exists() else {}
@@ -699,15 +744,14 @@ def write_markdown(results, outcome):
           "- command: `bash benchmarks/device_check.sh OUT` (benchmarks/device_check.py; its docstring says what "
           "each step measures and against what)\n",
           "## Steps\n",
-          _table([{"step": k, "status": v.get("status"), "seconds": v.get("seconds", ""),
-                   "detail": v.get("error") or v.get("reason") or ""} for k, v in outcome.items()],
-                 ["step", "status", "seconds", "detail"])]
+          _table([{"step": k, "status": v.get("status"), "seconds": v.get("seconds", ""), "detail": _detail(v)}
+                  for k, v in outcome.items()], ["step", "status", "seconds", "detail"])]
     kern = results.read_jsonl("kernels.jsonl")
     md += ["## 1. Kernels against float64 (relative norm errors; tolerances of tests/test_kernels.py)\n",
            _table([{**k, **{e: f"{k[e]:.2e}" for e in ("err_loss", "err_grad_x", "err_grad_w") if e in k}}
                    for k in kern],
                   ["loss", "dtype", "n", "d", "d_s", "v", "err_loss", "err_grad_x", "err_grad_w", "tol_loss",
-                   "tol_grad", "passed"])]
+                   "tol_grad", "passed", "error"])]
     bench = results.read_csv("bench.csv")
     md += ["## 2. Kernel benchmark (forward + backward w.r.t. x; peak memory over the inputs)\n",
            _table(bench, ["loss", "backend", "dtype", "n", "v", "d", "median_ms", "tflops", "mm_tflops",
@@ -726,15 +770,18 @@ def write_markdown(results, outcome):
     thr = results.read_csv("throughput.csv")
     md += ["## 4. Transfer throughput, random-weight Llama shapes\n",
            _table(thr, ["run", "phase", "seconds", "tokens", "tokens_per_s", "flops_rule", "tflops", "mm_tflops",
-                        "mfu"])]
+                        "mfu", "mfu_stage_work"])]
     if thr:
-        md += [f"Source {int(thr[0]['n_source']) / 1e9:.2f}B, target {int(thr[0]['n_target']) / 1e9:.2f}B "
-               f"parameters, {thr[0]['dtype']}; {thr[0]['settings']}. Stage tokens are loss tokens.\n"]
+        md += [f"Source {_count(thr[0]['n_source'])}, target {_count(thr[0]['n_target'])} parameters, "
+               f"{thr[0]['dtype']}; {thr[0]['settings']}. Stage tokens are loss tokens; `run` is the whole launch "
+               "(start-up, loading, export). mfu counts 6*N_t per token on the training phases; a frontier stage trains one "
+               "layer, so mfu_stage_work counts what it does (the layer's 6*N_layer and the loss over the "
+               "vocabulary, Fisher 8*V*d_t or the final KL 2*V*(d_s + 3*d_t)).\n"]
     errors = [(k, v) for k, v in outcome.items() if v.get("traceback")]
     if errors:
         md += ["## Errors\n"] + [f"### {k}\n\n```\n{v['traceback'][-2500:]}\n```\n" for k, v in errors]
     tmp = results.path("gpu.md.tmp")
-    tmp.write_text("\n".join(md))
+    tmp.write_text(clean_paths("\n".join(md)))
     os.replace(tmp, results.path("gpu.md"))
 
 
@@ -754,7 +801,8 @@ def commit_into(results_dir, repo):
     rows = []
     if (results_dir / "bench.csv").exists():
         with open(results_dir / "bench.csv", newline="") as f:
-            rows = [r for r in csv.DictReader(f) if not r.get("device", "").startswith("cpu")]
+            rows = [{**r, "note": clean_paths(r.get("note", ""))} for r in csv.DictReader(f)
+                if not r.get("device", "").startswith("cpu")]
     with open(target, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
         w.writerows(rows)
