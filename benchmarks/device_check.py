@@ -198,9 +198,11 @@ def versions() -> dict:
         out["driver"] = "-"
     try:
         out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True, timeout=10).stdout.strip() or "-"
+                                       text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        out["commit"] = "-"
+        out["commit"] = ""
+    # a copy of the checkout without .git: the commit it was made from, when the caller says
+    out["commit"] = out["commit"] or os.environ.get("DEVICE_CHECK_COMMIT", "-")
     return out
 
 
@@ -317,29 +319,49 @@ def kernel_case(loss, dtype, n, d, d_s, v, tau, device, reduction="mean"):
             "passed": bool(passed)}
 
 
-def step_kernels(ctx):
+def kernel_checks(results, sizes, device, deadline):
+    """Every kernel case of `sizes`, each recorded in kernels.jsonl as soon as it is measured (or raised)."""
     import torch
-    checks = []
-    for n, d, d_s, v in ctx.sizes["kernel_sizes"]:
+    for n, d, d_s, v in sizes:
         for dtype in (torch.float32, torch.bfloat16):
             for loss in ("fisher", "kl"):
-                if ctx.out_of_time():
-                    ctx.results.jsonl("kernels.jsonl", {"loss": loss, "dtype": str(dtype), "n": n, "v": v,
-                                                        "passed": False, "error": "out of time"})
-                    checks.append(False)
+                name = str(dtype).replace("torch.", "")
+                if time.time() >= deadline:
+                    results.jsonl("kernels.jsonl", {"loss": loss, "dtype": name, "n": n, "d": d, "v": v,
+                                                    "passed": False, "error": "out of time"})
                     continue
                 t0 = time.time()
                 try:
-                    rec = kernel_case(loss, dtype, n, d, d_s, v, 2.0, ctx.device)
+                    rec = kernel_case(loss, dtype, n, d, d_s, v, 2.0, device)
                 except Exception as err:  # noqa: BLE001 (one failing case must not hide the others)
-                    rec = {"loss": loss, "dtype": str(dtype).replace("torch.", ""), "n": n, "d": d, "v": v,
-                           "passed": False, "error": f"{type(err).__name__}: {err}"[:500],
-                           "traceback": traceback.format_exc()[-3000:]}
+                    rec = {"loss": loss, "dtype": name, "n": n, "d": d, "v": v, "passed": False,
+                           "error": f"{type(err).__name__}: {err}"[:500], "traceback": traceback.format_exc()[-3000:]}
                 rec["seconds"] = round(time.time() - t0, 2)
-                ctx.results.jsonl("kernels.jsonl", rec)
-                checks.append(rec["passed"])
-    passed = all(checks) and bool(checks)
-    return {"status": "passed" if passed else "failed", "checks": len(checks), "failed_checks": checks.count(False)}
+                results.jsonl("kernels.jsonl", rec)
+
+
+def step_kernels(ctx):
+    """The checks run in a child process: a kernel that faults (a CUDA error poisons its process's context) or
+    hangs cannot take the later steps with it, and the child is stopped at the step's deadline."""
+    before = len(ctx.results.read_jsonl("kernels.jsonl"))
+    job = {"out": str(ctx.results.folder), "cpu": ctx.device == "cpu", "deadline": ctx.step_deadline,
+           "device_name": ctx.results.device_name}
+    error = None
+    try:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_kernels", json.dumps(job)],
+                              capture_output=True, text=True, timeout=max(10.0, ctx.left() + 15), cwd=ROOT)
+        if proc.returncode != 0:
+            error = f"the checking process exited with {proc.returncode}: {proc.stderr.strip()[-1500:]}"
+    except subprocess.TimeoutExpired:
+        error = "the checking process was stopped at the step's deadline"
+    records = ctx.results.read_jsonl("kernels.jsonl")[before:]
+    expected = 4 * len(ctx.sizes["kernel_sizes"])
+    failed = sum(not r.get("passed") for r in records) + max(0, expected - len(records))
+    info = {"status": "passed" if not failed and not error else "failed", "checks": expected,
+            "failed_checks": failed}
+    if error:
+        info["error"] = error
+    return info
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -831,8 +853,9 @@ def parse_args(argv=None):
                         "bench_results.csv and write REPO/benchmarks/gpu.md")
     p.add_argument("--commit-only", action="store_true", help="run nothing: commit the results folder OUT")
     p.add_argument("--_liger-case", dest="liger_case", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_kernels", dest="kernels_job", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.liger_case is None and args.out is None:
+    if args.liger_case is None and args.kernels_job is None and args.out is None:
         p.error("the results folder OUT is required")
     if args.commit_only and args.commit_into is None:
         p.error("--commit-only needs --commit-into REPO")
@@ -852,6 +875,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.liger_case:
         print("RESULT " + json.dumps(liger_case(json.loads(args.liger_case))), flush=True)
+        return 0
+    if args.kernels_job:
+        job = json.loads(args.kernels_job)
+        kernel_checks(Results(job["out"], job["device_name"]), plan(job["cpu"])["kernel_sizes"],
+                      "cpu" if job["cpu"] else "cuda", job["deadline"])
         return 0
     if args.commit_only:
         n = commit_into(args.out, args.commit_into)

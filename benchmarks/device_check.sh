@@ -8,10 +8,18 @@
 # On a machine with a registry, `pip install -e ".[test]" liger-kernel` does the same and no wheel folder is needed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then  # the interpreter that has torch
+    for cand in python3 python; do
+        if command -v "$cand" > /dev/null && "$cand" -c 'import torch' 2> /dev/null; then PY=$cand; break; fi
+    done
+    PY=${PY:-python3}
+fi
 WHEELS=${DEVICE_WHEELS:-.device-wheels}
 
 if compgen -G "$WHEELS/*.whl" > /dev/null; then
+    # an offline machine lent for the check: its interpreter may be a distribution's (PEP 668)
+    export PIP_BREAK_SYSTEM_PACKAGES=1
     missing=()
     for whl in "$WHEELS"/*.whl; do
         dist=$(basename "$whl" | cut -d- -f1)
