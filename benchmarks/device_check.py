@@ -9,8 +9,9 @@ throughput at a real model shape, written to a results folder as they are measur
 Steps, in order of importance (a run cut off by its time budget keeps what came before):
 
   kernels     the Triton kernels (Fisher quadratic, fused linear KL) against the float64 references of
-              tests/references.py, float32 and bfloat16, loss and gradients w.r.t. x and W, at odd sizes, with the
-              tolerances of tests/test_kernels.py (TOL). Top-k Fisher has no kernel (PyTorch only): not checked.
+              tests/references.py, float32 and bfloat16, loss and gradients w.r.t. x and W, at odd sizes and at
+              one aligned to 16, with the tolerances of tests/test_kernels.py (TOL); one process per (loss, dtype).
+              Top-k Fisher has no kernel (PyTorch only): not checked.
   bench       kernels/bench.py's cases at N=16384, V=128256, d=4096 and 8192, bf16: median ms, TFLOP/s (Fisher
               8*N*V*d, KL 2*N*V*(d_s + 3*d_t)), share of a plain bf16 matmul measured in the same case, peak memory
               against the naive loss's; Liger-Kernel's fused linear JSD (beta 0: forward KL) on the same inputs when
@@ -23,15 +24,17 @@ Steps, in order of importance (a run cut off by its time budget keeps what came 
               and saved with a tokenizer: the frontier stages (semalign) and output KD, tokens/s per phase and
               model FLOPs utilisation against a bf16 matmul measured in the same run. FLOPs per token: attribution
               4*N_s (forward and the activations' backward), cache 2*N_s, cached training phases (frontier stages,
-              output KD: the source's outputs come from the cache) 6*N_t; N counts every parameter once.
+              output KD: the source's outputs come from the cache) 6*N_t; N counts every parameter once. A
+              frontier stage trains one layer: mfu_stage_work counts its own work beside (stage_work).
 
 Each step is guarded: an exception is recorded with its traceback in events.jsonl and the next step runs.
 Exit status: 0 when every correctness check (kernels, pipeline) ran and passed and no step failed; 1 when a
 correctness check failed or did not run; 2 when only a measurement step (bench, throughput) failed.
 
 Results folder: events.jsonl (steps, tracebacks), kernels.jsonl, bench.csv (kernels/bench_results.csv's columns,
-the device column the GPU's name), pipeline.jsonl, throughput.csv, summary.json, gpu.md (device, versions, date and
-every table; rewritten after each step). Every line is written and flushed as soon as it is measured.
+the device column the GPU's name), bench_memory.jsonl, pipeline.jsonl, throughput.csv, summary.json, gpu.md
+(device, versions, date and every table; rewritten after each step). Every line is written and flushed as soon as
+it is measured. Models and runs go to a temporary folder (--workdir), never into the results folder.
 """
 from __future__ import annotations
 
@@ -808,9 +811,9 @@ def write_markdown(results, outcome):
     if thr:
         md += [f"Source {_count(thr[0]['n_source'])}, target {_count(thr[0]['n_target'])} parameters, "
                f"{thr[0]['dtype']}; {thr[0]['settings']}. Stage tokens are loss tokens; `run` is the whole launch "
-               "(start-up, loading, export). mfu counts 6*N_t per token on the training phases; a frontier stage trains one "
-               "layer, so mfu_stage_work counts what it does (the layer's 6*N_layer and the loss over the "
-               "vocabulary, Fisher 8*V*d_t or the final KL 2*V*(d_s + 3*d_t)).\n"]
+               "(start-up, loading, export). mfu counts 6*N_t per token on the training phases; a frontier "
+               "stage trains one layer, so mfu_stage_work counts what it does (the layer's 6*N_layer and the loss "
+               "over the vocabulary, Fisher 8*V*d_t or the final KL 2*V*(d_s + 3*d_t)).\n"]
     errors = [(k, v) for k, v in outcome.items() if v.get("traceback")]
     if errors:
         md += ["## Errors\n"] + [f"### {k}\n\n```\n{v['traceback'][-2500:]}\n```\n" for k, v in errors]
