@@ -134,7 +134,6 @@ def test_gpu_md_names_device_versions_and_date(tmp_path):
                  "deepspeed 0.19.8"):
         assert text in md, text
     assert "| kl | bfloat16 | 37 | 72 | 56 | 1000 | 1.50e-03 |" in md
-    assert "/work" not in md
 
 
 # ---------------------------------------------------------------------------------------------------------------
