@@ -24,8 +24,8 @@ rtol = max(V, d) * eps(dtype); here G^+ keeps those with sigma^2 > max(rtol^2, r
 term being the rounding of the float64 G itself (a sum of V products per entry), below which an eigenvalue is
 indistinguishable from zero. So the result is torch.linalg.pinv's on rank-deficient heads (zero or duplicated
 columns: sigma at rounding level, dropped by both), on every head in float32 (where pinv's own cutoff is the
-larger one: (V eps32)^2 > V eps64), and in float64 on every head whose condition number is below
-1 / sqrt(rtol64) (1.3e5 at V = 262144, 6.7e5 at V = 1031); a float64 head with singular values between
+larger one, (V eps32)^2 > V eps64 for any V; G^+ has float64's accuracy), and in float64 on every head whose
+condition number is below 1 / sqrt(rtol64) (1.3e5 at V = 262144, 2.1e6 at V = 1031); a float64 head with singular values between
 rtol64 * sigma_max and sqrt(rtol64) * sigma_max has directions that pinv keeps (amplified by up to 1 / sigma)
 and this drops.
 """
@@ -49,7 +49,7 @@ def semantic_basis(weight: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
 
 
 EMPTY_RTOL = 1e-6  # a basis column shorter than this times the longest one is a zero head row: no direction
-BLOCK_BYTES = 64 * 2 ** 20  # default block: one tile of the wider head in the basis dtype takes at most this
+BLOCK_BYTES = 64 * 2 ** 20  # default block: one float64 tile of the wider head takes at most this
 
 
 def default_block(d_t: int, d_s: int) -> int:
