@@ -226,9 +226,13 @@ class _ThreadAllReduce:
 @pytest.mark.parametrize("kind", ["semantic", "least_squares"])
 def test_alignment_map_over_threads_as_ranks(kind):
     """alignment_map itself on 3 'ranks' (threads, a sum all-reduce between them): every rank returns the
-    one-rank M."""
+    one-rank M. The last rank's rows (700..1030) are scaled by 1e-4 and row 900 by 1e-8: row 900 is empty against
+    the longest column of the whole vocabulary, not against the longest of that rank's share."""
     from concurrent.futures import ThreadPoolExecutor
     w_t, w_s = _heads(17)
+    w_t[700:] *= 1e-4
+    w_t[900] *= 1e-4
+    assert not _ref_basis(w_t)[:, 900].any() and _ref_basis(w_t[700:])[:, 200].any()
     one = alignment.alignment_map(w_t, w_s, kind=kind, block=100)
     reduce = _ThreadAllReduce(3)
     with ThreadPoolExecutor(3) as pool:
