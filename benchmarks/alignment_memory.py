@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -45,10 +46,11 @@ def measure(impl, vocab, d_t, d_s, seed=0):
     t0 = time.perf_counter()
     m = pinv_map(w_t, w_s) if impl == "pinv" else alignment.alignment_map(w_t, w_s)
     seconds = time.perf_counter() - t0
-    torch.save(m, f"/tmp/alignment_bench_{impl}_{os.getpid()}.pt")
+    m_file = os.path.join(tempfile.gettempdir(), f"alignment_bench_{impl}_{os.getpid()}.pt")
+    torch.save(m, m_file)
     return {"impl": impl, "vocab": vocab, "d_t": d_t, "d_s": d_s, "seconds": round(seconds, 1),
             "peak_mib": round((_status("VmHWM") - base) / 2 ** 20), "threads": torch.get_num_threads(),
-            "m_file": f"/tmp/alignment_bench_{impl}_{os.getpid()}.pt"}
+            "m_file": m_file}
 
 
 def main(argv=None):
