@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from semalign_ds import budget, data as data_mod, distributed, engines, models, objectives, pairing
+from semalign_ds import alignment, budget, data as data_mod, distributed, engines, models, objectives, pairing
 from semalign_ds.config import Config, ConfigError
 
 _CHEAP_DATA_BYTES = 256 * 2**20  # data files up to this size are read and tokenised for exact token counts
@@ -245,6 +245,12 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
                          budget.cost(model_s, attr_tokens, attr_loss, mean_len, src.layers, src.layers, 1, 1,
                                      weight_grads=False)["flops"],
                          f"{n_attr} examples, source forward + backward"))
+    # the map M: every rank its share of the vocabulary's blocks; both heads held whole on every rank
+    basis_bytes = 8 if cfg.basis_dtype == "float64" else 4
+    share = -(-vocab // world)
+    mine = alignment.alignment_cost(share, tgt.width, src.width, basis_bytes, kind=cfg.alignment_map)
+    out.append(Phase("alignment", vocab * (src.width + tgt.width) * b, 0, mine["peak_bytes"], world * mine["flops"],
+                     f"M through the d x d Gram matrices, {share} vocabulary rows per rank"))
     # one shard's rows are held (fp32) until the shard is written
     shard_rows = min(cfg.cache_shard_examples, tokens.examples) * tokens.loss_positions / tokens.examples
     out.append(Phase("activation cache", src_held, 0,

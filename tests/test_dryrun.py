@@ -55,7 +55,7 @@ def test_numbers_match_a_hand_computation(tmp_path):
     assert p.cache_bytes == N * (Lt * dt + ds) * 4 + V * ds * 4  # the cache and the frontiers are float32
     assert p.frontier_bytes == N * dt * 4
     phases = {ph.name: ph for ph in p.phases}
-    assert list(phases) == ["attribution", "activation cache", "stage k < 3 (each)", "stage 3 (output)",
+    assert list(phases) == ["attribution", "alignment", "activation cache", "stage k < 3 (each)", "stage 3 (output)",
                             "all 3 stages"]
     src_held = p.source.params * b / W + lp_s * b  # ZeRO-3 shard + one gathered layer
     attr = phases["attribution"]
@@ -88,11 +88,16 @@ def test_numbers_match_a_hand_computation(tmp_path):
     i = t["intermediate_size"]  # default targets: v_proj, o_proj, up_proj, down_proj; r x (in + out) each
     assert lora.target.lora_params == 3 * ((dt + kv * hd) + (dt + dt) + (dt + i) + (i + dt))
     assert lora.cache_bytes == N * (Lt * dt + ds + (Lt - 1) * (2 * 7 + 1)) * 4 + V * ds * 4  # int32 id, z*, tail
-    assert [ph.in_total for ph in p.phases] == [True, True, False, False, True]
+    assert [ph.in_total for ph in p.phases] == [True, True, True, False, False, True]
+    from semalign_ds.alignment import alignment_cost
+    align = phases["alignment"]  # each rank its half of the vocabulary; both heads held whole
+    assert align.flops == 2 * alignment_cost(V // 2, dt, ds, 8)["flops"]
+    assert align.activation_bytes == alignment_cost(V // 2, dt, ds, 8)["peak_bytes"]
+    assert align.param_bytes == V * (ds + dt) * b
     text = dryrun.report(cfg, world=2, tflops=123.0)
     per_rank = phases["all 3 stages"].flops / W
     assert f"{per_rank / 1e12:.4g}" in text and "123 TFLOP/s" in text
-    total = (attr.flops + cache.flops + phases["all 3 stages"].flops) / W
+    total = (attr.flops + align.flops + cache.flops + phases["all 3 stages"].flops) / W
     assert re.search(rf"run \(phases above, once each\) +peak .* {total / 1e12:.4g} +{total / 123e12 * 1e3:.3g} ms",
                      text), text
 
@@ -101,7 +106,8 @@ def test_numbers_match_a_hand_computation(tmp_path):
     joint = {**cfg.to_dict(), "stage_steps": 0, "joint_steps": 7, "fisher_weight": 0.0}
     plans = {o: dryrun.plan(config_mod.from_dict({**joint, "layer_objective": o}), world=2)
              for o in ("fisher", "cosine")}
-    assert [ph.name for ph in plans["fisher"].phases] == ["attribution", "activation cache", "joint (7 steps)"]
+    assert [ph.name for ph in plans["fisher"].phases] == ["attribution", "alignment", "activation cache",
+                                                          "joint (7 steps)"]
     flops = {o: pl.phases[-1].flops for o, pl in plans.items()}
     assert flops["cosine"] == pytest.approx(7 * (3 * Lt * layer_fwd * step + kl), rel=1e-12)
     assert flops["fisher"] - flops["cosine"] == pytest.approx(7 * fisher * (Lt - 1), rel=1e-12)
@@ -126,7 +132,7 @@ def test_token_counts_come_from_the_data_when_cheap(tmp_path):
         (len(reference), int(reference.offsets[-1]), int(reference.loss.sum()))
     assert p.tokens.how == "counted by tokenising the data"
     assert p.pairs == "uniform: 1->2, 2->4, 3->6"
-    assert [ph.name for ph in p.phases][0] == "activation cache"  # no attribution phase with uniform pairs
+    assert [ph.name for ph in p.phases][0] == "alignment"  # no attribution phase with uniform pairs
 
 
 @pytest.mark.parametrize("overrides, world, match", [
