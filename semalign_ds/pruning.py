@@ -388,30 +388,47 @@ def prune_target(source_path, data_batches, shape: Shape, out_dir, dtype="float3
 
 
 def calibration_batches(data, pad_id, examples, batch_size=4):
-    """Right-padded (ids, mask) batches of the first `examples` sequences of a TokenizedSet."""
+    """Right-padded (ids, mask) batches of the first `examples` sequences of a TokenizedSet, longest first (little
+    padding per batch)."""
     from semalign_ds.data import index_batches
-    n = min(examples, len(data))
-    for idx in index_batches(n, batch_size):
-        ids, mask, _loss = data.batch(list(idx), pad_id)
+    order = sorted(range(min(examples, len(data))), key=lambda i: -int(data.lengths[i]))
+    for idx in index_batches(len(order), batch_size):
+        ids, mask, _loss = data.batch([order[i] for i in idx], pad_id)
         yield ids, mask
 
 
 def main(argv=None):
-    """Write the pruned target of a run config (its source, data and target_* keys) to --out."""
+    """Write the pruned target of a run config (its source, data and target_* keys; without --config, the
+    embedded default's) to --out."""
+    import sys
+
     from semalign_ds import config as config_mod
-    from semalign_ds import data as data_mod
-    from semalign_ds import models
-    p = argparse.ArgumentParser(description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m semalign_ds.pruning", description=main.__doc__)
     config_mod.add_arguments(p)
     p.add_argument("--out", required=True, help="folder for the pruned target (Hugging Face format)")
     args = p.parse_args(argv)
-    cfg = config_mod.from_args(args)
-    shape = check_shape(models.config_of(cfg.source, cfg.source_gguf_file), Shape.of(cfg))  # before any loading
+    try:
+        _main(args)
+    except ConfigError as err:
+        print(f"semalign_ds.pruning: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _main(args):
+    from semalign_ds import config as config_mod
+    from semalign_ds import data as data_mod
+    from semalign_ds import models
+    from semalign_ds.embedded import DEFAULT_RUN
+    cfg = config_mod.from_args(args, base=DEFAULT_RUN)
+    source_config = models.config_of(cfg.source, cfg.source_gguf_file)
+    shape = check_shape(source_config, Shape.of(cfg))  # before any loading
     tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.source, None if cfg.tokenizer else cfg.source_gguf_file)
     rows = data_mod.read_rows(cfg.data, cfg.prompt_field, cfg.response_field, cfg.data_split, cfg.seed,
                               cfg.data_format, cfg.messages_field, cfg.completion_field, cfg.max_row_chars)
     data, _ = data_mod.tokenize(rows, tokenizer, cfg.max_seq_len, cfg.loss_on, cfg.chat_template,
                                 cfg.prune_calibration_examples, origin=cfg.data, max_row_chars=cfg.max_row_chars)
+    models.out_of_vocabulary(data.ids, source_config.vocab_size, f"calibration set {cfg.data}")
     t0 = time.time()
     kept, _ = prune_target(cfg.source, calibration_batches(data, data_mod.pad_id(tokenizer),
                                                            cfg.prune_calibration_examples),
@@ -422,4 +439,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

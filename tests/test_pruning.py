@@ -42,11 +42,11 @@ def exact_rmsnorm(monkeypatch):
         monkeypatch.setattr(cls, "forward", forward)
 
 
-def make_source(tmp_path, arch, seed=0):
+def make_source(tmp_path, arch, seed=0, vocab=101):
     """A random 3-layer model saved as safetensors (every parameter random: norm weights too, never ones or
     zeros); returns (folder, model)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    values = dict(ARCHS[arch], vocab_size=101, num_hidden_layers=3, rms_norm_eps=1e-6)
+    values = dict(ARCHS[arch], vocab_size=vocab, num_hidden_layers=3, rms_norm_eps=1e-6)
     config = AutoConfig.for_model(values.pop("model_type"), **values)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float64, attn_implementation="sdpa")
@@ -394,3 +394,51 @@ def test_the_run_refuses_width_pruning_keys_instead_of_ignoring_them(tmp_path):
     bad = from_dict({"source": folder, "data": str(data), "eval_data": None, "target_hidden_size": 50})
     with pytest.raises(ConfigError, match="target_hidden_size 50"):  # the shape is checked first
         check_paths(bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command line: a run config in, a loadable target with the source's tokenizer out
+
+def test_the_command_line_writes_a_target_the_run_can_name(tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    from semalign_ds import models
+    from tests.helpers import TINY
+    folder, source = make_source(tmp_path, "llama", vocab=512)  # the tiny tokenizer's
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{TINY}/{name}", f"{folder}/{name}")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"def f{i}(x):", "response": f" return x * {i} + {i * i}"}) + "\n"
+                            for i in range(6)))
+    run = {"source": folder, "data": str(data), "chat_template": "off", "target_hidden_size": 24,
+           "target_num_kv_heads": 1, "target_intermediate_size": 20, "target_depth": "block_importance",
+           "target_num_layers": 2, "prune_calibration_examples": 5}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    assert pruning.main(["--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "target")]) == 0
+    assert "run with target:" in capsys.readouterr().out
+    target = models.load_model(str(tmp_path / "target"))
+    assert (target.config.hidden_size, target.config.num_attention_heads, target.config.num_key_value_heads,
+            target.config.intermediate_size, target.config.num_hidden_layers) == (24, 3, 1, 20, 2)
+    assert len(models.load_tokenizer(str(tmp_path / "target"))) == len(models.load_tokenizer(folder))
+    assert json.loads((tmp_path / "target" / "pruning.json").read_text())["layers"][-1] == 2
+
+    run["target_hidden_size"] = 25  # not a multiple of the 3 heads left: refused with the allowed values
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    assert pruning.main(["--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "t2")]) == 2
+    assert "allowed target_hidden_size 3, 6, ..., 48" in capsys.readouterr().err
+    assert not (tmp_path / "t2").exists()
+
+
+def test_calibration_batches_hold_every_example_once_right_padded():
+    from semalign_ds.data import TokenizedSet
+    lengths = [5, 9, 2, 7, 3]
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    ids = torch.randint(1, 50, (int(offsets[-1]),))
+    data = TokenizedSet(ids, torch.ones_like(ids, dtype=torch.bool), offsets)
+    batches = list(pruning.calibration_batches(data, pad_id=0, examples=4, batch_size=3))
+    seen = sorted(tuple(row[m.bool()].tolist()) for b_ids, b_mask in batches for row, m in zip(b_ids, b_mask))
+    assert seen == sorted(tuple(ids[offsets[i]:offsets[i + 1]].tolist()) for i in range(4))
+    for _, mask in batches:
+        assert bool((mask.cummin(dim=1).values == mask).all())  # ones, then zeros
