@@ -134,23 +134,18 @@ def check_shape(config, shape: Shape) -> Shape:
                               f"{layers} source layers) or target_depth: block_importance")
         keep = list(range(n_layers))
     checked = Shape(hidden, num_heads, num_kv, intermediate, layers, keep, shape.depth)
-    _validate(config, checked)
+    # whatever else the family's config class requires of the sizes (units chosen arbitrarily: only counts matter)
+    _validate(pruned_config(config, Kept(list(range(hidden)), list(range(layers)), {0: list(range(num_kv))},
+                                         {0: list(range(intermediate))})))
     return checked
 
 
-def _validate(config, shape: Shape):
-    """Whatever else the family's config class requires of the target's sizes, before any weights load."""
-    import copy
-    target = copy.deepcopy(config)
-    target.hidden_size, target.num_attention_heads = shape.hidden_size, shape.num_heads
-    target.num_key_value_heads, target.intermediate_size = shape.num_kv_heads, shape.intermediate_size
-    target.num_hidden_layers = shape.num_layers
-    if getattr(target, "layer_types", None):
-        target.layer_types = target.layer_types[:shape.num_layers]
+def _validate(target):
+    """Refuse a target config that transformers would refuse on save or load, before any weights are read."""
     try:
         target.validate() if hasattr(target, "validate") else None
     except Exception as err:  # huggingface_hub's StrictDataclassError is no ValueError
-        raise ConfigError(f"the pruned target's config is refused by transformers' {type(config).__name__} "
+        raise ConfigError(f"the pruned target's config is refused by transformers' {type(target).__name__} "
                           f"({err}); change target_hidden_size, target_num_heads, target_num_kv_heads or "
                           f"target_intermediate_size") from None
 
@@ -318,6 +313,8 @@ def write_pruned(source_dir, kept: Kept, out_dir, dtype=None):
     from safetensors.torch import save_file
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(source_dir)
+    target = pruned_config(config, kept)
+    _validate(target)
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     files = sorted(glob.glob(os.path.join(source_dir, "*.safetensors")))
@@ -346,7 +343,6 @@ def write_pruned(source_dir, kept: Kept, out_dir, dtype=None):
                 t = _read(f, key, rows, cols)
                 state[name] = t if dtype is None else t.to(dtype)
     os.makedirs(out_dir, exist_ok=True)
-    target = pruned_config(config, kept)
     if dtype is not None:
         target.dtype = str(dtype).removeprefix("torch.")
     target.save_pretrained(out_dir)
