@@ -130,7 +130,7 @@ def check_shape(config, shape: Shape) -> Shape:
     else:
         layers = at_most("target_num_layers", shape.num_layers, n_layers, "num_hidden_layers")
         if layers != n_layers:
-            raise ConfigError(f"target_num_layers {layers} names no layers: set target_keep_layers (a list of "
+            raise ConfigError(f"target_num_layers {layers} needs a choice of layers: set target_keep_layers (a list of "
                               f"{layers} source layers) or target_depth: block_importance")
         keep = list(range(n_layers))
     checked = Shape(hidden, num_heads, num_kv, intermediate, layers, keep, shape.depth)
@@ -162,10 +162,11 @@ def importance(model, batches):
     config, layers = model.config, adapter.layers
     n_layers, d = len(layers), adapter.width
     n_kv = config.num_key_value_heads
-    sums = {"channels": torch.zeros(d, dtype=torch.float64),
-            "groups": torch.zeros(n_layers, n_kv, dtype=torch.float64),
-            "neurons": torch.zeros(n_layers, config.intermediate_size, dtype=torch.float64),
-            "blocks": torch.zeros(n_layers, dtype=torch.float64)}
+    device = next(model.parameters()).device
+    zeros = dict(dtype=torch.float64, device=device)  # sums of squares over many tokens: float64
+    sums = {"channels": torch.zeros(d, **zeros), "groups": torch.zeros(n_layers, n_kv, **zeros),
+            "neurons": torch.zeros(n_layers, config.intermediate_size, **zeros),
+            "blocks": torch.zeros(n_layers, **zeros)}
     real = {}  # the current batch's [B, T] bool mask of real tokens
     h_in = {}
 
@@ -207,7 +208,6 @@ def importance(model, batches):
                   layer.register_forward_pre_hook(on_layer_in(i), with_kwargs=True),
                   layer.register_forward_hook(on_layer_out(i))]
     count = 0
-    device = next(model.parameters()).device
     try:
         for ids, mask in batches:
             ids, mask = ids.to(device), mask.to(device)
@@ -219,7 +219,7 @@ def importance(model, batches):
             h.remove()
     if count == 0:
         raise ConfigError("pruning calibration saw no tokens: give at least one non-empty example")
-    return {k: v / count for k, v in sums.items()}
+    return {k: (v / count).cpu() for k, v in sums.items()}
 
 
 def block_order(blocks, num_layers):
@@ -355,7 +355,7 @@ def write_pruned(source_dir, kept: Kept, out_dir, dtype=None):
     return target
 
 
-def prune_target(source_path, data_batches, shape: Shape, out_dir, dtype="float32"):
+def prune_target(source_path, data_batches, shape: Shape, out_dir, dtype="float32", device="cpu"):
     """Cut the target from the source: check the shape against the source's config (before any weights load),
     score units over `data_batches` (an iterable of (input_ids, attention_mask), right-padded) when the shape
     cuts width or ranks layers, select, and write the sliced target to out_dir. Returns (Kept, scores or None).
@@ -364,13 +364,15 @@ def prune_target(source_path, data_batches, shape: Shape, out_dir, dtype="float3
     path, gguf = models.resolve(source_path)
     config = models.config_of(source_path)
     shape = check_shape(config, shape)
-    if gguf is not None or not os.path.isdir(path):
-        raise ConfigError(f"pruning reads the source's safetensors files: {source_path!r} is not a local folder "
-                          f"(convert it with save_pretrained first)")
+    import glob
+    if gguf is not None or not glob.glob(os.path.join(path, "*.safetensors")):
+        raise ConfigError(f"pruning slices the source's safetensors files: {source_path!r} is not a local folder "
+                          f"holding them (a hub id: download it; a GGUF file or a .bin checkpoint: load it and "
+                          f"save_pretrained it first)")
     torch_dtype = models.DTYPES.get(dtype, dtype)  # a name, or a torch dtype (tests use float64)
     if shape.needs_calibration:
         from transformers import AutoModelForCausalLM
-        source = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).eval()
+        source = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).eval().to(device)
         scores = importance(source, data_batches)
         del source
         kept = select(scores, shape)
@@ -417,7 +419,10 @@ def _main(args):
     from semalign_ds import models
     from semalign_ds.embedded import DEFAULT_RUN
     cfg = config_mod.from_args(args, base=DEFAULT_RUN)
-    source_config = models.config_of(cfg.source, cfg.source_gguf_file)
+    if cfg.source_gguf_file:
+        raise ConfigError(f"source_gguf_file {cfg.source_gguf_file!r}: pruning slices safetensors files; load the "
+                          f"GGUF model and save_pretrained it, then name that folder as source")
+    source_config = models.config_of(cfg.source)
     shape = check_shape(source_config, Shape.of(cfg))  # before any loading
     tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.source, None if cfg.tokenizer else cfg.source_gguf_file)
     rows = data_mod.read_rows(cfg.data, cfg.prompt_field, cfg.response_field, cfg.data_split, cfg.seed,
@@ -425,10 +430,11 @@ def _main(args):
     data, _ = data_mod.tokenize(rows, tokenizer, cfg.max_seq_len, cfg.loss_on, cfg.chat_template,
                                 cfg.prune_calibration_examples, origin=cfg.data, max_row_chars=cfg.max_row_chars)
     models.out_of_vocabulary(data.ids, source_config.vocab_size, f"calibration set {cfg.data}")
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     t0 = time.time()
     kept, _ = prune_target(cfg.source, calibration_batches(data, data_mod.pad_id(tokenizer),
                                                            cfg.prune_calibration_examples),
-                           shape, args.out, cfg.dtype)
+                           shape, args.out, cfg.dtype, "cuda" if cuda else "cpu")
     print(f"pruned target ({len(kept.layers)} layers {kept.layers}, width {len(kept.channels)}, "
           f"{shape.num_heads} heads, {shape.num_kv_heads} KV heads, intermediate {shape.intermediate_size}) "
           f"written to {args.out} in {time.time() - t0:.0f} s; run with target: {args.out}")

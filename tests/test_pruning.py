@@ -357,6 +357,11 @@ def test_shapes_the_source_cannot_give_are_refused_before_weights_load(config_on
         assert w in str(err.value)
 
 
+def test_a_source_without_safetensors_files_is_refused_before_loading(config_only_source, tmp_path):
+    with pytest.raises(ConfigError, match="slices the source's safetensors files"):
+        pruning.prune_target(config_only_source, [batch(0)], pruning.Shape(hidden_size=24), tmp_path / "out")
+
+
 def test_a_non_llama_family_is_refused_with_the_reason(tmp_path, monkeypatch):
     from transformers import GPT2Config
     GPT2Config(n_embd=40, n_head=4, n_layer=3, vocab_size=101).save_pretrained(tmp_path / "gpt2")
