@@ -195,8 +195,8 @@ def test_pruned_heads_and_neurons_equal_the_source_with_their_outputs_zeroed(tmp
 def test_channel_pruned_model_equals_the_hand_written_forward(tmp_path, arch):
     folder, source = make_source(tmp_path, arch, seed=4)
     cfg = source.config
-    kept = random_kept(cfg, seed=5, channels=30, groups=1,  # 30: a multiple of the 2 or 3 heads left (Llama) neurons=cfg.intermediate_size // 2,
-                       layers=[1, 2])
+    # 30 channels: a multiple of the 2 or 3 heads left (LlamaConfig wants it)
+    kept = random_kept(cfg, seed=5, channels=30, groups=1, neurons=cfg.intermediate_size // 2, layers=[1, 2])
     pruning.write_pruned(folder, kept, tmp_path / "pruned")
     pruned = load(tmp_path / "pruned")
     ids, mask = batch(6)
