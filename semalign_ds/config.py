@@ -191,6 +191,9 @@ class Config(BaseModel):
         if self.target_depth == "block_importance" and (kl is not None or self.target_num_layers is None):
             raise ValueError("target_depth block_importance chooses the layers itself: set target_num_layers "
                              "(how many) and leave target_keep_layers null")
+        if self.target_num_layers is not None and kl is None and self.target_depth == "keep_layers":
+            raise ValueError(f"target_num_layers {self.target_num_layers} needs a choice of layers: set "
+                             f"target_keep_layers (which ones) or target_depth: block_importance")
         if kl is not None and self.target_num_layers not in (None, len(kl)):
             raise ValueError(f"target_num_layers {self.target_num_layers} disagrees with target_keep_layers "
                              f"({len(kl)} layers): set one of them")

@@ -378,6 +378,8 @@ def test_config_checks_that_need_no_model():
         from_dict({"target_depth": "block_importance"})
     with pytest.raises(ConfigError, match="target_num_layers 3 disagrees with target_keep_layers"):
         from_dict({"target_keep_layers": [0, 5], "target_num_layers": 3})
+    with pytest.raises(ConfigError, match="target_num_layers 4 needs a choice of layers"):
+        from_dict({"target_num_layers": 4})
     with pytest.raises(ConfigError, match="exactly one of `target`"):
         from_dict({"target": "some/model", "target_hidden_size": 384})
     with pytest.raises(ConfigError, match="target_hidden_size=0 .* an integer >= 1"):
