@@ -58,6 +58,23 @@ class Config(BaseModel):
     target_gguf_file: Optional[str] = _f(None, "a GGUF file inside `target`")
     target_keep_layers: Optional[list[Int]] = _f(
         None, "make the target by keeping these source layers (0-based, increasing)")
+    target_depth: Literal["keep_layers", "block_importance"] = _f(
+        "keep_layers", "how a target cut from the source chooses its layers: target_keep_layers, or the "
+                       "target_num_layers of highest block importance (the last layer always kept)")
+    target_num_layers: Optional[Int] = _f(None, "layers of a target cut from the source (null: as "
+                                                "target_keep_layers, or all)", ge=1)
+    target_hidden_size: Optional[Int] = _f(
+        None, "width of a target cut from the source: the most important embedding channels (null: all)", ge=1)
+    target_num_heads: Optional[Int] = _f(
+        None, "query heads of a target cut from the source: whole KV groups are kept, so a multiple of the "
+              "source's heads per KV head (null: from target_num_kv_heads, or all)", ge=1)
+    target_num_kv_heads: Optional[Int] = _f(
+        None, "KV heads (groups) of a target cut from the source, the most important per layer (null: from "
+              "target_num_heads, or all)", ge=1)
+    target_intermediate_size: Optional[Int] = _f(
+        None, "MLP neurons of a target cut from the source, the most important per layer (null: all)", ge=1)
+    prune_calibration_examples: Int = _f(
+        32, "transfer examples whose forward passes rank the units of a pruned target", ge=1)
     tokenizer: Optional[str] = _f(None, "tokenizer folder or hub id; defaults to the source's")
     seed: Int = _f(0, "seed of random init, data order and sampling")
     dtype: Literal["float32", "bfloat16", "float16"] = _f(
@@ -146,6 +163,9 @@ class Config(BaseModel):
                                 "alignment_map": "alignment", "method": "frontier training",
                                 "eval_data": "evaluation", "ds_source_config": "distribution", "output_dir": "output"}
 
+    # keys that cut the target from the source (instead of naming a `target` model)
+    CUT_KEYS: ClassVar[tuple] = ("target_keep_layers", "target_num_layers", "target_hidden_size",
+                                 "target_num_heads", "target_num_kv_heads", "target_intermediate_size")
     # keys that change nothing computed: a resumed run may differ in these
     RUN_ONLY_KEYS: ClassVar[tuple] = (
         "output_dir", "log_every", "device", "eval_batch_size", "attribution_batch_size", "checkpoint_every",
@@ -169,12 +189,32 @@ class Config(BaseModel):
 
     def check(self):
         """Checks across keys. Not run by Config() itself, whose defaults name no target: from_dict runs them."""
-        if (self.target is None) == (self.target_keep_layers is None):
-            raise ValueError("set exactly one of `target` (a model) and `target_keep_layers` (source layers to "
-                             "keep, e.g. [0, 3, 6, 29])")
+        cut = [name for name in self.CUT_KEYS if getattr(self, name) is not None]
+        if self.target_depth != "keep_layers":
+            cut.append("target_depth")
+        if (self.target is None) == (not cut):
+            raise ValueError("set exactly one of `target` (a model) and a target cut from the source (keys "
+                             "target_keep_layers, e.g. [0, 3, 6, 29], or target_depth: block_importance with "
+                             "target_num_layers, and optionally target_hidden_size, target_num_heads, "
+                             f"target_num_kv_heads, target_intermediate_size); got target {self.target!r} and "
+                             f"{', '.join(cut) or 'no cut keys'}")
         kl = self.target_keep_layers
         if kl is not None and (not kl or min(kl) < 0 or sorted(set(kl)) != list(kl)):
             raise ValueError(f"target_keep_layers must be strictly increasing non-negative layer indices, got {kl}")
+        if self.target_depth == "block_importance" and (kl is not None or self.target_num_layers is None):
+            raise ValueError("target_depth block_importance chooses the layers itself: set target_num_layers "
+                             "(how many) and leave target_keep_layers null")
+        if self.target_num_layers is not None and kl is None and self.target_depth == "keep_layers":
+            raise ValueError(f"target_num_layers {self.target_num_layers} needs a choice of layers: set "
+                             f"target_keep_layers (which ones) or target_depth: block_importance")
+        if kl is not None and self.target_num_layers not in (None, len(kl)):
+            raise ValueError(f"target_num_layers {self.target_num_layers} disagrees with target_keep_layers "
+                             f"({len(kl)} layers): set one of them")
+        heads, kv = self.target_num_heads, self.target_num_kv_heads
+        if heads is not None and kv is not None and heads % kv:
+            raise ValueError(f"target_num_kv_heads {kv} does not divide target_num_heads {heads}: each KV head "
+                             f"serves a whole number of query heads; allowed target_num_kv_heads: "
+                             f"{', '.join(str(k) for k in range(1, heads + 1) if heads % k == 0)}")
         if self.dtype == "float16" and self.device == "cpu":
             raise ValueError("dtype float16 needs a GPU, but device is cpu: use bfloat16 or float32 on CPU")
         if "none" in self.report_to and len(self.report_to) > 1:

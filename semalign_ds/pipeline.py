@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from semalign_ds import alignment, attribution, budget, cache, data as data_mod, distributed, engines, export, lora, \
-    models, pairing, rundir, summary, training
+    models, pairing, pruning, rundir, summary, training
 from semalign_ds import config as config_mod
 from semalign_ds.config import Config, ConfigError
 from semalign_ds.monitor import Monitor
@@ -202,6 +202,12 @@ def check_paths(cfg):
     models.check_exists(cfg.source, "source", cfg.source_gguf_file)
     if cfg.target is not None:
         models.check_exists(cfg.target, "target", cfg.target_gguf_file)
+    shape = pruning.Shape.of(cfg)
+    if shape.needs_calibration:  # the run (and the dry run) cut targets by depth alone: refuse, not ignore
+        pruning.check_shape(models.config_of(cfg.source, cfg.source_gguf_file), shape)
+        raise ConfigError("a target pruned by width or block importance is written before the run: "
+                          "`python -m semalign_ds.pruning --config RUN.yaml --out DIR`, then run with target: DIR "
+                          "and without the target_* pruning keys")
     data_mod.check_data_path(cfg.data, "data")
     if cfg.eval_data:
         data_mod.check_data_path(cfg.eval_data, "eval_data")
