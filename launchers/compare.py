@@ -32,10 +32,10 @@ import shutil
 import statistics
 import sys
 
-from semalign_ds import budget, cache, config as config_mod, distributed, models, rundir
+from semalign_ds import budget, cache, config as config_mod, distributed, models, pruning, rundir
 from semalign_ds.data import TokenizedSet
 from semalign_ds.evaluation import evaluate_models
-from semalign_ds.pipeline import SOURCE_PHASES, initial_target, run
+from semalign_ds.pipeline import PRUNED_TARGET, SOURCE_PHASES, initial_target, run
 
 VARIANTS = {
     "semalign": {},
@@ -55,7 +55,7 @@ VARIANTS = {
 }
 REFERENCE = "semalign"
 SOURCE_FILES = ("data", "plan.json", "plan.json.sha256", "alignment.safetensors", "alignment.safetensors.sha256",
-                "cache")  # what the source phases leave in a run directory
+                "cache", PRUNED_TARGET)  # what the source phases leave in a run directory
 
 
 def shares_source_phases(reference, cfg):
@@ -83,7 +83,8 @@ def start_from_reference(reference, cfg, local_rank=None):
                 elif os.path.isfile(path):
                     os.link(path, os.path.join(tmp, name))
             rundir.write_json(os.path.join(tmp, "config.json"), cfg.to_dict())
-            rundir.RunDir(tmp).write_state({"done": {p: state["done"][p] for p in SOURCE_PHASES}})
+            rundir.RunDir(tmp).write_state({"done": {p: state["done"][p] for p in SOURCE_PHASES + ("prune",)
+                                                     if p in state["done"]}})
             os.rename(tmp, cfg.output_dir)  # all or nothing: a kill before this leaves no half-started run
             print(f"compare: {cfg.output_dir} starts from the source phases of {reference.output_dir} "
                   f"({', '.join(SOURCE_PHASES)})", flush=True)
@@ -129,6 +130,9 @@ def target_shape(cfg, vocab):
     source = models.config_of(cfg.source, cfg.source_gguf_file)
     if cfg.target is not None:
         return budget.shape(models.config_of(cfg.target, cfg.target_gguf_file), vocab, source.hidden_size)
+    cut = pruning.Shape.of(cfg)
+    if cut.needs_calibration:  # cut by width
+        return budget.shape(pruning.shape_config(source, pruning.check_shape(source, cut)), vocab, source.hidden_size)
     shape = budget.shape(source, vocab)
     return dict(shape, layers=len(cfg.target_keep_layers))
 

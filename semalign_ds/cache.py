@@ -13,6 +13,7 @@ rank reads only the rows of its own sequences, shard by shard.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -21,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from semalign_ds import distributed, models, objectives, rundir, summary
+from semalign_ds import distributed, models, objectives, pruning, rundir, summary
 from semalign_ds.alignment import align, source_direction
 from semalign_ds.config import ConfigError
 from semalign_ds.data import index_batches
@@ -214,7 +215,9 @@ def phase(s, src, runner, head_s, plan, m, tgt=None, head_t=None):
     store = ActivationCache(s.rd.path("cache"), len(s.data), cfg.cache_shard_examples)
     kinds = contents(cfg)
     source_states = kinds["source_states"]
-    header = {"source": cfg.source, "target": cfg.target or f"prune:{cfg.target_keep_layers}",
+    shape = pruning.Shape.of(cfg)
+    cut = f"prune:{dataclasses.asdict(shape)}" if shape.needs_calibration else f"prune:{cfg.target_keep_layers}"
+    header = {"source": cfg.source, "target": cfg.target or cut,
               "source_weights": models.fingerprint(cfg.source, cfg.source_gguf_file, cfg.seed),
               "target_weights": (models.fingerprint(cfg.target, cfg.target_gguf_file, cfg.seed + 1)
                                  if cfg.target else "pruned from the source"),

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from semalign_ds import alignment, budget, data as data_mod, distributed, engines, models, objectives, pairing
+from semalign_ds import alignment, budget, data as data_mod, distributed, engines, models, objectives, pairing, \
+    pruning
 from semalign_ds.config import Config, ConfigError
 
 _CHEAP_DATA_BYTES = 256 * 2**20  # data files up to this size are read and tokenised for exact token counts
@@ -160,7 +161,11 @@ def plan(cfg: Config, world: int | None = None) -> Plan:
     config_s = models.config_of(cfg.source, cfg.source_gguf_file)
     given_t = models.config_of(cfg.target, cfg.target_gguf_file) if cfg.target_keep_layers is None else None
     check_run(cfg, world, config_s, given_t)
-    config_t = _pruned(config_s, cfg.target_keep_layers) if given_t is None else given_t
+    shape = pruning.Shape.of(cfg)
+    if shape.needs_calibration:  # cut by width: the shape check_run accepted
+        config_t = pruning.shape_config(config_s, pruning.check_shape(config_s, shape))
+    else:
+        config_t = _pruned(config_s, cfg.target_keep_layers) if given_t is None else given_t
     src, tgt = shapes(config_s, cfg, "source"), shapes(config_t, cfg, "target")
     notes = []
     tok_s = _tokenizer(cfg.tokenizer or cfg.source, None if cfg.tokenizer else cfg.source_gguf_file)

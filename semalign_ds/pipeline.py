@@ -16,7 +16,9 @@ and engines.py (ZeRO engines); the phases are plain loops over this rank's share
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -98,6 +100,8 @@ def _run(cfg):
     if s.main:
         print("config:\n" + str(cfg), flush=True)
     t_start = time.time()
+    if pruning.Shape.of(cfg).needs_calibration:
+        prune(s, state)
     target = initial_target(cfg).to(s.device)
     tgt = models.Adapter(target)
     if cfg.lora_rank > 0:  # a wrong module name fails here, before the source runs
@@ -202,12 +206,6 @@ def check_paths(cfg):
     models.check_exists(cfg.source, "source", cfg.source_gguf_file)
     if cfg.target is not None:
         models.check_exists(cfg.target, "target", cfg.target_gguf_file)
-    shape = pruning.Shape.of(cfg)
-    if shape.needs_calibration:  # the run (and the dry run) cut targets by depth alone: refuse, not ignore
-        pruning.check_shape(models.config_of(cfg.source, cfg.source_gguf_file), shape)
-        raise ConfigError("a target pruned by width or block importance is written before the run: "
-                          "`python -m semalign_ds.pruning --config RUN.yaml --out DIR`, then run with target: DIR "
-                          "and without the target_* pruning keys")
     data_mod.check_data_path(cfg.data, "data")
     if cfg.eval_data:
         data_mod.check_data_path(cfg.eval_data, "eval_data")
@@ -226,6 +224,9 @@ def check_run(cfg, world, source_config, target_config=None):
     if target_config is not None:
         models.check_config(target_config, "target")
     n_source = source_config.num_hidden_layers
+    shape = pruning.Shape.of(cfg)
+    if shape.needs_calibration:  # a target cut by width or block importance: the shape the source can give
+        return n_source, pruning.check_shape(source_config, shape).num_layers
     if cfg.target_keep_layers is not None and cfg.target_keep_layers[-1] >= n_source:
         raise ConfigError(f"target_keep_layers {cfg.target_keep_layers} names layer "
                           f"{cfg.target_keep_layers[-1]}, but the source has layers 0..{n_source - 1}")
@@ -427,9 +428,52 @@ def budget_of_run(state, metrics):
 
 
 # --- models --------------------------------------------------------------------------------------------------
-def initial_target(cfg):
+PRUNED_TARGET = "pruned-target"  # the run directory's folder of a target cut by width or block importance
+
+
+def prune(s, state):
+    """A target cut from the source by width (and depth by block importance), docs/method.md section 7: rank 0
+    scores the source's units on the first prune_calibration_examples of the transfer set and writes the target
+    into the run directory, whole or not at all. A resumed run verifies it against the checksums recorded when it
+    was written; a damaged one is cut again, and when the new one differs, every phase built on it runs again."""
+    folder, done = s.rd.path(PRUNED_TARGET), state["done"].get("prune")
+    files = _checksums(folder) if s.main and os.path.isdir(folder) else None
+    if distributed.broadcast_object(done is not None and files == done["files"]):
+        return
+    if s.main:
+        if done is not None:
+            print(f"{folder} is missing or fails its checksums: pruning the target again", flush=True)
+        t0, tmp = time.time(), folder + ".partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with rundir.writing(tmp):
+            batches = pruning.calibration_batches(s.data, s.pad_id, s.cfg.prune_calibration_examples)
+            kept, _ = pruning.prune_target(s.cfg.source, batches, pruning.Shape.of(s.cfg), tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        files = _checksums(folder)
+        print(f"pruned target: width {len(kept.channels)}, source layers {kept.layers} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+    files = distributed.broadcast_object(files)
+    if done is not None and done["files"] != files:  # a different target: nothing built on the old one stands
+        for phase in [p for p in state["done"] if p != "prune"]:
+            state["done"].pop(phase)
+    mark(s, state, "prune", {"files": files, "shape": dataclasses.asdict(pruning.Shape.of(s.cfg))})
+
+
+def _checksums(folder):
+    return {name: rundir.sha256(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
+
+
+def initial_target(cfg, run_dir=None):
     """The target as training starts: loaded (a random-init one seeded with seed + 1, so that it differs from a
-    random-init source), or the kept layers of the source, read alone (no process holds the whole source)."""
+    random-init source), the kept layers of the source, read alone (no process holds the whole source), or the
+    target the prune phase cut by width into the run directory (`run_dir`, default output_dir)."""
+    if pruning.Shape.of(cfg).needs_calibration:
+        folder = os.path.join(run_dir or cfg.output_dir, PRUNED_TARGET)
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise ConfigError(f"no pruned target in {folder}: the run's prune phase writes it; run the transfer "
+                              f"first")
+        return models.load_model(folder, None, cfg.dtype, cfg.seed + 1)
     if cfg.target_keep_layers is None:
         return models.load_model(cfg.target, cfg.target_gguf_file, cfg.dtype, cfg.seed + 1)
     return models.load_pruned(cfg.source, cfg.target_keep_layers, cfg.source_gguf_file, cfg.dtype, cfg.seed)

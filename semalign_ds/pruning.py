@@ -134,10 +134,16 @@ def check_shape(config, shape: Shape) -> Shape:
                               f"{layers} source layers) or target_depth: block_importance")
         keep = list(range(n_layers))
     checked = Shape(hidden, num_heads, num_kv, intermediate, layers, keep, shape.depth)
-    # whatever else the family's config class requires of the sizes (units chosen arbitrarily: only counts matter)
-    _validate(pruned_config(config, Kept(list(range(hidden)), list(range(layers)), {0: list(range(num_kv))},
-                                         {0: list(range(intermediate))})))
+    _validate(shape_config(config, checked))  # whatever else the family's config class requires of the sizes
     return checked
+
+
+def shape_config(config, shape: Shape):
+    """The config of a target of a checked `shape` cut from a source of `config` (which units are kept does not
+    change it: only counts matter; layers by block importance stand in as the first ones)."""
+    layers = shape.keep_layers if shape.keep_layers is not None else list(range(shape.num_layers))
+    return pruned_config(config, Kept(list(range(shape.hidden_size)), layers, {0: list(range(shape.num_kv_heads))},
+                                      {0: list(range(shape.intermediate_size))}))
 
 
 def _validate(target):

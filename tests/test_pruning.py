@@ -389,18 +389,64 @@ def test_config_checks_that_need_no_model():
     assert pruning.Shape.of(cfg).needs_calibration
 
 
-def test_the_run_refuses_width_pruning_keys_instead_of_ignoring_them(tmp_path):
+def width_run(tmp_path, **extra):
+    """A run config whose target is cut by width (and depth by block importance) from a 3-layer source folder on
+    the tiny tokenizer."""
+    import shutil
+
     from semalign_ds.config import from_dict
-    from semalign_ds.pipeline import check_paths
-    folder, _ = make_source(tmp_path, "llama")
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"prompt": "a", "response": "b"}\n')
-    cfg = from_dict({"source": folder, "data": str(data), "eval_data": None, "target_hidden_size": 42})
-    with pytest.raises(ConfigError, match="python -m semalign_ds.pruning"):
-        check_paths(cfg)
-    bad = from_dict({"source": folder, "data": str(data), "eval_data": None, "target_hidden_size": 50})
-    with pytest.raises(ConfigError, match="target_hidden_size 50"):  # the shape is checked first
-        check_paths(bad)
+    from tests.helpers import TINY
+    folder, _ = make_source(tmp_path, "llama", vocab=512)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{TINY}/{name}", f"{folder}/{name}")
+    return from_dict({"source": folder, "data": "embedded:stdlib", "max_examples": 10, "max_seq_len": 48,
+                      "eval_data": None, "stage_steps": 2, "batch_size": 2, "cache_shard_examples": 5,
+                      "report_to": ["none"], "output_dir": str(tmp_path / "run"), "target_hidden_size": 24,
+                      "target_num_kv_heads": 1, "target_intermediate_size": 20, "target_depth": "block_importance",
+                      "target_num_layers": 2, "prune_calibration_examples": 4, **extra})
+
+
+def test_the_run_refuses_a_shape_the_source_cannot_give_before_loading(tmp_path):
+    from semalign_ds import pipeline
+    cfg = width_run(tmp_path, target_hidden_size=50)
+    with pytest.raises(ConfigError, match="target_hidden_size 50 is larger than the source's hidden_size 48"):
+        pipeline.run(cfg)
+    assert not (tmp_path / "run" / "pruned-target").exists()
+
+
+@pytest.mark.slow
+def test_a_width_pruned_target_runs_the_pipeline_and_exports_its_own_logits(tmp_path):
+    """Prune (into the run directory), attribution, alignment across widths, cache, stages, export: the export
+    loads in transformers and gives the trainer's logits; a rerun reuses the pruned target after checking it, and
+    a damaged one is cut again to the same weights."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from semalign_ds import models, pipeline
+    cfg = width_run(tmp_path)
+    pipeline.run(cfg)
+    run = tmp_path / "run"
+    state = json.loads((run / "state.json").read_text())
+    assert {"prune", "cache", "export"} <= set(state["done"])
+    exported = AutoModelForCausalLM.from_pretrained(run / "target", dtype=torch.float32).eval()
+    assert (exported.config.hidden_size, exported.config.num_hidden_layers) == (24, 2)
+    from safetensors.torch import load_file
+    assert load_file(run / "alignment.safetensors")["M"].shape == (24, 48)  # d_t x d_s: two different heads
+    assert models.Adapter(pipeline.initial_target(cfg)).width == 24  # the cut before training, in the run dir
+    ids, mask = batch(3)
+    trainer = models.Adapter(models.load_model(str(run / "target"), None, "float32"))  # the trainer's forward
+    with torch.no_grad():
+        want = trainer.head(trainer.norm(trainer.hidden_states(ids, mask)[-1]))
+        got = exported(input_ids=ids, attention_mask=mask).logits
+    assert float((got - want)[mask.bool()].abs().max()) < 1e-4
+    files = dict(state["done"]["prune"]["files"])
+    with open(run / "pruned-target" / "model.safetensors", "r+b") as f:  # damage it
+        f.seek(200)
+        f.write(b"\x00" * 64)
+    pipeline.run(cfg)
+    again = json.loads((run / "state.json").read_text())
+    assert again["done"]["prune"]["files"] == files  # cut again, to the same weights: nothing else reruns
 
 
 # ---------------------------------------------------------------------------------------------------------------
