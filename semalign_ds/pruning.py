@@ -1,4 +1,4 @@
-"""Cutting a smaller target from the source by width and depth, Minitron-style (METHOD.md section 7).
+"""Cutting a smaller target from the source by width and depth, Minitron-style (docs/method.md, section 7).
 
 1. Importance, from forward passes of the source over a calibration slice of the transfer set (padding excluded),
    each score a mean over real tokens of a squared magnitude (the activation energy of the unit):

@@ -1,4 +1,4 @@
-"""Width and depth pruning (semalign_ds/pruning.py, METHOD.md section 7) on tiny random Llama-shaped models of odd
+"""Width and depth pruning (semalign_ds/pruning.py, docs/method.md section 7) on tiny random Llama-shaped models of odd
 sizes, in float64. transformers' RMSNorm rounds its input to float32; the tests patch it to compute in the input's
 dtype, so that the model and the hand-written references below agree to float64 rounding (rtol 1e-10)."""
 import json
