@@ -1,0 +1,62 @@
+"""The dry run's plan past this machine: per-rank memory and time of every phase for the paper's pair (Llama-2-13B
+into 7B) and a 70B source into an 8B target (Llama-3 shapes, V = 128,256), at 8, 16 and 64 ranks, bf16.
+
+    python benchmarks/plan.py            # prints the table and writes benchmarks/plan.md
+
+The figures are semalign-ds --dry-run's (semalign_ds/dryrun.py: first-order estimates, 400 TFLOP/s per rank);
+nothing is run. A phase whose per-rank peak exceeds an 80 GB accelerator is marked."""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAIRS = {"Llama-2-13B -> 7B": "launchers/configs/llama2-13b-to-7b.yaml",
+         "Llama-3-70B -> 8B": "launchers/configs/llama3-70b-to-8b.yaml"}
+WORLDS = (8, 16, 64)
+GPU = 80e9
+NOTES = """What the table says, and what to change before submitting such a job:
+- Attribution does not fit at 2,048 tokens: its backward keeps every source layer's activations of
+  attribution_batch_size sequences (ZeRO-3 shards parameters, not activations), 90 GiB for the 13B source at 2
+  sequences and 145 GiB for the 70B one at 1, whatever the world size. Shorter attribution sequences (a separate
+  transfer set, or max_seq_len 512 for that run) fit; the project has no activation checkpointing for it yet.
+- The cache's activation column is mostly host memory: each rank holds one cache shard's rows (cache_shard_examples
+  64 x 2,048 positions x (L_t d_t + d_s) float32, 71-73 GiB here) until the shard is written. cache_shard_examples 8
+  brings it to about 9 GiB; the device holds the source's layer activations alone.
+- The frontier stages fit at every size; their per-rank parameters are the whole target (held by every rank).
+- Weights scale out as they should: the source's per-rank share falls with the world size (3.6 -> 1.0 GiB for 13B,
+  18.0 -> 3.6 GiB for 70B from 8 to 64 ranks), and the alignment map costs a few GiB at V = 128,256."""
+
+
+def rows():
+    from semalign_ds import config as config_mod, dryrun
+    for pair, path in PAIRS.items():
+        cfg = config_mod.load(os.path.join(ROOT, path))
+        for world in WORLDS:
+            plan = dryrun.plan(cfg, world)
+            for ph in plan.phases:
+                if not ph.in_total and "each" not in ph.name:
+                    continue
+                peak = ph.param_bytes + ph.train_bytes + ph.activation_bytes
+                yield (pair, world, ph.name, ph.param_bytes, ph.train_bytes, ph.activation_bytes, peak,
+                       ph.flops / world / 400e12)
+
+
+def main():
+    lines = ["| pair | ranks | phase | params GiB | grad+AdamW GiB | activations GiB | peak GiB | time at 400 TFLOP/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for pair, world, name, params, train, act, peak, seconds in rows():
+        mark = " **> 80 GB**" if peak > GPU else ""
+        lines.append(f"| {pair} | {world} | {name} | {params / 2**30:.1f} | {train / 2**30:.2f} | {act / 2**30:.1f} | "
+                     f"{peak / 2**30:.1f}{mark} | {seconds / 60:.1f} min |")
+    text = "\n".join(lines)
+    print(text)
+    with open(os.path.join(ROOT, "benchmarks", "plan.md"), "w") as f:
+        f.write(f"# The dry run's plan past this machine\n\n{__doc__.split(chr(10), 1)[1].strip()}\n\n"
+                f"Configs: {', '.join(PAIRS.values())} (bf16, 20,000 examples of 2,048 tokens, batch 64, 500 steps "
+                f"per stage). Written {datetime.date.today()} by benchmarks/plan.py.\n\n{text}\n\n{NOTES}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
