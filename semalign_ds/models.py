@@ -58,9 +58,13 @@ class UnsupportedArchitecture(ConfigError):
 # loading
 
 def resolve(spec: str, gguf_file: str | None = None):
-    """(path or hub id, gguf file) for a model spec; "embedded:NAME" is prepared into a local folder once."""
+    """(path or hub id, gguf file) for a model spec; "embedded:NAME" and "synthetic:NAME" (a random-init model of
+    a real shape, semalign_ds/synthetic.py) are prepared into a local folder once."""
     if spec.startswith("embedded:"):
         return embedded_dir(spec.split(":", 1)[1]), None
+    if spec.startswith("synthetic:"):
+        from semalign_ds import synthetic
+        return synthetic.ensure(spec.split(":", 1)[1]), None
     return spec, gguf_file
 
 
@@ -95,6 +99,11 @@ def check_exists(spec: str, role: str, gguf_file: str | None = None):
     if spec.startswith("embedded:"):
         from semalign_ds import embedded
         embedded.gguf_path(spec.split(":", 1)[1])
+        return
+    if spec.startswith("synthetic:"):
+        from semalign_ds import embedded, synthetic
+        synthetic.shape_of(spec.split(":", 1)[1])
+        embedded.gguf_path("smollm2-135m-instruct")  # its tokenizer comes from the embedded model's GGUF file
         return
     hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) and not spec.endswith(".json")
     if not hub_id and not os.path.exists(spec):
@@ -371,8 +380,11 @@ def out_of_vocabulary(ids, shared, origin):
 # reading models without building them whole
 
 def config_of(spec, gguf_file=None):
-    """The model config alone (nothing allocated)."""
+    """The model config alone (nothing allocated; a synthetic model is not written for it)."""
     from transformers import AutoConfig
+    if spec.startswith("synthetic:"):
+        from semalign_ds import synthetic
+        return synthetic.config(spec.split(":", 1)[1])
     path, gguf_file = resolve(spec, gguf_file)
     try:
         return AutoConfig.from_pretrained(path, gguf_file=gguf_file)
