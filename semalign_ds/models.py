@@ -401,6 +401,14 @@ def parameter_count(spec, gguf_file=None):
     return sum(p.numel() for p in model.parameters())
 
 
+def safetensors_files(path, gguf_file=None):
+    """The safetensors weight files of a local model folder (none for a GGUF file, a config or a hub id)."""
+    import glob
+    if gguf_file or not os.path.isdir(path):
+        return []
+    return sorted(glob.glob(os.path.join(path, "*.safetensors")))
+
+
 _LAYER_KEY = re.compile(r"(^|\.)(layers|h)\.(\d+)\.")
 
 
@@ -408,11 +416,9 @@ def load_pruned(spec, keep, gguf_file=None, dtype="float32", seed=0):
     """The model `spec` with only its decoder layers `keep` (as prune_layers), reading just those layers'
     tensors from its safetensors files: no process ever holds the whole model. A model without local safetensors
     files (a random-init config, a GGUF file, a hub id) is loaded whole and pruned."""
-    import glob
-
     from safetensors import safe_open
     path, gguf = resolve(spec, gguf_file)
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) and not gguf else []
+    files = safetensors_files(path, gguf)
     if not files:
         return prune_layers(load_model(spec, gguf_file, dtype, seed), keep)
     from transformers import AutoModelForCausalLM
