@@ -165,6 +165,8 @@ def partitioned_from_safetensors(spec, files, dtype, ds):
     # argument is misread on CPU (DeepSpeed 0.19.8 makes any dtype bfloat16 where fp16 is unsupported)
     with deepspeed.zero.Init(config_dict_or_path=ds), no_init_weights():
         model = model_class(config)
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()  # done by the weight init that was skipped: the head is the embedding
     model.eval().requires_grad_(False)
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     prefix = model.base_model_prefix
@@ -176,6 +178,10 @@ def partitioned_from_safetensors(spec, files, dtype, ds):
     found = {n for keys in names.values() for n in keys.values()}
     unknown = [k for keys in names.values() for k, n in keys.items() if n is None]
     if unknown or set(params) - found:
+        if distributed.rank() == 0:
+            print(f"{spec}: its safetensors files do not name the model's parameters as the model does (unknown "
+                  f"{unknown[:3]}, missing {sorted(set(params) - found)[:3]}): loading it through transformers, "
+                  f"which reads it whole on rank 0", flush=True)
         return None
     for file, keys in names.items():
         with safe_open(file, framework="pt") as f:
