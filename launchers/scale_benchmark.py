@@ -215,7 +215,7 @@ def write_rows(path, results, args):
 def _dry_peak(r, name):
     """The dry run's phase that matches a run phase, if any (its names: attribution, cache, stage k, ...)."""
     dry = r.get("dryrun") or {}
-    key = {"plan": "attribution"}.get(name, name).replace("_", " ")
+    key = {"plan": "attribution", "cache": "activation cache"}.get(name, name).replace("_", " ")
     return next((v for k, v in dry.items() if k.startswith(key)), None)
 
 
