@@ -52,7 +52,8 @@ class Config(BaseModel):
 
     # --- models --------------------------------------------------------------------------------------------
     source: str = _f("embedded:smollm2-135m-instruct",
-                    "local folder, hub id, \"embedded:NAME\", or a config.json (random init)")
+                    "local folder, hub id, \"embedded:NAME\", \"synthetic:NAME\" (random init of a real "
+                    "shape), or a config.json (random init)")
     source_gguf_file: Optional[str] = _f(None, "a GGUF file inside `source`, loaded through transformers")
     target: Optional[str] = _f(None, "as `source`; or leave empty and set target_keep_layers")
     target_gguf_file: Optional[str] = _f(None, "a GGUF file inside `target`")

@@ -111,13 +111,18 @@ def sharded_source(spec, gguf_file, dtype, seed, ds):
 
     from semalign_ds import models
     distributed.group_for_deepspeed()  # zero.Init partitions over the group while the model loads
-    if models.resolve(spec, gguf_file)[0].endswith(".json"):
+    path, gguf = models.resolve(spec, gguf_file)
+    files = models.safetensors_files(path, gguf)
+    if path.endswith(".json"):
         # a random-init model must get the same weights as on one process: build it whole, partition it in
         # deepspeed.initialize (random-init models are small test models)
         model = models.load_model(spec, gguf_file, dtype, seed)
+    elif files and (model := partitioned_from_safetensors(spec, files, dtype, ds)) is not None:
+        pass
     else:
-        # while this object lives, from_pretrained loads straight into partitions (zero.Init); it is one global,
-        # dropped at once so that later models are built whole
+        # (GGUF, .bin, hub ids) while this object lives, from_pretrained builds the model partitioned
+        # (zero.Init), but rank 0 reads the whole checkpoint and every parameter is gathered whole on every rank
+        # as it is loaded; it is one global, dropped at once so that later models are built whole
         zero3 = HfDeepSpeedConfig(ds)
         try:
             model = models.load_model(spec, gguf_file, dtype, seed)
@@ -126,6 +131,111 @@ def sharded_source(spec, gguf_file, dtype, seed, ds):
     engine, *_ = deepspeed.initialize(model=model, config=ds)
     engine.eval()
     return model, engine
+
+
+def partitioned_from_safetensors(spec, files, dtype, ds):
+    """The model built under zero.Init, each rank reading only its own partition of every tensor from the
+    safetensors files (a few rows more), so a rank's peak while loading is about model / world; None when the
+    files' tensor names do not match the model's (a checkpoint with legacy names: the caller loads it through
+    transformers instead).
+
+    transformers' own ZeRO-3 loading (HfDeepSpeedConfig + from_pretrained) reads the whole checkpoint on rank 0
+    and gathers every parameter whole on every rank to copy it in: measured on a 0.40B fp32 model at 2 ranks, rank
+    0 peaked at the whole model plus its partition while loading."""
+    import math
+
+    import deepspeed
+    import torch.distributed as dist
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers before 5.1
+        from transformers.modeling_utils import no_init_weights
+
+    from semalign_ds import models
+    if dtype not in ("float32", "bfloat16"):  # the configs enable no fp16 block: float16 goes through transformers
+        return None
+    config = models.config_of(spec)
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]  # imported before zero.Init (PLATFORM.md)
+    # No weight init at all (transformers' on partitioned-empty parameters fails, torch's would fill each module
+    # whole before it is partitioned): every parameter is read from the files below, and one that is not refused.
+    # zero.Init takes its dtype from the config's bf16 block (fill() sets it from the run's dtype): its own dtype
+    # argument is misread on CPU (DeepSpeed 0.19.8 makes any dtype bfloat16 where fp16 is unsupported)
+    with deepspeed.zero.Init(config_dict_or_path=ds), no_init_weights():
+        model = model_class(config)
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()  # done by the weight init that was skipped: the head is the embedding
+    model.eval().requires_grad_(False)
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    prefix = model.base_model_prefix
+    names = {}  # file -> {checkpoint key: model name}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            names[file] = {k: next((n for n in (k, f"{prefix}.{k}") if n in params or n in buffers), None)
+                           for k in f.keys()}
+    found = {n for keys in names.values() for n in keys.values()}
+    unknown = [k for keys in names.values() for k, n in keys.items() if n is None]
+    if unknown or set(params) - found:
+        if distributed.rank() == 0:
+            print(f"{spec}: its safetensors files do not name the model's parameters as the model does (unknown "
+                  f"{unknown[:3]}, missing {sorted(set(params) - found)[:3]}): loading it through transformers, "
+                  f"which reads it whole on rank 0", flush=True)
+        return None
+    for file, keys in names.items():
+        with safe_open(file, framework="pt") as f:
+            for key, name in keys.items():
+                if name in buffers:
+                    buffers[name].copy_(f.get_tensor(key))
+                    continue
+                p = params[name]
+                part = p.ds_tensor  # this rank's slice of the flattened parameter, padded at the end
+                start = dist.get_rank(group=p.ds_process_group) * part.numel()
+                end = min(start + part.numel(), p.ds_numel)
+                sl = f.get_slice(key)
+                shape = sl.get_shape()
+                if math.prod(shape) != p.ds_numel:
+                    raise ConfigError(f"{spec}: {key} has shape {shape} in {os.path.basename(file)}, but the "
+                                      f"model's config makes it {tuple(p.ds_shape)}")
+                if end <= start:
+                    continue
+                cols = math.prod(shape[1:])
+                first, last = start // cols, -(-end // cols)  # the rows holding this rank's slice
+                rows = sl[first:last] if shape else f.get_tensor(key).reshape(1)
+                part.narrow(0, 0, end - start).copy_(rows.reshape(-1)[start - first * cols:end - first * cols])
+    return model
+
+
+def release_source(engine):
+    """Let the ZeRO-3 source be freed once its phases are done (the caller drops its own references). DeepSpeed
+    keeps references to it in two module-level places, so without this the source's partitions stayed resident on
+    every rank through the frontier stages (measured: rank 0 of a 0.40B source at 2 ranks kept about 2 GiB more
+    than 1 rank from the cache to the end of the run)."""
+    if engine is None:
+        return
+    module = engine.module
+    engine.destroy()
+    # both are private to DeepSpeed: guarded, a later version may not have them
+    try:
+        from deepspeed.runtime.zero import parameter_offload
+        stack = parameter_offload.FWD_MODULE_STACK
+        stack[:] = [m for m in stack if m is not module]
+    except (ImportError, AttributeError):
+        pass
+    # the parameter coordinator's __params_to_release is an lru_cache on the class, keyed by (coordinator,
+    # submodule): it holds every layer of every ZeRO-3 model that ran a forward (cleared for all of them: it is a
+    # cache, recomputed on use)
+    try:
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as C
+        fn = getattr(C, "_PartitionedParameterCoordinator__params_to_release")
+    except (ImportError, AttributeError):
+        return
+    # under DeepSpeed's NVTX wrapper, which keeps the cached function in its closure
+    inner = [fn] + [c.cell_contents for c in getattr(fn, "__closure__", None) or ()]
+    for f in inner:
+        if hasattr(f, "cache_clear"):
+            f.cache_clear()
 
 
 def parameter_bytes_on_this_rank(model):

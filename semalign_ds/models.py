@@ -59,9 +59,13 @@ class UnsupportedArchitecture(ConfigError):
 # loading
 
 def resolve(spec: str, gguf_file: str | None = None):
-    """(path or hub id, gguf file) for a model spec; "embedded:NAME" is prepared into a local folder once."""
+    """(path or hub id, gguf file) for a model spec; "embedded:NAME" and "synthetic:NAME" (a random-init model of
+    a real shape, semalign_ds/synthetic.py) are prepared into a local folder once."""
     if spec.startswith("embedded:"):
         return embedded_dir(spec.split(":", 1)[1]), None
+    if spec.startswith("synthetic:"):
+        from semalign_ds import synthetic
+        return synthetic.ensure(spec.split(":", 1)[1]), None
     return spec, gguf_file
 
 
@@ -96,6 +100,11 @@ def check_exists(spec: str, role: str, gguf_file: str | None = None):
     if spec.startswith("embedded:"):
         from semalign_ds import embedded
         embedded.gguf_path(spec.split(":", 1)[1])
+        return
+    if spec.startswith("synthetic:"):
+        from semalign_ds import embedded, synthetic
+        synthetic.shape_of(spec.split(":", 1)[1])
+        embedded.gguf_path("smollm2-135m-instruct")  # its tokenizer comes from the embedded model's GGUF file
         return
     hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) and not spec.endswith(".json")
     if not hub_id and not os.path.exists(spec):
@@ -386,8 +395,11 @@ def out_of_vocabulary(ids, shared, origin):
 # reading models without building them whole
 
 def config_of(spec, gguf_file=None):
-    """The model config alone (nothing allocated)."""
+    """The model config alone (nothing allocated; a synthetic model is not written for it)."""
     from transformers import AutoConfig
+    if spec.startswith("synthetic:"):
+        from semalign_ds import synthetic
+        return synthetic.config(spec.split(":", 1)[1])
     path, gguf_file = resolve(spec, gguf_file)
     try:
         return AutoConfig.from_pretrained(path, gguf_file=gguf_file)
@@ -404,6 +416,14 @@ def parameter_count(spec, gguf_file=None):
     return sum(p.numel() for p in model.parameters())
 
 
+def safetensors_files(path, gguf_file=None):
+    """The safetensors weight files of a local model folder (none for a GGUF file, a config or a hub id)."""
+    import glob
+    if gguf_file or not os.path.isdir(path):
+        return []
+    return sorted(glob.glob(os.path.join(path, "*.safetensors")))
+
+
 _LAYER_KEY = re.compile(r"(^|\.)(layers|h)\.(\d+)\.")
 
 
@@ -411,11 +431,9 @@ def load_pruned(spec, keep, gguf_file=None, dtype="float32", seed=0):
     """The model `spec` with only its decoder layers `keep` (as prune_layers), reading just those layers'
     tensors from its safetensors files: no process ever holds the whole model. A model without local safetensors
     files (a random-init config, a GGUF file, a hub id) is loaded whole and pruned."""
-    import glob
-
     from safetensors import safe_open
     path, gguf = resolve(spec, gguf_file)
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) and not gguf else []
+    files = safetensors_files(path, gguf)
     if not files:
         return prune_layers(load_model(spec, gguf_file, dtype, seed), keep)
     from transformers import AutoModelForCausalLM

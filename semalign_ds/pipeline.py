@@ -137,7 +137,9 @@ def _run(cfg):
         cache.phase(s, src, runner, head_s, plan, m, tgt, head_t)
         mark(s, state, "cache", {"budget": source_cost(s, "cache", time.time() - t0)})
     if needs_source:
+        engines.release_source(runner)  # DeepSpeed keeps a ZeRO-3 engine's model in a global list otherwise
         del source, src, runner, head_s
+        phase_memory(s, "source_released")  # on every rank: the frontier stages start without the source
 
     store = cache.ActivationCache(rd.path("cache"), len(s.data), cfg.cache_shard_examples)
     metrics = training.phase(s, state, tgt, head_t, store, lambda phase, info: mark(s, state, phase, info))

@@ -1,0 +1,281 @@
+"""Scale-out benchmark: a named synthetic source (semalign_ds/synthetic.py) through attribution, the activation
+cache and a few frontier steps on 1, 2, 4 ranks; per phase, tokens/s and every rank's peak resident memory.
+
+    python launchers/scale_benchmark.py --source synthetic:llama-0.5b --world 1 2 4
+    python launchers/scale_benchmark.py --source synthetic:llama-1b --target synthetic:llama-0.4b --world 1 2
+
+Each rank's resident memory (VmRSS) is sampled from /proc every 0.25 s by this process, outside the run, and each
+sample is put in the phase the run is in (the phases rank 0 has marked done in state.json so far), so the peaks
+include what the run's own memory/PHASE scalars (rank 0 only) cannot see. The dry run's predicted per-rank peak
+of each phase (semalign_ds/dryrun.py) is printed beside the measured one. Rows go to benchmarks/scale.csv
+(device, versions, date, load average), the plot to benchmarks/scale.png.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "launchers"))
+import benchmark  # noqa: E402  (launchers/benchmark.py: launch command, run-directory rates, versions)
+
+RESULTS = os.path.join(ROOT, "benchmarks", "scale.csv")
+# the reduced work of a scale measurement: what matters is the source's memory and the phases' rates
+# (batch 4: divisible by 1, 2 and 4 ranks; float32 bases: the alignment's pinv of the V x d heads in float64 takes
+# minutes on a CPU and is the same work at every world size)
+REDUCED = {"data": "embedded:stdlib", "max_examples": 8, "attribution_examples": 4, "stage_steps": 1,
+           "eval_data": None, "cache_shard_examples": 4, "max_seq_len": 128, "chat_template": "off",
+           "batch_size": 4, "checkpoint_every": 0, "report_to": "none", "basis_dtype": "float32"}
+COLUMNS = ["date", "device", "cores", "load_1m", "source", "target", "world", "phase", "seconds", "tokens",
+           "tokens_per_s_total", "peak_rss_mib_per_rank", "peak_rss_mib_max", "rank0_phase_peak_mib_run",
+           "dryrun_peak_mib_per_rank", "torch", "deepspeed", "transformers", "python", "commit"]
+
+
+# --- sampling every rank's memory from outside -----------------------------------------------------------------
+def _children(pid):
+    """Every descendant of pid (from /proc/*/stat's parent ids)."""
+    parent = {}
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                parent[int(p)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [c for c, pp in parent.items() if pp in frontier]
+        found += frontier
+    return found
+
+
+def _rank_and_rss(pid):
+    """(rank, VmRSS MiB) of a rank process (RANK in its environment; a plain python run is rank 0), else None."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+        with open(f"/proc/{pid}/status") as f:
+            rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    if b"--worker" not in cmd:  # torchrun's agent, compilers: not a rank
+        return None
+    return int(env.get(b"RANK", b"0")), rss / 1024
+
+
+class Sampler(threading.Thread):
+    """Peak VmRSS per (phase, rank) of the process tree under `pid`; the phase is the one the run is in."""
+
+    def __init__(self, pid, run_dir, period=0.25):
+        super().__init__(daemon=True)
+        self.pid, self.run_dir, self.period = pid, run_dir, period
+        self.peaks = {}  # (number of phases done, rank) -> MiB
+        self.stop = threading.Event()
+
+    def done(self):
+        try:
+            with open(os.path.join(self.run_dir, "state.json")) as f:
+                return list(json.load(f).get("done", {}))
+        except (OSError, json.JSONDecodeError):
+            return None  # not written yet, or being replaced
+
+    def run(self):
+        n_done = 0
+        while not self.stop.is_set():
+            found = self.done()
+            n_done = len(found) if found is not None else n_done
+            for child in [self.pid] + _children(self.pid):  # one rank: the launched process itself
+                got = _rank_and_rss(child)
+                if got is not None:
+                    key = (n_done, got[0])
+                    self.peaks[key] = max(self.peaks.get(key, 0.0), got[1])
+            self.stop.wait(self.period)
+
+    def by_phase(self):
+        """{phase: [peak MiB of rank 0, rank 1, ...]}: samples taken while k phases were done belong to the
+        (k+1)-th phase marked (the first also holds start-up and loading the source)."""
+        names = self.done() or []
+        out = {}
+        for (k, rank), mib in sorted(self.peaks.items()):
+            name = names[k] if k < len(names) else "after"
+            out.setdefault(name, {})[rank] = mib
+        return {n: [r[i] for i in sorted(r)] for n, r in out.items()}
+
+
+# --- one world size --------------------------------------------------------------------------------------------
+def write_config(path, args):
+    import yaml
+    cfg = {**REDUCED, "source": args.source}
+    if args.target:
+        cfg["target"] = args.target
+    else:
+        cfg["target_keep_layers"] = args.keep_layers
+    for item in args.set:
+        key, value = item.split("=", 1)
+        cfg[key] = yaml.safe_load(value)
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return cfg
+
+
+def run_one(world, args, config_path, workdir):
+    run_dir = os.path.join(workdir, f"world{world}")
+    cmd = benchmark.launch_command(world, ["--config", config_path, "--output-dir", run_dir])
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
+    env.pop("SEMALIGN_DS_FAULT", None)
+    print(f"[world {world}] {' '.join(cmd)}  (load {os.getloadavg()[0]:.2f})", flush=True)
+    log_path = os.path.join(workdir, f"world{world}.log")
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        sampler = Sampler(proc.pid, run_dir)
+        sampler.start()
+        rc = proc.wait()
+        sampler.stop.set()
+        sampler.join()
+    wall = time.time() - t0
+    if rc != 0:
+        with open(log_path) as f:
+            raise SystemExit(f"the world-{world} run failed (exit {rc}); log {log_path}:\n{f.read()[-4000:]}")
+    from semalign_ds import summary
+    phases = summary.phase_rates(run_dir)
+    rank0 = {}
+    for line in summary.metric_lines(run_dir):  # the run's own view: rank 0's peak within each phase
+        tag = str(line.get("tag"))
+        if tag.startswith("memory/") and "rss_phase_peak_mib" in line:
+            rank0[tag.removeprefix("memory/")] = line["rss_phase_peak_mib"]
+    return {"world": world, "wall": wall, "load": os.getloadavg()[0], "phases": phases,
+            "sampled": sampler.by_phase(), "rank0": rank0, "log": log_path}
+
+
+def predicted(config_path, world):
+    """The dry run's per-rank peak (MiB) of each of its phases."""
+    from semalign_ds import config as config_mod, dryrun
+    p = dryrun.plan(config_mod.load(config_path), world)
+    return {ph.name: (ph.param_bytes + ph.train_bytes + ph.activation_bytes) / 2**20 for ph in p.phases}
+
+
+# --- reporting -------------------------------------------------------------------------------------------------
+def table(results):
+    lines = [f"{'phase':<14}" + "".join(f"{'w' + str(r['world']) + ' s':>9}{'tok/s':>9}{'r0 MiB':>9}{'max MiB':>9}"
+                                        for r in results)]
+    names = []
+    for r in results:
+        names += [n for n in r["sampled"] if n not in names]
+    for name in names:
+        row = f"{name:<14}"
+        for r in results:
+            p = r["phases"].get({"plan": "attribution"}.get(name, name), {})
+            peaks = r["sampled"].get(name, [])
+            row += (f"{benchmark._num(p.get('seconds'), '.1f'):>9}{benchmark._num(p.get('tokens_per_s_total'), '.0f'):>9}"
+                    f"{benchmark._num(peaks[0] if peaks else None, '.0f'):>9}"
+                    f"{benchmark._num(max(peaks) if peaks else None, '.0f'):>9}")
+        lines.append(row)
+    for r in results:
+        lines.append(f"world {r['world']}: {r['wall']:.0f} s wall, load average {r['load']:.2f}; rank 0's own "
+                     f"memory/PHASE peaks: " + ", ".join(f"{k} {v:.0f}" for k, v in r["rank0"].items()))
+        if r.get("dryrun"):
+            lines.append(f"  dry-run predicted per-rank peak MiB: " +
+                         ", ".join(f"{k} {v:.0f}" for k, v in r["dryrun"].items()))
+    return "\n".join(lines)
+
+
+def write_rows(path, results, args):
+    info = benchmark.versions()
+    common = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "device": benchmark.device_name(), "cores": os.cpu_count(), "source": args.source,
+              "target": args.target or f"source layers {args.keep_layers}", **info}
+    new = not os.path.isfile(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            w.writeheader()
+        for r in results:
+            for name, peaks in r["sampled"].items():
+                p = r["phases"].get({"plan": "attribution"}.get(name, name), {})
+                w.writerow({**common, "load_1m": f"{r['load']:.2f}", "world": r["world"], "phase": name,
+                            "seconds": benchmark._num(p.get("seconds"), ".2f"), "tokens": p.get("tokens") or "",
+                            "tokens_per_s_total": benchmark._num(p.get("tokens_per_s_total"), ".1f"),
+                            "peak_rss_mib_per_rank": ";".join(f"{m:.0f}" for m in peaks),
+                            "peak_rss_mib_max": f"{max(peaks):.0f}",
+                            "rank0_phase_peak_mib_run": benchmark._num(r["rank0"].get(name), ".0f"),
+                            "dryrun_peak_mib_per_rank": benchmark._num(_dry_peak(r, name), ".0f")})
+
+
+def _dry_peak(r, name):
+    """The dry run's phase that matches a run phase, if any (its names: attribution, cache, stage k, ...)."""
+    dry = r.get("dryrun") or {}
+    key = {"plan": "attribution", "cache": "activation cache"}.get(name, name).replace("_", " ")
+    return next((v for k, v in dry.items() if k.startswith(key)), None)
+
+
+def plot(path, results):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    worlds = [r["world"] for r in results]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in ("plan", "cache"):
+        label = {"plan": "load + attribution"}.get(name, name)
+        a.plot(worlds, [max(r["sampled"].get(name, [0])) for r in results], "o-", label=f"{label}: largest rank")
+        a.plot(worlds, [r["sampled"].get(name, [0])[0] for r in results], "x--", label=f"{label}: rank 0")
+    a.set(xlabel="ranks", ylabel="peak resident MiB per rank", xticks=worlds, title="memory per rank")
+    a.legend(fontsize=7)
+    for name in ("attribution", "cache"):
+        b.plot(worlds, [r["phases"].get(name, {}).get("tokens_per_s_total") or 0 for r in results], "o-", label=name)
+    b.set(xlabel="ranks", ylabel="tokens/s (all ranks)", xticks=worlds, title="throughput")
+    b.legend(fontsize=7)
+    fig.suptitle(f"{results[0].get('source', '')}  (load average {results[-1]['load']:.1f})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--source", default="synthetic:llama-0.5b", help="source model spec (default: %(default)s)")
+    p.add_argument("--target", default=None, help="target model spec (default: --keep-layers of the source)")
+    p.add_argument("--keep-layers", type=int, nargs="+", default=[0, 23],
+                   help="target made of these source layers when no --target (default: %(default)s)")
+    p.add_argument("--world", type=int, nargs="+", default=[1, 2, 4], help="world sizes (default: 1 2 4)")
+    p.add_argument("--threads", type=int, default=1, help="threads per rank (default 1: ranks compared alike)")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="config override (repeatable)")
+    p.add_argument("--results", default=RESULTS, help="CSV rows are appended to (default: %(default)s)")
+    p.add_argument("--plot", default=os.path.join(ROOT, "benchmarks", "scale.png"), help="(default: %(default)s)")
+    p.add_argument("--no-results", action="store_true", help="print the table only")
+    p.add_argument("--workdir", default=None, help="where the runs go (default: a temporary folder, kept)")
+    args = p.parse_args(argv)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="semalign-scale-")
+    os.makedirs(workdir, exist_ok=True)
+    config_path = os.path.join(workdir, "config.yaml")
+    write_config(config_path, args)
+    from semalign_ds import models
+    models.resolve(args.source)  # a synthetic model is written once, before any run is timed
+    if args.target:
+        models.resolve(args.target)
+    results = []
+    for world in args.world:
+        r = run_one(world, args, config_path, workdir)
+        r["source"] = args.source
+        r["dryrun"] = predicted(config_path, world)
+        results.append(r)
+        print(table(results), flush=True)
+    if not args.no_results:
+        write_rows(args.results, results, args)
+        plot(args.plot, results)
+        print(f"rows appended to {args.results}; plot {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

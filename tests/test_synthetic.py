@@ -1,0 +1,109 @@
+"""Synthetic models: random-init Llama shapes written shard by shard, verified, rebuilt when damaged."""
+import json
+import os
+
+import pytest
+import torch
+
+from semalign_ds import models, synthetic
+from semalign_ds.config import ConfigError
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A fresh model cache, sharing the SmolLM2 tokenizer of the usual one (converting it takes ~30 s)."""
+    tokenizer = synthetic.tokenizer_folder()
+    monkeypatch.setenv("SEMALIGN_DS_CACHE", str(tmp_path))
+    os.makedirs(tmp_path / "synthetic")
+    os.symlink(tokenizer, tmp_path / "synthetic" / "smollm2-tokenizer")
+    synthetic._VERIFIED.clear()
+    yield tmp_path
+    synthetic._VERIFIED.clear()
+
+
+def test_tiny_is_sharded_and_loads(cache):
+    from transformers import AutoModelForCausalLM
+    path = models.resolve("synthetic:llama-tiny")[0]
+    shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    assert len(shards) > 1  # 4 MiB shards
+    index = json.load(open(os.path.join(path, "model.safetensors.index.json")))
+    assert sorted(set(index["weight_map"].values())) == shards
+    model = AutoModelForCausalLM.from_pretrained(path)  # strict enough: a missing tensor would be random-init
+    n = sum(p.numel() for p in model.parameters())
+    assert n == synthetic.parameter_count("llama-tiny") == models.parameter_count("synthetic:llama-tiny")
+    state = model.state_dict()
+    assert set(index["weight_map"]) == set(state)  # every tensor written, none left to transformers' init
+    w = state["model.layers.1.mlp.up_proj.weight"]
+    assert abs(float(w.std()) - 0.02) < 0.002 and abs(float(w.mean())) < 0.002
+    assert torch.equal(state["model.norm.weight"], torch.ones(64))
+    assert not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])  # untied in the tiny shape
+    assert models.config_of("synthetic:llama-tiny").num_hidden_layers == 4
+    tok = models.load_tokenizer("synthetic:llama-tiny")
+    assert len(tok) == synthetic.VOCAB == model.config.vocab_size
+    ids = torch.tensor([tok("def f(x):\n    return x")["input_ids"]])
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_same_seed_same_weights_and_damage_is_rebuilt(cache, capsys):
+    path = synthetic.ensure("llama-tiny")
+    shard = os.path.join(path, sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))[1])
+    with open(shard, "rb") as f:
+        original = f.read()
+    with open(shard, "r+b") as f:  # damage in place: same size, zeroed middle
+        f.seek(len(original) // 2)
+        f.write(bytes(4096))
+    assert "damaged" in synthetic.verify("llama-tiny", path)
+    synthetic._VERIFIED.clear()
+    assert synthetic.ensure("llama-tiny") == path
+    assert "writing it again" in capsys.readouterr().out
+    with open(shard, "rb") as f:
+        assert f.read() == original  # rebuilt with the same values
+    os.truncate(shard, 100)
+    assert "wrong size" in synthetic.verify("llama-tiny", path)
+    os.remove(os.path.join(path, synthetic.MARKER))  # a build killed before its marker: incomplete
+    assert "marker" in synthetic.verify("llama-tiny", path)
+    synthetic._VERIFIED.clear()
+    synthetic.ensure("llama-tiny")
+    assert synthetic.verify("llama-tiny", path) is None
+
+
+def test_bad_name_is_refused_with_the_names(cache):
+    for call in (lambda: models.check_exists("synthetic:llama-7x", "source"),
+                 lambda: models.resolve("synthetic:llama-7x"),
+                 lambda: models.config_of("synthetic:llama-7x")):
+        with pytest.raises(ConfigError, match="llama-tiny, .*llama-3b"):
+            call()
+    assert not os.path.exists(cache / "synthetic" / "llama-7x")
+
+
+def test_named_shapes_are_real_sizes():
+    """The names say roughly what the shapes hold (counted with the 49152-token vocabulary)."""
+    billions = {n: synthetic.parameter_count(n) / 1e9 for n in synthetic.SHAPES}
+    assert 0.3 < billions["llama-0.4b"] < 0.5 and 0.35 < billions["llama-0.5b"] < 0.55
+    assert 0.95 < billions["llama-1b"] < 1.2 and 1.3 < billions["llama-1.5b"] < 1.6
+    assert 2.8 < billions["llama-3b"] < 3.3
+    # a target must have no more layers than its source
+    assert all(synthetic.SHAPES["llama-0.4b"].layers <= s.layers for n, s in synthetic.SHAPES.items()
+               if not n.startswith("llama-tiny") and n != "llama-0.4b")
+
+
+def test_zero3_source_loads_partitioned_on_two_ranks(cache):
+    """Each rank reads only its partition of every tensor (about half the model here) and the partitioned model
+    computes what the whole one does, LM head included."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+    specs = ["synthetic:llama-tiny", "synthetic:llama-tiny-tied"]  # a separate head, and the embedding as head
+    for spec in specs:
+        models.resolve(spec)  # written once, before the ranks start
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "tests.zero3_load", *specs], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted((r["spec"], r["rank"]) for r in ranks) == [(s, r) for s in specs for r in (0, 1)]
+    for r in ranks:
+        assert r["max_abs_diff"] == 0.0 and r["head_equal"] and r["freed"]
+        assert 0.45 < r["share"] < 0.55  # not the whole model (small tensors are padded to the world size)

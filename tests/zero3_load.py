@@ -1,0 +1,48 @@
+"""Run under torchrun: each source loaded partitioned from its safetensors files (no rank reads the whole model)
+must hold only its share on each rank and compute what the model loaded whole computes. Prints one JSON line per
+rank and model."""
+import gc
+import json
+import sys
+import weakref
+
+import torch
+
+from semalign_ds import distributed, engines, models
+
+
+def main(specs):
+    import deepspeed
+    torch.set_num_threads(1)
+    distributed.init(None, timeout_minutes=5)
+    ds = engines.fill(engines.load_ds_config(engines.default_config_path("source_zero3"), "source"), 2,
+                      distributed.world(), "float32")
+    for spec in specs:
+        path = models.resolve(spec)[0]
+        model = engines.partitioned_from_safetensors(spec, models.safetensors_files(path), "float32", ds)
+        if model is None:
+            sys.exit(f"{spec}: not loaded partitioned")
+        engine = deepspeed.initialize(model=model, config=ds)[0]  # its other results hold the model too
+        whole = models.load_model(spec)
+        ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            got = models.Adapter(model).hidden_states(ids, mask, runner=engine)
+            want = models.Adapter(whole).hidden_states(ids, mask)
+            head = engines.whole(models.Adapter(model).head.weight)
+        diff = max(float((a - b).abs().max()) for a, b in zip(got, want))
+        n = sum(p.numel() for p in whole.parameters())
+        result = {"spec": spec, "rank": distributed.rank(), "max_abs_diff": diff,
+                  "head_equal": bool(torch.equal(head, whole.get_output_embeddings().weight)),
+                  "share": engines.parameter_bytes_on_this_rank(model) / (4 * n)}
+        # once released and dropped, nothing may keep the source alive (DeepSpeed's global references)
+        alive = weakref.ref(model)
+        engines.release_source(engine)
+        del model, engine, got
+        gc.collect()
+        print(json.dumps({**result, "freed": alive() is None}), flush=True)
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
