@@ -389,19 +389,9 @@ def liger_case(case):
     from liger_kernel.transformers import LigerFusedLinearJSD
 
     from semalign_ds.kernels import bench
-    device = torch.device(case["device"])
-    dtype = getattr(torch, bench.DTYPES[case["dtype"]])
+    device, dtype, gen, rand, x, w, mask = bench.case_inputs(torch, case)  # bench.run_case's inputs
     n, v, d, d_s = case["n"], case["v"], case["d"], case["d_s"]
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * scale).to(dtype)
-
-    # bench.run_case's draws, in its order: x, w, mask, then the source side
-    x = rand(n, d).requires_grad_()
-    w = rand(v, d, scale=d ** -0.5).requires_grad_(case["train_weight"])
-    mask = torch.rand(n, generator=gen, device=device) > 0.1
-    x_s, w_s = rand(n, d_s), rand(v, d_s, scale=d_s ** -0.5)
+    x_s, w_s = rand(n, d_s), rand(v, d_s, scale=d_s ** -0.5)  # then the source side, as run_case draws it
     labels = torch.where(mask, torch.zeros(n, dtype=torch.long, device=device), -100)
     loss_fn = LigerFusedLinearJSD(jsd_beta=0.0, temperature=2.0)
 

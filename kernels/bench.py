@@ -93,25 +93,33 @@ def _matmul_rate(torch, device, dtype, d, rows, cols=8192):
     return 2 * rows * cols * d / statistics.median(times)
 
 
-def run_case(case):
-    import torch
-
-    from semalign_ds.losses import fisher_quadratic_loss, fisher_topk_loss, fisher_topk_support, linear_kl_loss
-
+def case_inputs(torch, case):
+    """(device, dtype, generator, rand, x, w, mask): the seeded draws every benchmark of `case` starts from, in this
+    order (logits of order one, a tenth of rows masked); rand(*shape, scale) draws the rest from the same generator,
+    so that another implementation measured on `case` sees the same inputs."""
     device = torch.device(case["device"])
-    if device.type == "cpu":
-        torch.set_num_threads(case["threads"])
     dtype = getattr(torch, DTYPES[case["dtype"]])
-    n, v, d, d_s = case["n"], case["v"], case["d"], case["d_s"]
+    n, v, d = case["n"], case["v"], case["d"]
     gen = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * scale).to(dtype)
 
-    # logits of order one, a target near the input (where training spends its time), a tenth of rows masked
     x = rand(n, d).requires_grad_()
     w = rand(v, d, scale=d ** -0.5).requires_grad_(case["train_weight"])
     mask = torch.rand(n, generator=gen, device=device) > 0.1
+    return device, dtype, gen, rand, x, w, mask
+
+
+def run_case(case):
+    import torch
+
+    from semalign_ds.losses import fisher_quadratic_loss, fisher_topk_loss, fisher_topk_support, linear_kl_loss
+
+    if case["device"] == "cpu":
+        torch.set_num_threads(case["threads"])
+    device, dtype, gen, rand, x, w, mask = case_inputs(torch, case)
+    n, v, d, d_s = case["n"], case["v"], case["d"], case["d_s"]
     backend, extra = case["backend"], {}
     if case["loss"] == "fisher":
         y = (x.detach().float() + 0.3 * torch.randn(n, d, generator=gen, device=device)).to(dtype)

@@ -185,7 +185,7 @@ def table(results):
         lines.append(f"world {r['world']}: {r['wall']:.0f} s wall, load average {r['load']:.2f}; rank 0's own "
                      f"memory/PHASE peaks: " + ", ".join(f"{k} {v:.0f}" for k, v in r["rank0"].items()))
         if r.get("dryrun"):
-            lines.append(f"  dry-run predicted per-rank peak MiB: " +
+            lines.append("  dry-run predicted per-rank peak MiB: " +
                          ", ".join(f"{k} {v:.0f}" for k, v in r["dryrun"].items()))
     return "\n".join(lines)
 
