@@ -159,13 +159,13 @@ def plan(cfg: Config, world: int | None = None) -> Plan:
             engines.load_ds_config(getattr(cfg, key), role)
 
     config_s = models.config_of(cfg.source, cfg.source_gguf_file)
-    given_t = models.config_of(cfg.target, cfg.target_gguf_file) if cfg.target_keep_layers is None else None
+    given_t = models.config_of(cfg.target, cfg.target_gguf_file) if cfg.target is not None else None
     check_run(cfg, world, config_s, given_t)
     shape = pruning.Shape.of(cfg)
     if shape.needs_calibration:  # cut by width: the shape check_run accepted
         config_t = pruning.shape_config(config_s, pruning.check_shape(config_s, shape))
     else:
-        config_t = _pruned(config_s, cfg.target_keep_layers) if given_t is None else given_t
+        config_t = given_t if given_t is not None else _pruned(config_s, cfg.target_keep_layers)
     src, tgt = shapes(config_s, cfg, "source"), shapes(config_t, cfg, "target")
     notes = []
     tok_s = _tokenizer(cfg.tokenizer or cfg.source, None if cfg.tokenizer else cfg.source_gguf_file)
@@ -240,6 +240,12 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
     if zero_src:  # ZeRO-3 gathers one layer at a time for its forward
         src_held += src.layer_params * b
     out = []
+    if pruning.Shape.of(cfg).needs_calibration:  # rank 0 runs the whole source forward over calibration batches of 4
+        n_cal = min(cfg.prune_calibration_examples, tokens.examples)
+        out.append(Phase("prune", src.params * b, 0, _activations(4, seq, src.width, src.heads, b) / 2,
+                         budget.cost(model_s, tokens.tokens * n_cal / tokens.examples, 0, mean_len,
+                                     src.layers)["flops"] * world, f"{n_cal} calibration examples on rank 0 (the "
+                                                                   f"others wait); the source whole"))
     n_attr = tokens.examples if cfg.attribution_examples is None else min(cfg.attribution_examples, tokens.examples)
     eb, ab = cfg.eval_batch_size, cfg.attribution_batch_size
     if cfg.pairing == "attribution":

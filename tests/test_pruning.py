@@ -414,6 +414,13 @@ def test_the_run_refuses_a_shape_the_source_cannot_give_before_loading(tmp_path)
     assert not (tmp_path / "run" / "pruned-target").exists()
 
 
+def test_the_dry_run_plans_the_cut_shape(tmp_path):
+    from semalign_ds import dryrun
+    plan = dryrun.plan(width_run(tmp_path), 1)
+    assert (plan.target.width, plan.target.layers, plan.source.width) == (24, 2, 48)
+    assert [ph.name for ph in plan.phases][:3] == ["prune", "attribution", "alignment"]
+
+
 @pytest.mark.slow
 def test_a_width_pruned_target_runs_the_pipeline_and_exports_its_own_logits(tmp_path):
     """Prune (into the run directory), attribution, alignment across widths, cache, stages, export: the export
