@@ -89,8 +89,9 @@ def test_a_stage_changes_only_its_own_layer(tmp_path):
     # stage 2 on the embeddings frontier is enough to see what a stage touches
     before = {n: p.clone() for n, p in target.state_dict().items()}
     store = cache.ActivationCache(rd.path("cache"), len(s.data), cfg.cache_shard_examples)
-    training.train_stage(s, tgt, head_t, 2, frontier,
-                         {"aligned": store.rows("aligned.2", mine, s.data.loss_counts)})
+    from semalign_ds import objectives
+    training.train_stage(s, tgt, objectives.recipe(cfg), head_t, None, 2, frontier,
+                         {"aligned.2": store.rows("aligned.2", mine, s.data.loss_counts)})
     changed = [n for n, p in target.state_dict().items() if not torch.equal(p, before[n])]
     assert changed and all(n.startswith("model.layers.1.") for n in changed), changed
     s.monitor.close()
@@ -103,17 +104,17 @@ def test_resume_after_a_crash_gives_the_same_target(tmp_path, monkeypatch):
     pipeline.run(tiny_config(straight, stage_steps=6, checkpoint_every=2))
     crashed = tmp_path / "crashed"
     from semalign_ds import training
-    real = training.stage_loss
+    real = training.stage_step
     calls = {"n": 0}
 
-    def dies_in_stage_2(adapter, k, *args, **kw):
+    def dies_in_stage_2(tgt, recipe, head, source_head, k, *args, **kw):
         if k == 2:
             calls["n"] += 1
             if calls["n"] == 4:  # step 3 of stage 2, after the checkpoint at step 2
                 raise KeyboardInterrupt("killed")
-        return real(adapter, k, *args, **kw)
+        return real(tgt, recipe, head, source_head, k, *args, **kw)
 
-    monkeypatch.setattr(training, "stage_loss", dies_in_stage_2)
+    monkeypatch.setattr(training, "stage_step", dies_in_stage_2)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(tiny_config(crashed, stage_steps=6, checkpoint_every=2))
     state = json.loads((crashed / "state.json").read_text())
@@ -121,7 +122,7 @@ def test_resume_after_a_crash_gives_the_same_target(tmp_path, monkeypatch):
     pointer = json.loads((crashed / "stages" / "checkpoint-stage_2" / "latest.json").read_text())
     assert pointer["current"]["meta"]["step"] == 2
     assert (crashed / "stages" / "checkpoint-stage_2" / pointer["current"]["tag"] / "stage.pt").is_file()
-    monkeypatch.setattr(training, "stage_loss", real)
+    monkeypatch.setattr(training, "stage_step", real)
     calls_before_resume = dict(state["done"])
     pipeline.run(tiny_config(crashed, stage_steps=6, checkpoint_every=2))
     assert "cache" in calls_before_resume
