@@ -439,7 +439,7 @@ def prune(s, state):
     into the run directory, whole or not at all. A resumed run verifies it against the checksums recorded when it
     was written; a damaged one is cut again, and when the new one differs, every phase built on it runs again."""
     folder, done = s.rd.path(PRUNED_TARGET), state["done"].get("prune")
-    files = _checksums(folder) if s.main and os.path.isdir(folder) else None
+    files = rundir.folder_checksums(folder) if s.main and os.path.isdir(folder) else None
     if distributed.broadcast_object(done is not None and files == done["files"]):
         return
     if s.main:
@@ -452,7 +452,7 @@ def prune(s, state):
             kept, _ = pruning.prune_target(s.cfg.source, batches, pruning.Shape.of(s.cfg), tmp)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
-        files = _checksums(folder)
+        files = rundir.folder_checksums(folder)
         print(f"pruned target: width {len(kept.channels)}, source layers {kept.layers} "
               f"({time.time() - t0:.0f} s)", flush=True)
     files = distributed.broadcast_object(files)
@@ -460,10 +460,6 @@ def prune(s, state):
         for phase in [p for p in state["done"] if p != "prune"]:
             state["done"].pop(phase)
     mark(s, state, "prune", {"files": files, "shape": dataclasses.asdict(pruning.Shape.of(s.cfg))})
-
-
-def _checksums(folder):
-    return {name: rundir.sha256(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
 
 
 def initial_target(cfg, run_dir=None):

@@ -38,6 +38,16 @@ def sha256(path):
     return digest.hexdigest()
 
 
+def folder_checksums(folder):
+    """{path relative to folder: sha256} of every file below `folder`: what a folder written whole is checked by."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder)] = sha256(path)
+    return out
+
+
 def _disk_error(path, err):
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return ConfigError(f"no space left on the device holding {path}: free space there or set another "

@@ -363,7 +363,7 @@ def save_checkpoint(s, stage, folder, meta):
     pointer = os.path.join(folder, "latest.json")
     if s.main:
         old = rundir.read_json(pointer) if rundir.intact(pointer) else {}
-        entry = {"tag": tag, "meta": meta, "files": _checksums(os.path.join(folder, tag))}
+        entry = {"tag": tag, "meta": meta, "files": rundir.folder_checksums(os.path.join(folder, tag))}
         rundir.write_json_checked(pointer, {"current": entry, "previous": old.get("current")})
         keep = {tag, (old.get("current") or {}).get("tag")}
         for name in os.listdir(folder):
@@ -388,7 +388,7 @@ def load_checkpoint(s, stage, folder):
         if not entry:
             continue
         where = os.path.join(folder, entry["tag"])
-        if os.path.isdir(where) and _checksums(where) == entry["files"]:
+        if os.path.isdir(where) and rundir.folder_checksums(where) == entry["files"]:
             stage.load(folder, entry["tag"], s.device)
             return entry["meta"]
         if s.main:
@@ -396,12 +396,3 @@ def load_checkpoint(s, stage, folder):
     if s.main:
         print(f"no intact checkpoint in {folder}: starting the stage over", flush=True)
     return None
-
-
-def _checksums(folder):
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            out[os.path.relpath(path, folder)] = rundir.sha256(path)
-    return out
