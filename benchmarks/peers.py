@@ -202,7 +202,7 @@ def write_yaml(path, values):
     return path
 
 
-def prepare(cfg, args, seed, folder):
+def prepare(cfg, seed, folder):
     """Write the job of one seed into `folder`: rows.jsonl (the rows, for the pipeline), tokens.safetensors (their
     token ids and loss mask, for the other trainers), job.yaml, and student-init/ (the initial target)."""
     from safetensors.torch import save_file
@@ -511,7 +511,7 @@ def evaluate(cfg, exports, folder, threads):
 def run_seed(cfg, args, seed, workdir, threads):
     from semalign_ds import config as config_mod, data as data_mod
     folder = os.path.join(workdir, f"seed{seed}")
-    job = prepare(cfg, args, seed, folder)
+    job = prepare(cfg, seed, folder)
     tokens = data_mod.TokenizedSet.load(os.path.join(folder, "tokens.safetensors"))
     results = {}
     for name in args.trainers:

@@ -110,7 +110,8 @@ def test_csv_rows_are_appended_under_one_header(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and list(rows[0]) == peers.COLUMNS
     first = rows[0]
-    assert first["trainer"] == "semalign-ds" and first["seed"] == "0" and first["config"] == "launchers/configs/tiny.yaml"
+    assert first["trainer"] == "semalign-ds" and first["seed"] == "0"
+    assert first["config"] == "launchers/configs/tiny.yaml"
     assert first["settings"] == "steps=6 max_examples=8" and first["device"] and first["torch"] == torch.__version__
     assert float(first["total_s"]) == 3.0 and float(first["source_s"]) == 1.0 and float(first["nll"]) == 5.0
     assert float(first["tokens_per_s_total"]) == pytest.approx(4000 / 3, abs=0.1)
