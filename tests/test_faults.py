@@ -1,8 +1,8 @@
 """Fault injection (issue: trusted runs). Kills at random moments (1 and 2 ranks), a kill during a multi-rank
 checkpoint save, flipped and truncated bytes in every kind of file a run writes and reuses, a failing rank, two
 runs into one directory, a killed launcher. Every case ends, after reruns, with a target bitwise identical to an
-uninterrupted run (the committed parity goldens, tests/golden/tiny_parity.json), or with an error that names the
-damaged file; none ends silently different."""
+uninterrupted run of the same settings on the same machine (the `uninterrupted` fixture, tests/conftest.py), or
+with an error that names the damaged file; none ends silently different."""
 import json
 import os
 import random
@@ -16,15 +16,15 @@ import torch
 
 from semalign_ds import config as config_mod, pipeline
 from semalign_ds.config import ConfigError
-from tests.parity import GOLDEN, ROOT, SETTINGS, TINY_YAML, command, environment, launch, tensor_checksum
+from tests.parity import ROOT, SETTINGS, TINY_YAML, command, environment, launch, tensor_checksum
 
 pytestmark = pytest.mark.slow  # killed and rerun pipelines, 1 and 2 ranks
 
-GOLD = json.load(open(GOLDEN))
 
-
-def golden(world):
-    return GOLD[f"world{world}"]["target_checksum"]
+@pytest.fixture
+def golden(uninterrupted):
+    """golden(world): the target checksum of the uninterrupted run on `world` ranks."""
+    return lambda world: checksum(uninterrupted(world))
 
 
 def checksum(out):
@@ -61,7 +61,7 @@ def our_processes(out):
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_kills_at_random_moments_then_reruns_give_the_same_target(world, tmp_path):
+def test_kills_at_random_moments_then_reruns_give_the_same_target(world, tmp_path, golden):
     out = tmp_path / "run"
     rng = random.Random(1000 + world)
     expected, kills = 20.0, 0  # seconds a whole run takes: learnt from a run that ends before its first kill
@@ -87,7 +87,7 @@ def test_kills_at_random_moments_then_reruns_give_the_same_target(world, tmp_pat
     assert checksum(out) == golden(world)
 
 
-def test_a_kill_during_a_multi_rank_checkpoint_save(tmp_path):
+def test_a_kill_during_a_multi_rank_checkpoint_save(tmp_path, golden):
     """Rank 1 dies after writing its part of the second checkpoint of stage 1 (step 4), before the pointer moves:
     the pointer still names step 2, and the rerun resumes there."""
     out = tmp_path / "run"
@@ -102,7 +102,7 @@ def test_a_kill_during_a_multi_rank_checkpoint_save(tmp_path):
     assert checksum(out) == golden(2)
 
 
-def test_a_torn_newest_checkpoint_falls_back_to_the_previous(tmp_path):
+def test_a_torn_newest_checkpoint_falls_back_to_the_previous(tmp_path, golden):
     out = tmp_path / "run"
     proc = launch(out, 2, fault="stage_step:5")  # stage 1, after its step-4 checkpoint
     assert proc.returncode != 0
@@ -120,14 +120,14 @@ def test_a_torn_newest_checkpoint_falls_back_to_the_previous(tmp_path):
 
 # --- damaged files of every kind -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def killed_runs(tmp_path_factory):
+def killed_runs(tmp_path_factory, uninterrupted):
     """Run directories left by kills: in the cache phase (one shard written), in stage 2 (after its step-2
     checkpoint), and a finished run."""
     base = tmp_path_factory.mktemp("killed")
-    runs = {}
-    for name, fault in (("cache", "cache_shard:1"), ("stage", "stage_step:9"), ("done", None)):
+    runs = {"done": uninterrupted(1)}
+    for name, fault in (("cache", "cache_shard:1"), ("stage", "stage_step:9")):
         proc = launch(base / name, 1, fault=fault)
-        assert (proc.returncode == 0) == (fault is None), proc.stderr[-3000:]
+        assert proc.returncode != 0, proc.stderr[-3000:]
         runs[name] = base / name
     return runs
 
@@ -167,7 +167,7 @@ DAMAGE = [
 
 @pytest.mark.parametrize("damage", [flip, truncate])
 @pytest.mark.parametrize("where,name,expect", DAMAGE, ids=[f"{w}:{n}" for w, n, _ in DAMAGE])
-def test_damaged_files_are_recomputed_or_named(killed_runs, tmp_path, where, name, expect, damage):
+def test_damaged_files_are_recomputed_or_named(killed_runs, tmp_path, where, name, expect, damage, golden):
     out = tmp_path / "run"
     shutil.copytree(killed_runs[where], out)
     damage(out / name)
@@ -180,7 +180,7 @@ def test_damaged_files_are_recomputed_or_named(killed_runs, tmp_path, where, nam
 
 
 # --- ranks and launchers ---------------------------------------------------------------------------------------
-def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path):
+def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path, golden):
     out = tmp_path / "run"
     t0 = time.time()
     proc = launch(out, 2, fault="stage_step:3:1:raise", timeout=300)
@@ -192,7 +192,7 @@ def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path):
     assert checksum(out) == golden(2)
 
 
-def test_two_runs_into_one_directory(tmp_path):
+def test_two_runs_into_one_directory(tmp_path, golden):
     out = tmp_path / "run"
     # the first run pauses 45 s in its second step: still busy when the second one starts
     first = subprocess.Popen(command(out, 1), env=environment("stage_step:2:0:sleep"), cwd=ROOT,
@@ -210,7 +210,7 @@ def test_two_runs_into_one_directory(tmp_path):
     assert checksum(out) == golden(1)  # the refused run changed nothing
 
 
-def test_a_killed_launcher_leaves_no_worker(tmp_path):
+def test_a_killed_launcher_leaves_no_worker(tmp_path, golden):
     out = tmp_path / "run"
     agent = start(out, 2)
     deadline = time.time() + 300
@@ -259,7 +259,7 @@ def test_an_output_dir_that_is_a_file_or_read_only(tmp_path):
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_a_stop_request_while_caching_keeps_the_shards_and_exits_75(world, tmp_path):
+def test_a_stop_request_while_caching_keeps_the_shards_and_exits_75(world, tmp_path, golden):
     out = tmp_path / "run"
     proc = launch(out, world, fault="cache_shard:1:0:usr1")  # rank 0 asked to stop after its first shard
     assert proc.returncode == (75 if world == 1 else 1), proc.stderr[-3000:]  # torchrun reports a worker's 75 as 1
