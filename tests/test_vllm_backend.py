@@ -108,6 +108,19 @@ def test_launcher_options():
         module.parser().parse_args(["--model", "m", "--output-dir", "o", "--backend", "sglang"])
 
 
+def test_eos_ids_are_transformers_own(tmp_path):
+    """vLLM also ends at the tokenizer's EOS; the backend sends the ids transformers' generate ends at instead."""
+    from transformers import AutoConfig
+    config = AutoConfig.for_model("llama", vocab_size=64, eos_token_id=3)
+    config.save_pretrained(tmp_path)
+    assert vllm_backend.transformers_eos(str(tmp_path)) == [3]  # no generation_config.json: config.json's
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 7]}))
+    assert vllm_backend.transformers_eos(str(tmp_path)) == [5, 7]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": None}))
+    assert vllm_backend.transformers_eos(str(tmp_path)) == []  # never ends on a token, as generate()
+    assert vllm_backend.transformers_eos(str(tmp_path / "missing")) is None  # vLLM's own rule then
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the protocol, with the stand-in vLLM
 
@@ -122,11 +135,14 @@ def fake_python(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """The tiny source model, exported as a run's target is."""
+    """The tiny source model, exported as a run's target is; its config names EOS 2, its tokenizer's EOS is 0 (which
+    the model generates early): transformers' generate ends at 2 alone, vLLM by default at 0 too."""
     from semalign_ds.export import save_hf
     from semalign_ds.models import load_model, load_tokenizer
     folder = str(tmp_path_factory.mktemp("export") / "tiny")
-    save_hf(load_model(SOURCE), load_tokenizer(SOURCE), folder)
+    model = load_model(SOURCE)
+    model.config.eos_token_id = model.generation_config.eos_token_id = 2
+    save_hf(model, load_tokenizer(SOURCE), folder)
     return folder
 
 
@@ -151,6 +167,8 @@ def test_worker_protocol(fake_python, exported, tmp_path, monkeypatch):
         assert [r["prompt"] for r in sent] == gen.encode_prompts(tok, prompts)  # the project's token ids
         assert all(r["temperature"] == 0 and r["n"] == 1 and r["max_tokens"] == 12 and r["stop"] == stop
                    and r["llm_kwargs"] == {"enforce_eager": True} for r in sent)
+        # the sequences end where transformers' generate ends them: the generation config's EOS ids alone
+        assert all(r["stop_token_ids"] == [2] and r["ignore_eos"] for r in sent)
         # sampling: n, temperature, top_p and one seed per prompt (sampling.seed + the prompt's global index)
         log.write_text("")
         sampling = gen.Sampling(3, temperature=0.7, top_p=0.9, seed=100)

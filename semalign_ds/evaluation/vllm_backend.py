@@ -10,10 +10,11 @@ is both sides of a small protocol between two interpreters:
   one JSON line per request on its stdout; everything else it or vLLM prints goes to stderr.
 
 A request: {"prompts": [[ids], ...], "max_new_tokens": N, "stop": [...], "n": 1, "temperature": 0.0,
-"top_p": 1.0, "seeds": [int per prompt] or null, "logprobs": k or null}. Its answer: {"outputs": [[{"token_ids":
-[...], "logprobs": [[[id, logprob], ...] per token] or null} per sample] per prompt]}, or {"error": "..."}.
-{"tokenize": [texts]} is answered with {"token_ids": [...]}, vLLM's own tokenisation of each text. The first line
-the worker writes is {"ready": {"vllm": version, "torch": ..., "transformers": ...}} (or an error).
+"top_p": 1.0, "seeds": [int per prompt] or null, "logprobs": k or null, "stop_token_ids": [ids] or null}. Its
+answer: {"outputs": [[{"token_ids": [...], "logprobs": [[[id, logprob], ...] per token] or null, "finish_reason",
+"stop_reason"} per sample] per prompt]}, or {"error": "..."}. {"tokenize": [texts]} is answered with
+{"token_ids": [...]}, vLLM's own tokenisation of each text. The first line the worker writes is
+{"ready": {"vllm": version, "torch": ..., "transformers": ...}} (or an error).
 
 Only the standard library is imported at the top: the worker's interpreter need not have this package's
 dependencies, and vLLM is imported only there.
@@ -84,14 +85,32 @@ def llm_kwargs(pairs):
     return out
 
 
+def transformers_eos(model):
+    """The token ids transformers' generate stops at for a model folder or hub id: its generation config's
+    eos_token_id (generation_config.json, else config.json); None where neither can be read."""
+    from transformers import AutoConfig, GenerationConfig
+    try:
+        try:
+            config = GenerationConfig.from_pretrained(model)
+        except OSError:  # no generation_config.json: generate() derives it from config.json
+            config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model))
+    except (OSError, ValueError):
+        return None
+    eos = config.eos_token_id
+    return [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+
+
 class VLLMModel:
     """A vLLM engine on one model folder (or hub id), run by `python` in a worker process that is started on first
-    use and kept until close(). generate() takes and returns what generate.generate does."""
+    use and kept until close(). generate() takes and returns what generate.generate does.
+
+    Generation ends at the EOS ids transformers' generate ends at (transformers_eos): vLLM would also end at the
+    tokenizer's EOS token, which an export's config may not name (the tiny test models': config 2, tokenizer 0)."""
 
     def __init__(self, model, python=None, dtype="float32", llm_args=None, env=None):
         self.model, self.python, self.dtype = model, python or sys.executable, dtype
         self.llm_args, self.env = dict(llm_args or {}), env
-        self.proc, self.versions = None, None
+        self.proc, self.versions, self.eos = None, None, None
 
     def start(self):
         if self.proc is not None:
@@ -100,6 +119,7 @@ class VLLMModel:
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         cmd = [self.python, os.path.abspath(__file__), "--model", self.model, "--dtype", self.dtype,
                "--llm-args", json.dumps(self.llm_args)]
+        self.eos = transformers_eos(self.model)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.versions = self._receive("starting vLLM")["ready"]
         return self.versions
@@ -123,7 +143,7 @@ class VLLMModel:
         self.start()
         request = {"prompts": [list(map(int, p)) for p in prompt_ids], "max_new_tokens": int(max_new_tokens),
                    "stop": list(stop), "logprobs": logprobs, "n": 1, "temperature": 0.0, "top_p": 1.0,
-                   "seeds": None}
+                   "seeds": None, "stop_token_ids": self.eos}
         if sampling is not None:
             seeds = list(range(len(prompt_ids))) if seeds is None else list(seeds)
             request.update(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
@@ -207,13 +227,18 @@ def serve(model, dtype, llm_args, requests, out):
                 _answer(out, {"token_ids": [list(tokenizer.encode(text)) for text in req["tokenize"]]})
                 continue
             seeds = req.get("seeds") or [None] * len(req["prompts"])
+            # with stop_token_ids given, those alone end a sequence (ignore_eos: not the tokenizer's EOS too)
+            eos = req.get("stop_token_ids")
             params = [SamplingParams(n=req["n"], temperature=req["temperature"], top_p=req["top_p"], top_k=0,
                                      seed=seed, max_tokens=req["max_new_tokens"], stop=req["stop"] or None,
-                                     logprobs=req.get("logprobs")) for seed in seeds]
+                                     logprobs=req.get("logprobs"), ignore_eos=eos is not None,
+                                     stop_token_ids=eos) for seed in seeds]
             prompts = [{"prompt_token_ids": ids} for ids in req["prompts"]]
             results = llm.generate(prompts, params, use_tqdm=False)
             _answer(out, {"outputs": [[{"token_ids": list(sample.token_ids),
-                                        "logprobs": _logprobs(sample.logprobs)} for sample in r.outputs]
+                                        "logprobs": _logprobs(sample.logprobs),
+                                        "finish_reason": sample.finish_reason,
+                                        "stop_reason": sample.stop_reason} for sample in r.outputs]
                                       for r in results]})
         except Exception as err:
             _answer(out, {"error": f"{type(err).__name__}: {err}"})
