@@ -7,6 +7,7 @@ prompts), HumanEval zero-shot with greedy pass@1; --num-fewshot, --gsm8k-variant
     python launchers/evaluate.py --model source=embedded:smollm2-135m-instruct --model after=runs/x/target \
         --benchmarks humaneval,nll --limit 20 --allow-code-execution --output-dir runs/eval
     torchrun --standalone --nproc_per_node 2 launchers/evaluate.py ...   (data parallel: each rank a shard)
+    python launchers/evaluate.py ... --backend vllm --vllm-python ~/vllm/bin/python   (vLLM generates)
 
 Writes report.md, report.json, report.png and samples/<model>/<benchmark>.jsonl into --output-dir.
 """
@@ -18,7 +19,7 @@ import sys
 
 from semalign_ds import distributed
 from semalign_ds.config import ConfigError
-from semalign_ds.evaluation import BENCHMARKS, TASKS, Sampling, evaluate_models
+from semalign_ds.evaluation import BENCHMARKS, TASKS, Sampling, evaluate_models, vllm_backend
 
 
 def parser():
@@ -68,6 +69,16 @@ def parser():
     p.add_argument("--memory-mb", type=int, default=2048, help="address-space limit per test program")
     p.add_argument("--workers", type=int, default=None, help="test programs run at once per rank")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"],
+                   help="what generates for gsm8k/humaneval/mbpp: transformers' generate (default) or vLLM, run "
+                        "by --vllm-python with the same prompt ids, stops and scoring (mmlu and nll stay "
+                        "transformers')")
+    p.add_argument("--vllm-python", default=None, metavar="PATH",
+                   help="with --backend vllm: the interpreter that has vLLM, e.g. a venv of its own (default: "
+                        "this one); refused before any model loads where it cannot import vllm")
+    p.add_argument("--vllm-arg", action="append", default=None, metavar="KEY=VALUE",
+                   help="with --backend vllm: a keyword argument of vllm.LLM (the value as JSON, else a string), "
+                        "e.g. enforce_eager=true, max_model_len=4096 (repeatable)")
     p.add_argument("--device", default=None, help="default: this rank's GPU, else cpu")
     p.add_argument("--gsm8k-chat-template", action="store_true",
                    help="wrap GSM8K questions in the tokenizer's chat template")
@@ -137,6 +148,7 @@ def main(argv=None):
         fewshot = {b: getattr(args, f"fewshot_{b}") for b in BENCHMARKS if getattr(args, f"fewshot_{b}", None)}
         shots = num_fewshot(args.num_fewshot)
         sample, ks = sampling(args)
+        vllm_args = vllm_backend.llm_kwargs(args.vllm_arg)
         distributed.init(args.local_rank)
         try:
             evaluate_models(models, benchmarks, args.output_dir, data_paths=data, limit=args.limit,
@@ -145,7 +157,8 @@ def main(argv=None):
                             limits=Limits(timeout=args.timeout, memory_mb=args.memory_mb), workers=args.workers,
                             gsm8k_chat_template=args.gsm8k_chat_template, nll_max_seq_len=args.nll_max_seq_len,
                             nll_chat_template=args.nll_chat_template, num_fewshot=shots, fewshot_paths=fewshot,
-                            gsm8k_variant=args.gsm8k_variant, sampling=sample, pass_ks=ks, show=True)
+                            gsm8k_variant=args.gsm8k_variant, sampling=sample, pass_ks=ks, show=True,
+                            backend=args.backend, vllm_python=args.vllm_python, vllm_args=vllm_args)
         finally:
             distributed.shutdown()
     except ConfigError as err:

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from semalign_ds.config import ConfigError
 from semalign_ds.data import index_batches
 from semalign_ds.evaluation.tasks import truncate_at
+from semalign_ds.evaluation.vllm_backend import VLLMModel
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,11 @@ def prepare_tokenizer(tokenizer):
             raise ConfigError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def encode_prompts(tokenizer, prompts, add_special_tokens=True):
+    """The prompts' token ids, as both generation backends feed them to the model."""
+    return [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
 
 
 def model_device(model, device=None):
@@ -67,11 +73,14 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size=8, stop=(), d
              desc="generate", add_special_tokens=True, sampling=None, seeds=None):
     """Completions of `prompts`, each cut at the earliest stop sequence: greedy (a string per prompt; left-padded
     batches, longest prompts first) or, with `sampling`, a list of sampling.n strings per prompt (one prompt's
-    samples per batch, seeded with sampling.seed + seeds[i], seeds defaulting to the prompt positions)."""
+    samples per batch, seeded with sampling.seed + seeds[i], seeds defaulting to the prompt positions).
+    `model` may be a vllm_backend.VLLMModel: vLLM generates, with the same prompt ids, decoding and stops."""
     from transformers import StoppingCriteria, StoppingCriteriaList
     prepare_tokenizer(tokenizer)
+    if isinstance(model, VLLMModel):
+        return model.generate(tokenizer, prompts, max_new_tokens, stop, add_special_tokens, sampling, seeds)
     device = model_device(model, device)
-    encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    encoded = encode_prompts(tokenizer, prompts, add_special_tokens)
     criterion = type("StopOnStrings", (_StopOnStrings, StoppingCriteria), {})
 
     def run(rows, copies, **kwargs):

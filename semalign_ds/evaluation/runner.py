@@ -3,6 +3,7 @@ distributed.shard of the rows and the per-example results are gathered, so every
 single process is one rank), and evaluate_models, which evaluates several models and writes one report."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 from semalign_ds import distributed
 from semalign_ds.config import Config, ConfigError
 import semalign_ds.evaluation.tasks as tasks
+from semalign_ds.evaluation import vllm_backend
 from semalign_ds.evaluation.generate import (encode_pair, generate, loglikelihoods, model_device,
                                              prepare_tokenizer)
 from semalign_ds.nll import response_nll
@@ -186,6 +188,9 @@ def nll_settings(spec, chat_template=None, max_seq_len=None):
     return chat_template or pick["chat_template"], max_seq_len or pick["eval_max_seq_len"]
 
 
+# the benchmarks that generate, which --backend vllm runs through vLLM
+GENERATIVE = ("gsm8k", "humaneval", "mbpp")
+
 RUNNERS = {"mmlu": evaluate_mmlu, "gsm8k": evaluate_gsm8k, "humaneval": evaluate_humaneval, "mbpp": evaluate_mbpp,
            "nll": evaluate_nll}
 
@@ -196,11 +201,14 @@ RUNNERS = {"mmlu": evaluate_mmlu, "gsm8k": evaluate_gsm8k, "humaneval": evaluate
 def evaluate_models(models, benchmarks, output_dir, data_paths=None, limit=None, batch_size=8, max_new_tokens=None,
                     allow_code_execution=False, dtype="float32", device=None, limits=None, workers=None,
                     gsm8k_chat_template=False, nll_max_seq_len=None, nll_chat_template=None, show=True,
-                    num_fewshot=None, fewshot_paths=None, gsm8k_variant=None, sampling=None, pass_ks=(1,)):
+                    num_fewshot=None, fewshot_paths=None, gsm8k_variant=None, sampling=None, pass_ks=(1,),
+                    backend="transformers", vllm_python=None, vllm_args=None):
     """Evaluate each model (name -> spec for semalign_ds.models.load_model) on each benchmark; rank 0 writes
     report.md, report.json, report.png and samples/<model>/<benchmark>.jsonl into output_dir and prints the table.
     num_fewshot and fewshot_paths map a benchmark to its count / few-shot data (default: the reference
     harness's); sampling (generate.Sampling) turns the code benchmarks to sampled pass@k for k in pass_ks.
+    backend "vllm": gsm8k/humaneval/mbpp generate through vLLM run by the vllm_python interpreter
+    (evaluation/vllm_backend.py; vllm_args: more vllm.LLM arguments); mmlu and nll stay transformers'.
     Returns the report (on every rank)."""
     from semalign_ds import models as models_mod
     from semalign_ds import report as report_mod
@@ -209,11 +217,22 @@ def evaluate_models(models, benchmarks, output_dir, data_paths=None, limit=None,
         tasks.task(b)
     if not models:
         raise ConfigError("no model to evaluate")
+    if backend not in ("transformers", "vllm"):
+        raise ConfigError(f"unknown generation backend {backend!r}: transformers or vllm")
+    if backend != "vllm" and (vllm_python or vllm_args):
+        raise ConfigError("--vllm-python and --vllm-arg go with --backend vllm")
     code = [b for b in benchmarks if b in ("humaneval", "mbpp")]
     if code:
         sandbox.require_execution(allow_code_execution, " and ".join(code))
     for name, spec in models.items():
         models_mod.check_exists(spec, f"model {name!r}")
+    vllm_versions = None
+    if backend == "vllm":  # before any model loads
+        for name, spec in models.items():
+            if spec.endswith(".json"):
+                raise ConfigError(f"--backend vllm: model {name!r} is a random-init config ({spec}); vLLM loads "
+                                  f"saved folders (export one with semalign_ds.export.save_hf)")
+        vllm_versions = vllm_backend.check(vllm_python, dtype, distributed.world())
     data_paths, fewshot_paths, num_fewshot = data_paths or {}, fewshot_paths or {}, num_fewshot or {}
     main = distributed.is_main()
     rows = {b: tasks.load_benchmark(b, data_paths.get(b), limit, num_fewshot=num_fewshot.get(b),
@@ -226,41 +245,51 @@ def evaluate_models(models, benchmarks, output_dir, data_paths=None, limit=None,
                                                        for b in benchmarks},
                     protocol=protocol, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
                     dtype=dtype, world_size=distributed.world(), device=str(device),
-                    gsm8k_chat_template=gsm8k_chat_template, nll_max_seq_len=nll_max_seq_len)
+                    gsm8k_chat_template=gsm8k_chat_template, nll_max_seq_len=nll_max_seq_len,
+                    backend=backend if vllm_versions is None else dict(vllm_versions, name="vllm",
+                                                                        llm_args=dict(vllm_args or {})))
     report = {"settings": settings, "metrics": {b: [tasks.TASKS[b].metric, tasks.TASKS[b].label,
                                                     tasks.TASKS[b].percent] for b in benchmarks},
               "models": {}}
     samples = {}
     for name, spec in models.items():
         t0 = time.time()
-        model = _load(models_mod, spec, dtype).to(device)
+        engine = None
+        if backend == "vllm":  # started on its first generation, closed after the model's last benchmark
+            engine = vllm_backend.VLLMModel(models_mod.resolve(spec)[0], vllm_python, dtype, vllm_args)
+        needs_model = engine is None or any(b not in GENERATIVE for b in benchmarks)
+        model = _load(models_mod, spec, dtype).to(device) if needs_model else None
         tokenizer = prepare_tokenizer(models_mod.load_tokenizer(spec))
         entry = {"spec": spec, "load_seconds": time.time() - t0, "results": {}}
-        for bench in benchmarks:
-            t0 = time.time()
-            if main and show:
-                print(f"[{name}] {bench}: {len(rows[bench])} examples ({protocol[bench]})", flush=True)
-            kwargs = dict(batch_size=batch_size, device=device, show=show)
-            if bench in ("gsm8k", "humaneval", "mbpp"):
-                kwargs["max_new_tokens"] = max_new_tokens
-            if bench == "gsm8k":
-                kwargs.update(chat_template=gsm8k_chat_template, variant=gsm8k_variant)
-            elif bench in ("humaneval", "mbpp"):
-                kwargs.update(allow_code_execution=allow_code_execution, limits=limits, workers=workers,
-                              sampling=sampling, ks=pass_ks)
-            elif bench == "nll":
-                template, max_seq_len = nll_settings(spec, nll_chat_template, nll_max_seq_len)
-                kwargs.update(max_seq_len=max_seq_len, chat_template=template)
-            result = RUNNERS[bench](model, tokenizer, rows[bench], **kwargs)
-            result["seconds"] = time.time() - t0
-            samples[(name, bench)] = result.pop("per_example", None)
-            entry["results"][bench] = result
-            if main and show:
-                key, label, pct = report["metrics"][bench]
-                print(f"[{name}] {label}: {report_mod.fmt(result[key], pct)} (n={result['n']}, "
-                      f"{result['seconds']:.1f} s)", flush=True)
+        with contextlib.ExitStack() as stack:
+            if engine is not None:
+                stack.enter_context(engine)
+            for bench in benchmarks:
+                t0 = time.time()
+                if main and show:
+                    print(f"[{name}] {bench}: {len(rows[bench])} examples ({protocol[bench]})", flush=True)
+                kwargs = dict(batch_size=batch_size, device=device, show=show)
+                if bench in ("gsm8k", "humaneval", "mbpp"):
+                    kwargs["max_new_tokens"] = max_new_tokens
+                if bench == "gsm8k":
+                    kwargs.update(chat_template=gsm8k_chat_template, variant=gsm8k_variant)
+                elif bench in ("humaneval", "mbpp"):
+                    kwargs.update(allow_code_execution=allow_code_execution, limits=limits, workers=workers,
+                                  sampling=sampling, ks=pass_ks)
+                elif bench == "nll":
+                    template, max_seq_len = nll_settings(spec, nll_chat_template, nll_max_seq_len)
+                    kwargs.update(max_seq_len=max_seq_len, chat_template=template)
+                runs_on = engine if engine is not None and bench in GENERATIVE else model
+                result = RUNNERS[bench](runs_on, tokenizer, rows[bench], **kwargs)
+                result["seconds"] = time.time() - t0
+                samples[(name, bench)] = result.pop("per_example", None)
+                entry["results"][bench] = result
+                if main and show:
+                    key, label, pct = report["metrics"][bench]
+                    print(f"[{name}] {label}: {report_mod.fmt(result[key], pct)} (n={result['n']}, "
+                          f"{result['seconds']:.1f} s)", flush=True)
         report["models"][name] = entry
-        del model
+        del model, engine
         gc.collect()
     if main:
         report_mod.write_report(report, samples, output_dir)
