@@ -10,7 +10,6 @@ from tqdm.auto import tqdm
 from semalign_ds.config import ConfigError
 from semalign_ds.data import index_batches
 from semalign_ds.evaluation.tasks import truncate_at
-from semalign_ds.evaluation.vllm_backend import VLLMModel
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size=8, stop=(), d
     `model` may be a vllm_backend.VLLMModel: vLLM generates, with the same prompt ids, decoding and stops."""
     from transformers import StoppingCriteria, StoppingCriteriaList
     prepare_tokenizer(tokenizer)
-    if isinstance(model, VLLMModel):
+    if getattr(model, "is_vllm", False):  # a vllm_backend.VLLMModel (not imported here: it imports this module)
         return model.generate(tokenizer, prompts, max_new_tokens, stop, add_special_tokens, sampling, seeds)
     device = model_device(model, device)
     encoded = encode_prompts(tokenizer, prompts, add_special_tokens)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from semalign_ds import distributed
 from semalign_ds.config import Config, ConfigError
 import semalign_ds.evaluation.tasks as tasks
-from semalign_ds.evaluation import vllm_backend
+import semalign_ds.evaluation.vllm_backend as vllm_backend
 from semalign_ds.evaluation.generate import (encode_pair, generate, loglikelihoods, model_device,
                                              prepare_tokenizer)
 from semalign_ds.nll import response_nll

@@ -107,6 +107,8 @@ class VLLMModel:
     Generation ends at the EOS ids transformers' generate ends at (transformers_eos): vLLM would also end at the
     tokenizer's EOS token, which an export's config may not name (the tiny test models': config 2, tokenizer 0)."""
 
+    is_vllm = True  # what generate.generate looks for
+
     def __init__(self, model, python=None, dtype="float32", llm_args=None, env=None):
         self.model, self.python, self.dtype = model, python or sys.executable, dtype
         self.llm_args, self.env = dict(llm_args or {}), env
