@@ -527,7 +527,7 @@ def run_seed(cfg, args, seed, workdir, threads):
                                 method="output_kd", stage_steps=args.steps // args.n_target)
             spec["config"] = write_yaml(os.path.join(folder, "semalign-ds.yaml"), values)
         elif name == "semalign-acl":
-            acl = config_mod.load(args.acl_config, dict(parse_sets(args.acl_set)))
+            acl = config_mod.load(args.acl_config, args.acl_overrides)
             same = {k: getattr(cfg, k) for k in ("source", "source_gguf_file", "target", "target_gguf_file",
                                                   "target_keep_layers", "tokenizer", "max_seq_len", "chat_template",
                                                   "loss_on", "max_row_chars", "batch_size", "dtype")}
@@ -551,17 +551,6 @@ def run_seed(cfg, args, seed, workdir, threads):
         r["nll"], r["nll_tokens"], r["nll_start"] = nll[name]["nll"], nll[name]["tokens"], nll["start"]["nll"]
         r["source_nll"] = nll.get("source", {}).get("nll")
     return results
-
-
-def parse_sets(items):
-    from semalign_ds.config import parse_value
-    out = []
-    for item in items:
-        if "=" not in item:
-            raise PeersError(f"peers: --set expects KEY=VALUE, got {item!r}")
-        key, text = item.split("=", 1)
-        out.append((key.strip(), parse_value(key.strip(), text)))
-    return out
 
 
 def _f(x, spec):
@@ -733,7 +722,8 @@ def main(argv=None):
     from semalign_ds import config as config_mod
     args.config = os.path.abspath(args.config)
     try:
-        cfg = config_mod.load(args.config, dict(parse_sets(args.set)))
+        cfg = config_mod.load(args.config, config_mod.parse_sets(args.set))
+        args.acl_overrides = config_mod.parse_sets(args.acl_set)  # checked before any trainer runs
         args.n_target = target_layers(cfg)
     except config_mod.ConfigError as err:
         raise PeersError(f"peers: {err}") from None

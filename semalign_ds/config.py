@@ -359,14 +359,20 @@ def add_arguments(parser: argparse.ArgumentParser):
                         help="override one config key, YAML syntax (repeatable), e.g. --set stage_steps=20")
 
 
-def from_args(args, base: dict | None = None) -> Config:
-    """The config of a command line: --config FILE (else `base`), then --output-dir and --set overrides."""
+def parse_sets(items) -> dict:
+    """{key: value} of --set KEY=VALUE items, each value read as its key's YAML (parse_value)."""
     overrides = {}
-    for item in args.set:
+    for item in items:
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         key, text = item.split("=", 1)
         overrides[key.strip()] = parse_value(key.strip(), text)
+    return overrides
+
+
+def from_args(args, base: dict | None = None) -> Config:
+    """The config of a command line: --config FILE (else `base`), then --output-dir and --set overrides."""
+    overrides = parse_sets(args.set)
     if args.output_dir:
         overrides["output_dir"] = args.output_dir
     return load(args.config, overrides, base if args.config is None else None)

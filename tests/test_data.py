@@ -191,9 +191,9 @@ def test_a_huge_row_is_cut_before_tokenisation(tmp_path):
     script = f"""
 import sys, time
 from transformers import AutoTokenizer
-from semalign_ds import data
-def hwm():  # VmHWM in KiB: ru_maxrss would carry the forking test process's peak across exec
-    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
+from semalign_ds import data, summary
+def hwm():  # KiB; VmHWM, as ru_maxrss would carry the forking test process's peak across exec
+    return summary.peak_rss_bytes() // 1024
 tok = AutoTokenizer.from_pretrained({TINY!r})
 before = hwm()
 t0 = time.perf_counter()

@@ -156,10 +156,9 @@ def test_llama2_13b_to_7b_plan_holds_no_weights():
     (13B parameters in bf16 would be 24 GiB)."""
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child forked from a large test process (a
     # pytest-xdist worker late in the suite) would report its parent's peak
-    code = ("import sys; from semalign_ds.cli import main; "
+    code = ("import sys; from semalign_ds import summary; from semalign_ds.cli import main; "
             f"rc = main(['--config', {LLAMA_YAML!r}, '--dry-run', '--world', '8']); "
-            "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]; "
-            "print('MAXRSS_KB', hwm); sys.exit(rc)")
+            "print('MAXRSS_KB', summary.peak_rss_bytes() // 1024); sys.exit(rc)")
     t0 = time.time()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

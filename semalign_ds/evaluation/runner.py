@@ -269,7 +269,7 @@ def evaluate_models(models, benchmarks, output_dir, data_paths=None, limit=None,
                 if main and show:
                     print(f"[{name}] {bench}: {len(rows[bench])} examples ({protocol[bench]})", flush=True)
                 kwargs = dict(batch_size=batch_size, device=device, show=show)
-                if bench in ("gsm8k", "humaneval", "mbpp"):
+                if bench in GENERATIVE:
                     kwargs["max_new_tokens"] = max_new_tokens
                 if bench == "gsm8k":
                     kwargs.update(chat_template=gsm8k_chat_template, variant=gsm8k_variant)
