@@ -1,10 +1,11 @@
 """Peers: one distillation job through this project and through what a user would reach for instead, one after
 the other in one invocation, each trainer in its own process.
 
-    python benchmarks/peers.py                    # the embedded default's job: 190 steps of 8, all three trainers
+    python benchmarks/peers.py                    # the depth pair's output-KD job: 190 steps of 8, all trainers
     python benchmarks/peers.py --config launchers/configs/tiny.yaml --steps 3 --output /tmp/peers.csv
 
-The job is the config's (default launchers/configs/default.yaml): its source, its target (the initial target the
+The job is the config's (default launchers/configs/depth-kd.yaml, the embedded default's job when these rows were
+first measured): its source, its target (the initial target the
 pipeline trains, exported once to a Hugging Face folder that every other trainer loads, so all start identical),
 its batch size, learning rate, schedule, weight decay, gradient clip, temperature, dtype and seed, for --steps
 optimizer steps (default: the config's output-KD steps, stage_steps x target layers). The rows are the config's
@@ -56,7 +57,7 @@ sys.path.insert(0, os.path.join(ROOT, "launchers"))
 import benchmark  # noqa: E402  (launchers/benchmark.py: device name, versions and commit)
 
 RESULTS = os.path.join(ROOT, "benchmarks", "peers.csv")
-DEFAULT_CONFIG = os.path.join(ROOT, "launchers", "configs", "default.yaml")
+DEFAULT_CONFIG = os.path.join(ROOT, "launchers", "configs", "depth-kd.yaml")
 ACL_CONFIG = os.path.join(ROOT, "launchers", "configs", "acl.yaml")
 TRAINERS = ("semalign-ds", "trl", "torch", "semalign-acl")
 LABELS = {"semalign-ds": "semalign-ds output KD", "trl": "TRL GKDTrainer (lmbda=0)",
@@ -681,7 +682,8 @@ def append_rows(path, per_seed, args, cores, threads):
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="the job's config (default: the embedded default)")
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help="the job's config (default: launchers/configs/depth-kd.yaml, output KD on the depth pair)")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                    help="override a key of the job's config (repeatable), e.g. --set max_examples=64")
     p.add_argument("--trainers", default="semalign-ds,trl,torch",

@@ -5,12 +5,21 @@
 
 Variants (each a full run in OUTPUT/<name>/seed<S>, resumable): semalign (the config as it is: the reference),
 semalign-uniform (uniform pairing), semalign-cosine and semalign-geometry (the v1 and v2 layer objectives),
-semalign-lsq (the least-squares alignment map), semalign-lora (rank-16 LoRA), semalign-joint (a joint phase after
+semalign-lsq (the least-squares alignment map), semalign-topk (the Fisher objective on the cached top-64 of p*,
+whose cheaper stages buy more steps), semalign-lora (rank-16 LoRA), semalign-joint (a joint phase after
 the stages, which get half the budget; the joint phase the rest), semalign-kd (the same with joint_layer_weight 0:
 the stages as a start, then KL at the output on every layer), semalign-aux (no stages: the whole budget to a
 joint phase with the cosine objective at weight 0.1, i.e. output KD with the aligned states as auxiliary targets),
 layerwise (cosine to the source state through a learned projection), output-kd (KL at the output only, all layers
 at once: the embedded default's recipe) and finetune (the labels' cross-entropy only).
+
+The reference may have no frontier stages (stage_steps 0, a joint phase only, as launchers/configs/default.yaml):
+then only the variants that do not re-divide stages run beside it (semalign-uniform, semalign-lsq, output-kd,
+finetune); the others are refused by name before any run.
+
+One data set for every seed: compare sets data_seed (the config's, or its seed) on every run, so that each seed
+draws the same transfer examples and validation split and the spread over seeds measures training (batch order,
+initialisation), not which examples were drawn.
 
 Equal compute: the reference's training FLOPs (budget.predicted_training, from its transfer set) are the budget;
 every other variant's stage_steps (and joint_steps) are chosen so that its predicted training FLOPs match it, and the FLOPs each run
@@ -43,6 +52,8 @@ VARIANTS = {
     "semalign-cosine": {"layer_objective": "cosine"},
     "semalign-geometry": {"layer_objective": "geometry"},
     "semalign-lsq": {"alignment_map": "least_squares"},
+    # the Fisher objective on the cached top-64 of p* per position: cheaper stages, so more steps at equal FLOPs
+    "semalign-topk": {"fisher_topk": 64},
     "semalign-lora": {"lora_rank": 16},
     "semalign-joint": {"joint_steps": None},  # None: the config's stage_steps
     "semalign-kd": {"joint_steps": None, "joint_layer_weight": 0.0},  # the stages, then output KD on every layer
@@ -54,6 +65,9 @@ VARIANTS = {
     "finetune": {"method": "finetune"},
 }
 REFERENCE = "semalign"
+# the variants that apply to a reference without frontier stages (stage_steps 0: a joint phase only); the others
+# re-divide the reference's stages
+STAGELESS = ("semalign-uniform", "semalign-lsq", "output-kd", "finetune")
 SOURCE_FILES = ("data", "plan.json", "plan.json.sha256", "alignment.safetensors", "alignment.safetensors.sha256",
                 "cache", PRUNED_TARGET)  # what the source phases leave in a run directory
 
@@ -108,6 +122,8 @@ def variant_config(base, name, seed, out):
     values = {**base.to_dict(), **VARIANTS[name], "seed": seed, "output_dir": os.path.join(out, name, f"seed{seed}")}
     if values.get("joint_steps") is None:
         values["joint_steps"] = base.joint_steps or base.stage_steps
+    if values["method"] in ("output_kd", "finetune") and values["stage_steps"] == 0:
+        values.update(stage_steps=1, joint_steps=0)  # steps per target layer: equal_compute_steps sets them
     return config_mod.from_dict(values, origin=f"variant {name}")
 
 
@@ -184,16 +200,25 @@ def main(argv=None):
         if base.validation_fraction == 0:
             base = config_mod.from_dict({**base.to_dict(), "validation_fraction": 0.1})
             print("compare: validation_fraction 0.1 (choices are made on a validation split of the transfer set)")
-        if base.method != "semalign" or base.stage_steps == 0:
+        if base.data_seed is None:  # the spread over seeds measures training, not which examples were drawn
+            base = config_mod.from_dict({**base.to_dict(), "data_seed": base.seed})
+            print(f"compare: data_seed {base.seed}: every seed trains on the same examples and validation split; "
+                  f"seeds change the batch order and initialisation")
+        if base.method != "semalign":
             raise config_mod.ConfigError(
-                f"the reference (the config as given) must be a frontier-stage SemAlign recipe, whose stages the "
-                f"variants re-divide, but it has method {base.method} and stage_steps {base.stage_steps}: use "
-                f"launchers/configs/acl.yaml (the embedded default's recipe, output KD, is the variant output-kd)")
+                f"the reference (the config as given) must be a SemAlign recipe, but it has method {base.method}: "
+                f"use launchers/configs/default.yaml or acl.yaml (output KD is the variant output-kd)")
         out = base.output_dir
         names = [v.strip() for v in args.variants.split(",") if v.strip()]
         unknown = [v for v in names if v not in VARIANTS]
         if unknown:
             raise config_mod.ConfigError(f"unknown variant(s) {unknown}; variants: {', '.join(VARIANTS)}")
+        staged = [v for v in names if v != REFERENCE and v not in STAGELESS]
+        if base.stage_steps == 0 and staged:
+            raise config_mod.ConfigError(
+                f"variant(s) {', '.join(staged)} re-divide the reference's frontier stages, but it has none "
+                f"(stage_steps 0); with this reference use {', '.join(STAGELESS)}, or set stage_steps (e.g. "
+                f"--set stage_steps=16 --set joint_steps=0 --set layer_objective=fisher for the ACL recipe)")
         names = [REFERENCE] + [n for n in names if n != REFERENCE]
         seeds = args.seeds or [base.seed]
         data_paths = {"nll": args.second_eval}
@@ -209,8 +234,8 @@ def main(argv=None):
         shape = target_shape(base, vocab)
         flops = budget.predicted_training(reference_cfg, shape, transfer.lengths, transfer.loss_counts)
         print(f"compare: training budget {flops:.4g} FLOPs (predicted for {REFERENCE} at {base.stage_steps} "
-              f"stage steps)", flush=True)
-        steps = {REFERENCE: {"stage_steps": base.stage_steps}}
+              f"stage steps and {base.joint_steps} joint steps)", flush=True)
+        steps = {REFERENCE: {"stage_steps": base.stage_steps, "joint_steps": base.joint_steps}}
         for name in names[1:]:
             steps[name] = equal_compute_steps(variant_config(base, name, seeds[0], out), flops, shape, transfer)
             got = budget.predicted_training(variant_config(base, name, seeds[0], out).model_copy(update=steps[name]),

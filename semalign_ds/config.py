@@ -78,6 +78,9 @@ class Config(BaseModel):
         32, "transfer examples whose forward passes rank the units of a pruned target", ge=1)
     tokenizer: Optional[str] = _f(None, "tokenizer folder or hub id; defaults to the source's")
     seed: Int = _f(0, "seed of random init, data order and sampling")
+    data_seed: Optional[Int] = _f(
+        None, "seed of the data drawn: the transfer subset (max_examples) and the validation split (null: seed). "
+              "Runs of several seeds with one data_seed train on the same examples", ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] = _f(
         "float32", "parameters and activations; losses accumulate in float32. float16 needs CUDA: refused at "
                    "load with device: cpu, and at run start when no GPU is visible")
@@ -179,6 +182,11 @@ class Config(BaseModel):
         "ce_weight", "joint_steps", "joint_layer_weight", "joint_lr", "lora_rank", "lora_alpha", "lora_targets")
 
     @property
+    def rows_seed(self) -> int:
+        """The seed of the data drawn (data_seed, or seed when it is null)."""
+        return self.seed if self.data_seed is None else self.data_seed
+
+    @property
     def trains_whole_model(self) -> bool:
         """Whether the run trains every target layer at once on the output terms alone (output KD, fine-tuning)."""
         return self.method in ("output_kd", "finetune")
@@ -248,9 +256,11 @@ class Config(BaseModel):
         return "\n".join(f"  {name:<{width}} = {getattr(self, name)!r}" for name in type(self).model_fields)
 
     def differs(self, other: "Config"):
-        """Keys whose values differ, ignoring RUN_ONLY_KEYS."""
+        """Keys whose values differ, ignoring RUN_ONLY_KEYS; data_seed by the seed it stands for (null: seed)."""
+        def value(cfg, name):
+            return cfg.rows_seed if name == "data_seed" else getattr(cfg, name)
         return [name for name in type(self).model_fields if name not in self.RUN_ONLY_KEYS
-                and getattr(self, name) != getattr(other, name)]
+                and value(self, name) != value(other, name)]
 
 
 def check_device(cfg: Config):

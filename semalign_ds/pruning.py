@@ -431,7 +431,7 @@ def _main(args):
     source_config = models.config_of(cfg.source)
     shape = check_shape(source_config, Shape.of(cfg))  # before any loading
     tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.source, None if cfg.tokenizer else cfg.source_gguf_file)
-    rows = data_mod.read_rows(cfg.data, cfg.prompt_field, cfg.response_field, cfg.data_split, cfg.seed,
+    rows = data_mod.read_rows(cfg.data, cfg.prompt_field, cfg.response_field, cfg.data_split, cfg.rows_seed,
                               cfg.data_format, cfg.messages_field, cfg.completion_field, cfg.max_row_chars)
     data, _ = data_mod.tokenize(rows, tokenizer, cfg.max_seq_len, cfg.loss_on, cfg.chat_template,
                                 cfg.prune_calibration_examples, origin=cfg.data, max_row_chars=cfg.max_row_chars)

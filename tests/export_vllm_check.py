@@ -52,7 +52,7 @@ def export_models(out, families, real=True):
     """{name: folder}, each written by export.save_hf."""
     import torch
     sys.path.insert(0, ROOT)
-    from semalign_ds import embedded, export, models
+    from semalign_ds import config, export, models
     from tests.helpers import TINY, random_model
     folders = {}
     if real:
@@ -60,7 +60,7 @@ def export_models(out, families, real=True):
         tokenizer = models.load_tokenizer(spec)
         folders["smollm2-135m (llama, real)"] = os.path.join(out, "smollm2")
         export.save_hf(models.load_model(spec), tokenizer, folders["smollm2-135m (llama, real)"])
-        keep = embedded.DEFAULT_RUN["target_keep_layers"]
+        keep = config.load(os.path.join(ROOT, "launchers", "configs", "depth-kd.yaml")).target_keep_layers
         name = f"smollm2 pruned to {len(keep)} layers (llama, untrained target)"
         folders[name] = os.path.join(out, "pruned")
         export.save_hf(models.load_pruned(spec, keep), tokenizer, folders[name])

@@ -45,7 +45,7 @@ def test_help_describes_every_key_with_the_default_runs_values():
         shown = DEFAULT_RUN.get(name, info.default)
         assert line.group(1) == repr(shown) and line.group(2) == config_mod.allowed(name)
         assert " ".join(info.description.split()[:4]) in " ".join(text.split())
-    assert "  stage_steps* = 19  (an integer >= 0)" in text  # the embedded default, not the model default 100
+    assert "  stage_steps* = 0  (an integer >= 0)" in text  # the embedded default, not the model default 100
     for flag in ("--version", "--print-config", "--dry-run", "--world", "--accelerator-tflops"):
         assert flag in text
 

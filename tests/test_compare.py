@@ -38,6 +38,11 @@ def test_compare_variants_on_tiny_at_equal_compute(tmp_path):
             assert m > 0 and sd > 0, (name, key)  # two seeds, two different models
         reports = [json.loads((out / name / f"seed{s}" / "report.json").read_text()) for s in (0, 1)]
         assert rows[name]["eval"][0] == pytest.approx(sum(r["target_after"]["nll"] for r in reports) / 2)
+    # data_seed: both seeds drew the same examples and validation split (embedded:stdlib shuffles by the seed)
+    assert "every seed trains on the same examples" in proc.stdout
+    for part in ("transfer", "validation"):
+        a, b = ((out / "semalign" / f"seed{s}" / "data" / f"{part}.safetensors").read_bytes() for s in (0, 1))
+        assert a == b, part
     # equal compute: the baselines' steps were chosen to match the reference's FLOPs (one step's granularity)
     assert rows["output-kd"]["stage_steps"] != 4 or rows["finetune"]["stage_steps"] != 4
     for name in ("output-kd", "finetune"):
@@ -74,7 +79,7 @@ def test_which_variants_share_the_source_phases():
     shared = {name: compare.shares_source_phases(ref, compare.variant_config(base, name, 0, "out"))
               for name in compare.VARIANTS if name != compare.REFERENCE}
     assert shared == {"semalign-uniform": False, "semalign-cosine": True, "semalign-geometry": False,
-                      "semalign-lsq": False, "semalign-lora": True, "semalign-joint": True, "semalign-kd": True,
+                      "semalign-lsq": False, "semalign-topk": False, "semalign-lora": True, "semalign-joint": True, "semalign-kd": True,
                       "semalign-aux": True, "layerwise": False,
                       "output-kd": True, "finetune": True}
     assert not compare.shares_source_phases(ref, compare.variant_config(base, "output-kd", 1, "out"))  # the seed
@@ -104,18 +109,58 @@ def test_a_variant_without_stages_gets_the_whole_budget_as_joint_steps():
     assert abs(per[1] / flops - 1) < 0.2
 
 
-def test_a_reference_without_stages_is_refused_before_any_run(tmp_path, capsys):
-    """The variants re-divide the reference's frontier stages: a config without them (the embedded default) is
+def test_a_reference_that_is_not_semalign_is_refused_before_any_run(tmp_path, capsys):
+    """The reference sets the budget and is SemAlign: a baseline config (the embedded default's output KD) is
     refused with the config to use instead, and nothing is written."""
     sys.path.insert(0, os.path.join(ROOT, "launchers"))
     import compare
     out = tmp_path / "cmp"
-    for config, extra in (("default.yaml", []), ("tiny.yaml", ["--set", "method=output_kd"])):
+    for config, extra in (("depth-kd.yaml", []), ("tiny.yaml", ["--set", "method=output_kd"])):
         argv = ["--config", os.path.join(ROOT, "launchers", "configs", config), "--output-dir", str(out), *extra]
         assert compare.main(argv) == 2
         err = capsys.readouterr().err
-        assert "must be a frontier-stage SemAlign recipe" in err and "launchers/configs/acl.yaml" in err, err
+        assert "must be a SemAlign recipe" in err and "launchers/configs/default.yaml or acl.yaml" in err, err
     assert not out.exists()
+
+
+def test_a_reference_without_stages_takes_only_the_variants_that_do_not_need_them(tmp_path, capsys):
+    """default.yaml (the cross-width pair) has no frontier stages (a joint phase only): variants that re-divide stages are refused by
+    name before any run, with the ones that apply; output KD and fine-tuning get steps per layer at equal compute."""
+    sys.path.insert(0, os.path.join(ROOT, "launchers"))
+    import compare
+    import torch
+    from semalign_ds import budget, config as config_mod
+    out = tmp_path / "cmp"
+    config = os.path.join(ROOT, "launchers", "configs", "default.yaml")
+    argv = ["--config", config, "--output-dir", str(out), "--variants", "output-kd,semalign-kd,semalign-cosine"]
+    assert compare.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "semalign-kd, semalign-cosine re-divide" in err and "output-kd, finetune" in err, err
+    assert not out.exists()
+    # the budget on a joint-only reference, shared out to a baseline as steps per target layer
+    base = config_mod.load(TINY_YAML, {"stage_steps": 0, "joint_steps": 9, "layer_objective": "cosine"})
+    lengths = torch.randint(40, 97, (23,))
+    transfer = type("Set", (), {"lengths": lengths, "loss_counts": lengths // 3})
+    shape = compare.target_shape(base, 211)
+    ref = compare.variant_config(base, compare.REFERENCE, 0, "out")
+    flops = budget.predicted_training(ref, shape, lengths, transfer.loss_counts)
+    kd = compare.variant_config(base, "output-kd", 0, "out")
+    assert (kd.method, kd.joint_steps) == ("output_kd", 0)
+    steps = compare.equal_compute_steps(kd, flops, shape, transfer)
+    assert set(steps) == {"stage_steps"} and steps["stage_steps"] >= 1
+    got = budget.predicted_training(kd.model_copy(update=steps), shape, lengths, transfer.loss_counts)
+    assert abs(got / flops - 1) < 0.5, (got, flops)
+
+
+def test_data_seed_fixes_the_examples_and_is_compared_by_the_seed_it_stands_for():
+    """data_seed null means seed: a run directory of seed 3 resumes under data_seed 3, and not under data_seed 4;
+    the seed alone no longer changes the rows when data_seed is set."""
+    from semalign_ds import config as config_mod
+    a = config_mod.load(TINY_YAML, {"seed": 3})
+    assert a.rows_seed == 3 and a.differs(config_mod.load(TINY_YAML, {"seed": 3, "data_seed": 3})) == []
+    assert a.differs(config_mod.load(TINY_YAML, {"seed": 3, "data_seed": 4})) == ["data_seed"]
+    b = config_mod.load(TINY_YAML, {"seed": 5, "data_seed": 3})
+    assert b.rows_seed == 3 and a.differs(b) == ["seed"]
 
 
 @pytest.mark.slow

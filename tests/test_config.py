@@ -74,7 +74,6 @@ def test_yaml_1_1_floats_are_coerced(tmp_path, text, value):
     ("target_keep_layers", [3, 1], r"strictly increasing"),
     ("prompt_field", 7, r"prompt_field=7 .* a string"),
     ("ds_source_config", "/nowhere.json", r"ds_source_config: no such file"),
-    ("fisher_weight", 0.5, r"fisher_weight 0\.5 adds the layer objective .* method output_kd .* set fisher_weight=0"),
     ("layer_objective", "fishr", r"no layer objective 'fishr': one of fisher, cosine, geometry"),
 ])
 def test_bad_values_are_refused_with_key_value_and_what_is_allowed(key, value, match):
@@ -82,6 +81,13 @@ def test_bad_values_are_refused_with_key_value_and_what_is_allowed(key, value, m
         config_mod.load(None, {key: value}, DEFAULT_RUN)
     if key == "batch_size" and value == 4.5:
         assert "4.0" not in str(err.value) and str(err.value).startswith("overrides: ")
+
+
+def test_a_key_that_the_method_ignores_is_refused():
+    with pytest.raises(ConfigError, match=r"fisher_weight 0\.5 adds the layer objective .* method output_kd .* set "
+                                          r"fisher_weight=0"):
+        config_mod.load(None, {"method": "output_kd", "stage_steps": 12, "joint_steps": 0, "fisher_weight": 0.5},
+                        DEFAULT_RUN)
 
 
 def test_errors_name_the_file_or_the_command_line(tmp_path):

@@ -218,6 +218,23 @@ def test_the_default_run_is_the_committed_default_config():
     with open(os.path.join(ROOT, "launchers", "configs", "default.yaml")) as f:
         assert yaml.safe_load(f) == DEFAULT_RUN
     import argparse
-    args = argparse.Namespace(config=None, set=["stage_steps=3"], output_dir=None)
+    args = argparse.Namespace(config=None, set=["joint_steps=3"], output_dir=None)
     cfg = config_mod.from_args(args, base=DEFAULT_RUN)
-    assert cfg.stage_steps == 3 and cfg.target_keep_layers == DEFAULT_RUN["target_keep_layers"]
+    assert cfg.joint_steps == 3 and cfg.target_hidden_size == DEFAULT_RUN["target_hidden_size"] == 384
+
+
+def test_every_shipped_config_loads_and_output_kd_yaml_is_the_default_pair():
+    """The configs the README names load and validate; output-kd.yaml trains the embedded default's pair (the same
+    cut, data, batch and lr) by output KD, so that the two are one flag apart."""
+    import glob
+
+    from tests.helpers import ROOT
+    folder = os.path.join(ROOT, "launchers", "configs")
+    loaded = {os.path.basename(p): config_mod.load(p) for p in sorted(glob.glob(os.path.join(folder, "*.yaml")))}
+    assert {"default.yaml", "output-kd.yaml", "depth-kd.yaml", "acl.yaml", "tiny.yaml"} <= set(loaded)
+    default, kd = loaded["default.yaml"], loaded["output-kd.yaml"]
+    assert (default.method, kd.method) == ("semalign", "output_kd")
+    same = ("source", "target_hidden_size", "target_num_heads", "target_num_kv_heads", "target_intermediate_size",
+            "target_depth", "target_num_layers", "prune_calibration_examples", "data", "max_examples", "max_seq_len",
+            "chat_template", "validation_fraction", "eval_data", "batch_size", "lr", "seed")
+    assert {k: getattr(kd, k) for k in same} == {k: getattr(default, k) for k in same}
