@@ -113,12 +113,13 @@ def _run(cfg):
     if needs_source:
         source, src, runner, head_s = load_source(s)
     report = dict(state["done"].get("eval_before") or {})
-    if s.eval_data is not None and "eval_before" not in state["done"]:
-        report = {"source": evaluate(s, src, "source", runner, head_s),
-                  "target_before": evaluate(s, tgt, "target before", head=head_t)}
+    if "eval_before" not in state["done"]:  # marked done without eval_data too: a resume need not load the source
+        if s.eval_data is not None:
+            report = {"source": evaluate(s, src, "source", runner, head_s),
+                      "target_before": evaluate(s, tgt, "target before", head=head_t)}
+            s.monitor.print(f"NLL source {report['source']['nll']:.3f}, target before "
+                            f"{report['target_before']['nll']:.3f} nats/token")
         mark(s, state, "eval_before", report)
-        s.monitor.print(f"NLL source {report['source']['nll']:.3f}, target before "
-                        f"{report['target_before']['nll']:.3f} nats/token")
 
     if "plan" not in state["done"]:
         t0 = time.time()

@@ -238,3 +238,16 @@ def test_every_shipped_config_loads_and_output_kd_yaml_is_the_default_pair():
             "target_depth", "target_num_layers", "prune_calibration_examples", "data", "max_examples", "max_seq_len",
             "chat_template", "validation_fraction", "eval_data", "batch_size", "lr", "seed")
     assert {k: getattr(kd, k) for k in same} == {k: getattr(default, k) for k in same}
+
+
+def test_a_finished_run_without_eval_data_resumes_without_loading_the_source(tmp_path, monkeypatch):
+    """With eval_data null the evaluation before training is still marked done, so a rerun of a run whose source
+    phases are finished (here: the whole run) never loads the source again."""
+    out = tmp_path / "run"
+    pipeline.run(tiny_config(out, eval_data=None, stage_steps=2))
+    assert json.loads((out / "state.json").read_text())["done"]["eval_before"] == {}
+
+    def refuse(s):
+        raise AssertionError("the source was loaded again")
+    monkeypatch.setattr(pipeline, "load_source", refuse)
+    pipeline.run(tiny_config(out, eval_data=None, stage_steps=2))
