@@ -38,7 +38,7 @@ def rows():
             for ph in plan.phases:
                 if not ph.in_total and "each" not in ph.name:
                     continue
-                peak = ph.param_bytes + ph.train_bytes + ph.activation_bytes
+                peak = ph.peak_bytes
                 yield (pair, world, ph.name, ph.param_bytes, ph.train_bytes, ph.activation_bytes, peak,
                        ph.flops / world / 400e12)
 

@@ -7,8 +7,10 @@ cache and a few frontier steps on 1, 2, 4 ranks; per phase, tokens/s and every r
 Each rank's resident memory (VmRSS) is sampled from /proc every 0.25 s by this process, outside the run, and each
 sample is put in the phase the run is in (the phases rank 0 has marked done in state.json so far), so the peaks
 include what the run's own memory/PHASE scalars (rank 0 only) cannot see. The dry run's predicted per-rank peak
-of each phase (semalign_ds/dryrun.py) is printed beside the measured one. Rows go to benchmarks/scale.csv
-(device, versions, date, load average), the plot to benchmarks/scale.png.
+of each phase (semalign_ds/dryrun.py, Phase.peak_bytes) is printed beside the measured one; compare it with
+rank0_phase_peak_mib_run, the run's own peak over exactly that phase (a sampled window also holds what comes
+between two phases: the alignment before the cache, the source until its release in stage 1's). Rows go to
+benchmarks/scale.csv (device, versions, date, load average), the plot to benchmarks/scale.png.
 """
 from __future__ import annotations
 
@@ -159,10 +161,9 @@ def run_one(world, args, config_path, workdir):
 
 
 def predicted(config_path, world):
-    """The dry run's per-rank peak (MiB) of each of its phases."""
+    """The dry run's phases (their per-rank peaks: Phase.peak_bytes)."""
     from semalign_ds import config as config_mod, dryrun
-    p = dryrun.plan(config_mod.load(config_path), world)
-    return {ph.name: (ph.param_bytes + ph.train_bytes + ph.activation_bytes) / 2**20 for ph in p.phases}
+    return dryrun.plan(config_mod.load(config_path), world).phases
 
 
 # --- reporting -------------------------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ def table(results):
                      f"memory/PHASE peaks: " + ", ".join(f"{k} {v:.0f}" for k, v in r["rank0"].items()))
         if r.get("dryrun"):
             lines.append("  dry-run predicted per-rank peak MiB: " +
-                         ", ".join(f"{k} {v:.0f}" for k, v in r["dryrun"].items()))
+                         ", ".join(f"{ph.name} {ph.peak_bytes / 2**20:.0f}" for ph in r["dryrun"]))
     return "\n".join(lines)
 
 
@@ -213,10 +214,10 @@ def write_rows(path, results, args):
 
 
 def _dry_peak(r, name):
-    """The dry run's phase that matches a run phase, if any (its names: attribution, cache, stage k, ...)."""
-    dry = r.get("dryrun") or {}
-    key = {"plan": "attribution", "cache": "activation cache"}.get(name, name).replace("_", " ")
-    return next((v for k, v in dry.items() if k.startswith(key)), None)
+    """The dry run's per-rank peak (MiB) of a run phase, if it estimates that phase."""
+    from semalign_ds import dryrun
+    ph = dryrun.phase_of(r.get("dryrun") or [], name)
+    return ph.peak_bytes / 2**20 if ph is not None else None
 
 
 def plot(path, results):

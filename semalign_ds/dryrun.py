@@ -2,11 +2,16 @@
 no weights), and estimate per phase and rank what a run holds and computes.
 
 The estimates are first-order, meant for sizing a job before submitting it:
-- bytes per value: 4 (float32) or 2 (bfloat16/float16); optimizer: AdamW's two moments in the parameter dtype,
-  and the trained parameters' gradients, sharded over the ranks under ZeRO-2 (no fp32 master copy counted);
+- bytes per value: 4 (float32) or 2 (bfloat16/float16); optimizer: AdamW's two moments in the parameter dtype and
+  the trained parameters' gradients on one process; under ZeRO-2 the gradients whole in the reduce bucket, then
+  this rank's share of the fp32 master copy, its two fp32 moments and its gradients;
 - activations: one decoder layer keeps B*T*d*(34 + 5*a*T/d) bytes at 2 bytes per value for its backward
   (Korthikanti et al. 2022, no recomputation), scaled to the run's dtype; the naive loss keeps 3 float32
   [positions, vocabulary] tensors (the chunked and Triton back ends keep less);
+- resident memory: each phase's peak is its model's parameters, training state and activations plus the named
+  terms in Phase.held: the runtime (RUNTIME_BYTES, DEEPSPEED_BYTES: measured constants), the target (loaded before
+  the source phases), the source head gathered whole, the tokenised data, the parameters ZeRO-3 holds gathered,
+  the source head and the frontier of the stages (see held_source and held_stages);
 - FLOPs: 2 per multiply-add of every linear layer (the LM head included where it runs) plus 4*T*d per token and
   layer for attention, backward twice the forward; Fisher loss 8*N*V*d_t, output KL 2*N*V*(d_s + 3*d_t);
   data parallel over the ranks.
@@ -25,6 +30,17 @@ from semalign_ds import alignment, budget, data as data_mod, distributed, engine
 from semalign_ds.config import Config, ConfigError
 
 _CHEAP_DATA_BYTES = 256 * 2**20  # data files up to this size are read and tokenised for exact token counts
+# Resident memory of a rank before any model: the interpreter, torch, transformers, this package and the tokenizer
+# (VmHWM of a process that imports the pipeline and loads the SmolLM2 tokenizer: 487 MiB; x86_64 Linux, Python
+# 3.11, torch 2.13 CPU, transformers 5.24).
+RUNTIME_BYTES = 490 * 2**20
+# What DeepSpeed adds on every rank where it runs (several ranks, or a DeepSpeed config): its import (95 MiB), the
+# process group, its engines' buffers. Measured as 2-rank minus 1-rank resident memory with the same models held,
+# after the source is released (benchmarks/scale.csv, synthetic:llama-0.5b: export 1,311 and 1,125 MiB against
+# 918, after the run 987 against 611).
+DEEPSPEED_BYTES = 380 * 2**20
+_DATA_BYTES_PER_TOKEN = 9  # the tokenised transfer set: int64 id and bool loss flag per position
+_DS_DEFAULTS = {"stage3_prefetch_bucket_size": 5e7, "reduce_bucket_size": 5e8}  # DeepSpeed's own defaults
 
 
 @dataclass
@@ -60,6 +76,12 @@ class Phase:
     flops: float  # all ranks together
     note: str = ""
     in_total: bool = True  # False for a single stage's row, which the all-stages row already counts
+    held: dict = field(default_factory=dict)  # what else the rank holds at the phase's peak: bytes by name
+
+    @property
+    def peak_bytes(self):
+        """Per-rank resident memory at the phase's peak."""
+        return self.param_bytes + self.train_bytes + self.activation_bytes + sum(self.held.values())
 
 
 @dataclass
@@ -139,6 +161,9 @@ def count_tokens(cfg: Config, tokenizer) -> Tokens:
 
 
 def _tokenizer(spec, gguf_file):
+    if spec.startswith("synthetic:"):  # its tokenizer alone: the model is not written for a dry run
+        from semalign_ds import synthetic
+        return models.load_tokenizer(synthetic.tokenizer_folder())
     try:
         return models.load_tokenizer(spec, gguf_file)
     except ConfigError:
@@ -216,6 +241,45 @@ def _activations(batch, seq, width, heads, b):
     return batch * seq * width * (34 + 5 * heads * seq / width) * b / 2
 
 
+def _zero_setting(cfg, role, key):
+    """A ZeRO setting of the source's or the target's DeepSpeed config (the run's default one when none is
+    given), or DeepSpeed's own default."""
+    path = getattr(cfg, f"ds_{role}_config") or engines.default_config_path(
+        {"source": "source_zero3", "target": "target_zero2"}[role])
+    return float(engines.load_ds_config(path, role).get("zero_optimization", {}).get(key, _DS_DEFAULTS[key]))
+
+
+def _runtime(cfg, world):
+    held = {"runtime": RUNTIME_BYTES}
+    if world > 1 or cfg.ds_source_config is not None or cfg.ds_target_config is not None:
+        held["DeepSpeed"] = DEEPSPEED_BYTES
+    return held
+
+
+def held_source(cfg, src, tgt, tokens, b, world):
+    """What a rank holds through the source phases besides the source's own parameters, bytes by name: the
+    runtime, the target (loaded before the source), the source head gathered whole (a copy, also on one process),
+    the tokenised data; and (second value) what a ZeRO-3 forward holds gathered: the embedding matrix (the head),
+    one layer and a prefetch bucket.
+
+    In the cache after attribution, ZeRO-3 holds the whole source gathered (phases()): the trace DeepSpeed 0.19.8
+    records in attribution's forward and backward makes it prefetch, near the end of each forward, parameters for
+    a backward that the cache's forwards never run, and parameters prefetched for a later step are not released.
+    Measured on synthetic:llama-0.5b at 2 ranks (README, "Scale-out on synthetic models"): while DeepSpeed still
+    held the source after the cache, each rank kept 2.0 GiB more than once it was released, where the partition is
+    0.75 GiB."""
+    zero = world > 1 or cfg.ds_source_config is not None
+    held = _runtime(cfg, world)
+    held["target"] = tgt.params * b
+    held["source head, gathered whole"] = src.vocab * src.width * b
+    held["tokenised data"] = tokens.tokens * _DATA_BYTES_PER_TOKEN
+    in_flight = 0
+    if zero:
+        bucket = min(_zero_setting(cfg, "source", "stage3_prefetch_bucket_size"), src.params)
+        in_flight = (src.vocab * src.width + src.layer_params + bucket) * b
+    return held, in_flight
+
+
 def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) -> list:
     """Memory per rank and FLOPs (the cost model's, budget.cost and budget.predicted_phases) of each phase."""
     b = models.DTYPES[cfg.dtype].itemsize
@@ -230,45 +294,60 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
     model_t = {"layer_params": tgt.layer_matmul, "width": tgt.width, "layers": tgt.layers, "vocab": vocab,
                "source_width": src.width}
 
-    def training(trainable):
-        return (trainable * b + 2 * trainable * b) / (world if zero_tgt else 1)
+    def training(trainable, steps):
+        if not zero_tgt:  # gradients, and AdamW's two moments from the first step on (made after its backward)
+            return (3 if steps > 1 else 1) * trainable * b
+        # ZeRO-2: the gradients whole in the reduce bucket, then this rank's share of the fp32 master copy, its
+        # two fp32 moments and its gradients
+        bucket = min(_zero_setting(cfg, "target", "reduce_bucket_size"), trainable)
+        return bucket * b + trainable * (3 * 4 + b) / world
 
     def loss_memory(n):
         return 3 * n * vocab * 4
 
     src_held = src.params * b / (world if zero_src else 1)
-    if zero_src:  # ZeRO-3 gathers one layer at a time for its forward
-        src_held += src.layer_params * b
+    held_s, in_flight = held_source(cfg, src, tgt, tokens, b, world)
+    gathered = {"ZeRO-3 gathered in a forward": in_flight} if in_flight else {}
     out = []
     if pruning.Shape.of(cfg).needs_calibration:  # rank 0 runs the whole source forward over calibration batches of 4
         n_cal = min(cfg.prune_calibration_examples, tokens.examples)
+        before = {k: v for k, v in held_s.items() if k in ("runtime", "DeepSpeed", "tokenised data")}
         out.append(Phase("prune", src.params * b, 0, _activations(4, seq, src.width, src.heads, b) / 2,
                          budget.cost(model_s, tokens.tokens * n_cal / tokens.examples, 0, mean_len,
                                      src.layers)["flops"] * world, f"{n_cal} calibration examples on rank 0 (the "
-                                                                   f"others wait); the source whole"))
+                                                                   f"others wait); the source whole", held=before))
     n_attr = tokens.examples if cfg.attribution_examples is None else min(cfg.attribution_examples, tokens.examples)
     eb, ab = cfg.eval_batch_size, cfg.attribution_batch_size
     if cfg.pairing == "attribution":
         attr_tokens = tokens.tokens * n_attr / tokens.examples
         attr_loss = tokens.loss_positions * n_attr / tokens.examples
+        # every layer's saved activations, the logits with their softmax and gradient, every state's gradient
         out.append(Phase("attribution", src_held, 0,
-                         src.layers * _activations(ab, seq, src.width, src.heads, b) + 2 * ab * seq * vocab * 4,
+                         src.layers * _activations(ab, seq, src.width, src.heads, b) + 2 * ab * seq * vocab * 4
+                         + src.layers * ab * seq * src.width * b,
                          budget.cost(model_s, attr_tokens, attr_loss, mean_len, src.layers, src.layers, 1, 1,
                                      weight_grads=False)["flops"],
-                         f"{n_attr} examples, source forward + backward"))
-    # the map M: every rank its share of the vocabulary's blocks; both heads held whole on every rank
+                         f"{n_attr} examples, source forward + backward", held={**held_s, **gathered}))
+    # the map M: every rank its share of the vocabulary's blocks, from both heads (held whole: the source's
+    # gathered copy, the target's own)
     basis_bytes = 8 if cfg.basis_dtype == "float64" else 4
     share = -(-vocab // world)
     mine = alignment.alignment_cost(share, tgt.width, src.width, basis_bytes, kind=cfg.alignment_map)
-    out.append(Phase("alignment", vocab * (src.width + tgt.width) * b, 0, mine["peak_bytes"], world * mine["flops"],
-                     f"M through the d x d Gram matrices, {share} vocabulary rows per rank"))
-    # one shard's rows are held (fp32) until the shard is written
+    out.append(Phase("alignment", src_held, 0, mine["peak_bytes"], world * mine["flops"],
+                     f"M through the d x d Gram matrices, {share} vocabulary rows per rank", held=held_s))
+    # batches never cross a shard; the forward keeps every state h^(0..L_s); one shard's rows are held (fp32)
+    # until the shard is written
+    batch = min(eb, cfg.cache_shard_examples, tokens.examples)
     shard_rows = min(cfg.cache_shard_examples, tokens.examples) * tokens.loss_positions / tokens.examples
+    kept = ({"ZeRO-3 source kept gathered after attribution": src.params * b}
+            if zero_src and cfg.pairing == "attribution" else gathered)
     out.append(Phase("activation cache", src_held, 0,
-                     _activations(eb, seq, src.width, src.heads, b) / 2 + eb * seq * src.width * b * (tgt.layers + 1)
+                     _activations(batch, seq, src.width, src.heads, b) / 2
+                     + batch * seq * src.width * b * (src.layers + 1)
                      + shard_rows * (tgt.width * tgt.layers + src.width) * 4,
                      budget.cost(model_s, tokens.tokens, 0, mean_len, src.layers)["flops"],
-                     "source forward, no gradient"))
+                     "source forward, no gradient", held={**held_s, **kept}))
+    held_t = held_stages(cfg, src, tgt, tokens, b, world)
     predicted = budget.predicted_phases(cfg, model_t, tokens.examples, tokens.tokens, tokens.loss_positions)
     micro_loss = micro * seq * loss_share
     every_layer = tgt.layers * _activations(micro, seq, tgt.width, tgt.heads, b) + loss_memory(micro_loss)
@@ -276,26 +355,55 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
         trainable = tgt.layers * (tgt.lora_params or tgt.layer_params)
         steps = cfg.stage_steps * tgt.layers
         name = {"output_kd": "output KD", "finetune": "fine-tuning"}[cfg.method]
-        out.append(Phase(f"{name} ({steps} steps)", tgt.params * b, training(trainable), every_layer,
-                         predicted["whole"], "all target layers trained at once"))
+        out.append(Phase(f"{name} ({steps} steps)", tgt.params * b, training(trainable, steps), every_layer,
+                         predicted["whole"], "all target layers trained at once", held=held_t))
     if "stages" in predicted:
         trainable = tgt.lora_params or tgt.layer_params
         stages = predicted["stages"]
         held, act = tgt.params * b, _activations(micro, seq, tgt.width, tgt.heads, b) + loss_memory(micro_loss)
+        train = training(trainable, cfg.stage_steps)
+        held_t = {**held_t, "frontier, this rank's (the old and the next)": 2 * tokens.tokens / world * tgt.width * 4}
         objective = objectives.recipe(cfg).layer
         if tgt.layers > 1:
-            out.append(Phase(f"stage k < {tgt.layers} (each)", held, training(trainable), act, stages[0],
+            out.append(Phase(f"stage k < {tgt.layers} (each)", held, train, act, stages[0],
                              f"one layer's {'LoRA' if tgt.lora_params else 'weights'} trained, {objective.name} "
-                             f"loss, then its frontier", in_total=False))
-        out.append(Phase(f"stage {tgt.layers} (output)", held, training(trainable), act, stages[-1],
-                         "KL at the output", in_total=False))
-        out.append(Phase(f"all {tgt.layers} stages", held, training(trainable), act, sum(stages),
-                         "each stage then runs its layer over the data (the next frontier)"))
+                             f"loss, then its frontier", in_total=False, held=held_t))
+        out.append(Phase(f"stage {tgt.layers} (output)", held, train, act, stages[-1], "KL at the output",
+                         in_total=False, held=held_t))
+        out.append(Phase(f"all {tgt.layers} stages", held, train, act, sum(stages),
+                         "each stage then runs its layer over the data (the next frontier)", held=held_t))
     if "joint" in predicted:
         trainable = tgt.layers * (tgt.lora_params or tgt.layer_params)
-        out.append(Phase(f"joint ({cfg.joint_steps} steps)", tgt.params * b, training(trainable), every_layer,
-                         predicted["joint"], "all target layers trainable"))
+        out.append(Phase(f"joint ({cfg.joint_steps} steps)", tgt.params * b, training(trainable, cfg.joint_steps),
+                         every_layer, predicted["joint"], "all target layers trainable", held=held_t))
     return out
+
+
+def held_stages(cfg, src, tgt, tokens, b, world):
+    """What a rank holds through the target's training besides the target and its training state, bytes by
+    name: the runtime, the tokenised data, the source head (read from the cache for the output KL) and this rank's
+    cached rows (its share of the loss positions, at most one target layer's aligned state and the source's final
+    state each, float32). The source is released before training."""
+    held = _runtime(cfg, world)
+    held["tokenised data"] = tokens.tokens * _DATA_BYTES_PER_TOKEN
+    if objectives.recipe(cfg).uses_source_head:
+        held["source head"] = min(src.vocab, tgt.vocab) * src.width * b
+    held["cached rows, this rank's"] = tokens.loss_positions / world * (tgt.width + src.width) * 4
+    return held
+
+
+def phase_of(phases, run_phase):
+    """The row of `phases` that estimates a run's phase as state.json names it (plan, cache, stage_K, joint,
+    stage_output_kd, ...), or None."""
+    def first(prefix):
+        return next((ph for ph in phases if ph.name.startswith(prefix)), None)
+
+    stage = run_phase.removeprefix("stage_")
+    if stage.isdigit():  # the output stage's own row, else the row of every stage below it
+        return first(f"stage {stage} (output)") or first("stage k < ")
+    names = {"plan": "attribution", "cache": "activation cache", "stage_output_kd": "output KD",
+             "stage_finetune": "fine-tuning"}
+    return first(names.get(run_phase, run_phase))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -344,16 +452,19 @@ def report(cfg: Config, world: int | None = None, tflops: float = 400.0) -> str:
         f"estimate per rank at {tflops:g} TFLOP/s sustained" + (" (the default: an H100 in bf16 at about 40% of its "
                                                                "dense peak; set --accelerator-tflops)"
                                                                if tflops == 400 else "") + ":",
-        f"  {'phase':<34} {'params':>11} {'grad+AdamW':>11} {'activations':>11} {'TFLOP':>11} {'time':>9}"]
+        f"  {'phase':<34} {'params':>11} {'grad+AdamW':>11} {'activations':>11} {'held':>11} {'peak':>11} "
+        f"{'TFLOP':>11} {'time':>9}"]
     for ph in p.phases:
         per_rank = ph.flops / p.world
         lines.append(f"  {ph.name:<34} {_bytes(ph.param_bytes):>11} {_bytes(ph.train_bytes):>11} "
-                     f"{_bytes(ph.activation_bytes):>11} {per_rank / 1e12:>11.4g} "
+                     f"{_bytes(ph.activation_bytes):>11} {_bytes(sum(ph.held.values())):>11} "
+                     f"{_bytes(ph.peak_bytes):>11} {per_rank / 1e12:>11.4g} "
                      f"{_seconds(per_rank / (tflops * 1e12)):>9}" + (f"  {ph.note}" if ph.note else ""))
     total = sum(ph.flops for ph in p.phases if ph.in_total) / p.world
-    peak = max(ph.param_bytes + ph.train_bytes + ph.activation_bytes for ph in p.phases)
-    lines.append(f"  {'run (phases above, once each)':<34} {'peak ' + _bytes(peak):>35} {total / 1e12:>11.4g} "
-                 f"{_seconds(total / (tflops * 1e12)):>9}")
+    top = max(p.phases, key=lambda ph: ph.peak_bytes)
+    lines.append(f"  {'run (phases above, once each)':<34} {'peak ' + _bytes(top.peak_bytes):>59} "
+                 f"{total / 1e12:>11.4g} {_seconds(total / (tflops * 1e12)):>9}")
+    lines.append(f"  held at the peak ({top.name}): " + ", ".join(f"{k} {_bytes(v)}" for k, v in top.held.items()))
     lines += [f"note: {n}" for n in p.notes]
     lines.append("evaluation and export are not estimated; see semalign_ds/dryrun.py for the formulas")
     return "\n".join(lines)
