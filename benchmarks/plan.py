@@ -16,17 +16,25 @@ PAIRS = {"Llama-2-13B -> 7B": "launchers/configs/llama2-13b-to-7b.yaml",
          "Llama-3-70B -> 8B": "launchers/configs/llama3-70b-to-8b.yaml"}
 WORLDS = (8, 16, 64)
 GPU = 80e9
-NOTES = """What the table says, and what to change before submitting such a job:
+NOTES = """What the table says, and what to change before submitting such a job. The peak is a rank's resident
+memory, host and device together (semalign_ds/dryrun.py, Phase.held: the runtime, the target held through the
+source phases, the source head's gathered copy, the data, what ZeRO-3 holds gathered, and in the stages the
+cached rows and frontiers); the marked rows exceed 80 GB in that sum.
 - Attribution does not fit at 2,048 tokens: its backward keeps every source layer's activations of
-  attribution_batch_size sequences (ZeRO-3 shards parameters, not activations), 90 GiB for the 13B source at 2
-  sequences and 145 GiB for the 70B one at 1, whatever the world size. Shorter attribution sequences (a separate
+  attribution_batch_size sequences (ZeRO-3 shards parameters, not activations), 92 GiB for the 13B source at 2
+  sequences and 147 GiB for the 70B one at 1, whatever the world size. Shorter attribution sequences (a separate
   transfer set, or max_seq_len 512 for that run) fit; the project has no activation checkpointing for it yet.
 - The cache's activation column is mostly host memory: each rank holds one cache shard's rows (cache_shard_examples
   64 x 2,048 positions x (L_t d_t + d_s) float32, 71-73 GiB here) until the shard is written. cache_shard_examples 8
-  brings it to about 9 GiB; the device holds the source's layer activations alone.
-- The frontier stages fit at every size; their per-rank parameters are the whole target (held by every rank).
-- Weights scale out as they should: the source's per-rank share falls with the world size (3.6 -> 1.0 GiB for 13B,
-  18.0 -> 3.6 GiB for 70B from 8 to 64 ranks), and the alignment map costs a few GiB at V = 128,256."""
+  brings it to about 9 GiB. On the device, ZeRO-3 holds the whole source gathered in the cache after attribution
+  (24 GiB for 13B, 131 GiB for 70B, whatever the world size), as DeepSpeed 0.19.8 did at 0.4B on CPU (README,
+  "Scale-out on synthetic models"): releasing the gathered parameters after attribution would leave the partition.
+- The frontier stages' device part fits at every size (the whole target, one layer's training state, one layer's
+  activations), but each rank holds its share of the frontier (float32, the current one and the next while a
+  stage advances it) and of the cached rows a stage reads in host memory: 254 GiB per rank for 13B -> 7B at 8 ranks,
+  32 GiB at 64.
+- Weights scale out as they should: the source's per-rank share falls with the world size (3.0 -> 0.4 GiB for 13B,
+  16.4 -> 2.1 GiB for 70B from 8 to 64 ranks), and the alignment map costs a few GiB at V = 128,256."""
 
 
 def rows():
@@ -39,17 +47,17 @@ def rows():
                 if not ph.in_total and "each" not in ph.name:
                     continue
                 peak = ph.peak_bytes
-                yield (pair, world, ph.name, ph.param_bytes, ph.train_bytes, ph.activation_bytes, peak,
-                       ph.flops / world / 400e12)
+                yield (pair, world, ph.name, ph.param_bytes, ph.train_bytes, ph.activation_bytes,
+                       sum(ph.held.values()), peak, ph.flops / world / 400e12)
 
 
 def main():
-    lines = ["| pair | ranks | phase | params GiB | grad+AdamW GiB | activations GiB | peak GiB | time at 400 TFLOP/s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for pair, world, name, params, train, act, peak, seconds in rows():
+    lines = ["| pair | ranks | phase | params GiB | grad+AdamW GiB | activations GiB | held GiB | peak GiB | "
+             "time at 400 TFLOP/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for pair, world, name, params, train, act, held, peak, seconds in rows():
         mark = " **> 80 GB**" if peak > GPU else ""
         lines.append(f"| {pair} | {world} | {name} | {params / 2**30:.1f} | {train / 2**30:.2f} | {act / 2**30:.1f} | "
-                     f"{peak / 2**30:.1f}{mark} | {seconds / 60:.1f} min |")
+                     f"{held / 2**30:.1f} | {peak / 2**30:.1f}{mark} | {seconds / 60:.1f} min |")
     text = "\n".join(lines)
     print(text)
     with open(os.path.join(ROOT, "benchmarks", "plan.md"), "w") as f:

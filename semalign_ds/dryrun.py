@@ -347,7 +347,7 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
                      + shard_rows * (tgt.width * tgt.layers + src.width) * 4,
                      budget.cost(model_s, tokens.tokens, 0, mean_len, src.layers)["flops"],
                      "source forward, no gradient", held={**held_s, **kept}))
-    held_t = held_stages(cfg, src, tgt, tokens, b, world)
+    recipe, last = objectives.recipe(cfg), tgt.layers
     predicted = budget.predicted_phases(cfg, model_t, tokens.examples, tokens.tokens, tokens.loss_positions)
     micro_loss = micro * seq * loss_share
     every_layer = tgt.layers * _activations(micro, seq, tgt.width, tgt.heads, b) + loss_memory(micro_loss)
@@ -356,39 +356,48 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
         steps = cfg.stage_steps * tgt.layers
         name = {"output_kd": "output KD", "finetune": "fine-tuning"}[cfg.method]
         out.append(Phase(f"{name} ({steps} steps)", tgt.params * b, training(trainable, steps), every_layer,
-                         predicted["whole"], "all target layers trained at once", held=held_t))
+                         predicted["whole"], "all target layers trained at once",
+                         held=held_stages(cfg, src, tgt, tokens, b, world, recipe.keys(last, True))))
     if "stages" in predicted:
         trainable = tgt.lora_params or tgt.layer_params
         stages = predicted["stages"]
         held, act = tgt.params * b, _activations(micro, seq, tgt.width, tgt.heads, b) + loss_memory(micro_loss)
         train = training(trainable, cfg.stage_steps)
-        held_t = {**held_t, "frontier, this rank's (the old and the next)": 2 * tokens.tokens / world * tgt.width * 4}
-        objective = objectives.recipe(cfg).layer
+        frontier = {"frontier, this rank's (the old and the next)": 2 * tokens.tokens / world * tgt.width * 4}
+        held_k, held_last = ({**held_stages(cfg, src, tgt, tokens, b, world, recipe.keys(k, k == last)), **frontier}
+                             for k in (1, last))
+        held_all = max(held_k, held_last, key=lambda h: sum(h.values()))
         if tgt.layers > 1:
             out.append(Phase(f"stage k < {tgt.layers} (each)", held, train, act, stages[0],
-                             f"one layer's {'LoRA' if tgt.lora_params else 'weights'} trained, {objective.name} "
-                             f"loss, then its frontier", in_total=False, held=held_t))
+                             f"one layer's {'LoRA' if tgt.lora_params else 'weights'} trained, {recipe.layer.name} "
+                             f"loss, then its frontier", in_total=False, held=held_k))
         out.append(Phase(f"stage {tgt.layers} (output)", held, train, act, stages[-1], "KL at the output",
-                         in_total=False, held=held_t))
+                         in_total=False, held=held_last))
         out.append(Phase(f"all {tgt.layers} stages", held, train, act, sum(stages),
-                         "each stage then runs its layer over the data (the next frontier)", held=held_t))
+                         "each stage then runs its layer over the data (the next frontier)", held=held_all))
     if "joint" in predicted:
         trainable = tgt.layers * (tgt.lora_params or tgt.layer_params)
+        held_j = held_stages(cfg, src, tgt, tokens, b, world, recipe.joint_keys(last))
+        if "stages" in predicted:  # the frontier after the last stage is still held
+            held_j["frontier, this rank's"] = tokens.tokens / world * tgt.width * 4
         out.append(Phase(f"joint ({cfg.joint_steps} steps)", tgt.params * b, training(trainable, cfg.joint_steps),
-                         every_layer, predicted["joint"], "all target layers trainable", held=held_t))
+                         every_layer, predicted["joint"], "all target layers trainable", held=held_j))
     return out
 
 
-def held_stages(cfg, src, tgt, tokens, b, world):
-    """What a rank holds through the target's training besides the target and its training state, bytes by
-    name: the runtime, the tokenised data, the source head (read from the cache for the output KL) and this rank's
-    cached rows (its share of the loss positions, at most one target layer's aligned state and the source's final
-    state each, float32). The source is released before training."""
+def held_stages(cfg, src, tgt, tokens, b, world, keys):
+    """What a rank holds through a training phase besides the target and its training state, bytes by name: the
+    runtime, the tokenised data, the source head (read from the cache for the output KL) and this rank's rows of
+    the cache entries `keys` the phase reads (its share of the loss positions, 4 bytes a value). The source is
+    released before training."""
     held = _runtime(cfg, world)
     held["tokenised data"] = tokens.tokens * _DATA_BYTES_PER_TOKEN
     if objectives.recipe(cfg).uses_source_head:
         held["source head"] = min(src.vocab, tgt.vocab) * src.width * b
-    held["cached rows, this rank's"] = tokens.loss_positions / world * (tgt.width + src.width) * 4
+    topk = cfg.fisher_topk
+    width = {"aligned": tgt.width, "source": src.width, "source_final": src.width, "topk_ids": topk, "topk_z": topk,
+             "topk_tail": 1}
+    held["cached rows, this rank's"] = tokens.loss_positions / world * sum(width[k.split(".")[0]] for k in keys) * 4
     return held
 
 

@@ -91,7 +91,9 @@ def test_numbers_match_a_hand_computation(tmp_path):
     assert phases["stage k < 3 (each)"].flops == pytest.approx(stage + frontier, rel=1e-12)
     assert phases["stage 3 (output)"].flops == pytest.approx(final + frontier, rel=1e-12)
     assert phases["all 3 stages"].flops == pytest.approx(2 * (stage + frontier) + final + frontier, rel=1e-12)
-    for name in ("stage k < 3 (each)", "stage 3 (output)"):
+    # the cached rows a stage reads: aligned.k for a Fisher stage; the last also source_final (KL) and aligned.3
+    # (fisher_weight > 0)
+    for name, row_width in (("stage k < 3 (each)", dt), ("stage 3 (output)", dt + ds)):
         ph = phases[name]
         assert ph.param_bytes == p.target.params * b
         # ZeRO-2: the layer's gradients whole in the reduce bucket (5e7 values), this rank's half of the fp32
@@ -100,7 +102,7 @@ def test_numbers_match_a_hand_computation(tmp_path):
         assert ph.activation_bytes == pytest.approx(act(1, T, dt, 4, b) + 3 * T * V * 4, rel=1e-12)  # micro 1
         # the source is released; the source head for the KL, this rank's cached rows and frontiers
         assert ph.held == {"runtime": 490 * MiB, "DeepSpeed": 380 * MiB, "tokenised data": N * 9,
-                           "source head": V * ds * b, "cached rows, this rank's": N / W * (dt + ds) * 4,
+                           "source head": V * ds * b, "cached rows, this rank's": N / W * row_width * 4,
                            "frontier, this rank's (the old and the next)": 2 * N / W * dt * 4}
 
     # LoRA and top-k change what they should
@@ -132,6 +134,9 @@ def test_numbers_match_a_hand_computation(tmp_path):
     flops = {o: pl.phases[-1].flops for o, pl in plans.items()}
     assert flops["cosine"] == pytest.approx(7 * (3 * Lt * layer_fwd * step + kl), rel=1e-12)
     assert flops["fisher"] - flops["cosine"] == pytest.approx(7 * fisher * (Lt - 1), rel=1e-12)
+    # no stage, so no frontier; the rows of aligned.1, aligned.2 (the layer objectives) and source_final (the KL)
+    assert plans["fisher"].phases[-1].held["cached rows, this rank's"] == N / W * (2 * dt + ds) * 4
+    assert not any(k.startswith("frontier") for k in plans["fisher"].phases[-1].held)
     assert "one frontier" in text
     assert "one frontier" not in dryrun.report(config_mod.from_dict({**joint, "layer_objective": "cosine"}), world=2)
 
