@@ -87,18 +87,25 @@ def test_which_variants_share_the_source_phases():
     assert not compare.shares_source_phases(topk, compare.variant_config(base, "output-kd", 0, "out"))
 
 
-def test_a_variant_without_stages_gets_the_whole_budget_as_joint_steps():
-    """semalign-aux: stage_steps 0, and the joint steps whose predicted FLOPs come closest to the budget."""
-    sys.path.insert(0, os.path.join(ROOT, "launchers"))
-    import compare
+def reference_budget(compare, overrides):
+    """(base config, lengths, transfer set, target shape, budget FLOPs) of the tiny config with `overrides` on a
+    random transfer set of 23 sequences of odd lengths."""
     import torch
     from semalign_ds import budget, config as config_mod
-    base = config_mod.load(TINY_YAML, {"stage_steps": 7})
+    base = config_mod.load(TINY_YAML, overrides)
     lengths = torch.randint(40, 97, (23,))
     transfer = type("Set", (), {"lengths": lengths, "loss_counts": lengths // 3})
     shape = compare.target_shape(base, 211)
     ref = compare.variant_config(base, compare.REFERENCE, 0, "out")
-    flops = budget.predicted_training(ref, shape, lengths, transfer.loss_counts)
+    return base, lengths, transfer, shape, budget.predicted_training(ref, shape, lengths, transfer.loss_counts)
+
+
+def test_a_variant_without_stages_gets_the_whole_budget_as_joint_steps():
+    """semalign-aux: stage_steps 0, and the joint steps whose predicted FLOPs come closest to the budget."""
+    sys.path.insert(0, os.path.join(ROOT, "launchers"))
+    import compare
+    from semalign_ds import budget
+    base, lengths, transfer, shape, flops = reference_budget(compare, {"stage_steps": 7})
     aux = compare.variant_config(base, "semalign-aux", 0, "out")
     steps = compare.equal_compute_steps(aux, flops, shape, transfer)
     assert steps["stage_steps"] == 0
@@ -128,8 +135,7 @@ def test_a_reference_without_stages_takes_only_the_variants_that_do_not_need_the
     name before any run, with the ones that apply; output KD and fine-tuning get steps per layer at equal compute."""
     sys.path.insert(0, os.path.join(ROOT, "launchers"))
     import compare
-    import torch
-    from semalign_ds import budget, config as config_mod
+    from semalign_ds import budget
     out = tmp_path / "cmp"
     config = os.path.join(ROOT, "launchers", "configs", "default.yaml")
     argv = ["--config", config, "--output-dir", str(out), "--variants", "output-kd,semalign-kd,semalign-cosine"]
@@ -138,12 +144,8 @@ def test_a_reference_without_stages_takes_only_the_variants_that_do_not_need_the
     assert "semalign-kd, semalign-cosine re-divide" in err and "output-kd, finetune" in err, err
     assert not out.exists()
     # the budget on a joint-only reference, shared out to a baseline as steps per target layer
-    base = config_mod.load(TINY_YAML, {"stage_steps": 0, "joint_steps": 9, "layer_objective": "cosine"})
-    lengths = torch.randint(40, 97, (23,))
-    transfer = type("Set", (), {"lengths": lengths, "loss_counts": lengths // 3})
-    shape = compare.target_shape(base, 211)
-    ref = compare.variant_config(base, compare.REFERENCE, 0, "out")
-    flops = budget.predicted_training(ref, shape, lengths, transfer.loss_counts)
+    base, lengths, transfer, shape, flops = reference_budget(
+        compare, {"stage_steps": 0, "joint_steps": 9, "layer_objective": "cosine"})
     kd = compare.variant_config(base, "output-kd", 0, "out")
     assert (kd.method, kd.joint_steps) == ("output_kd", 0)
     steps = compare.equal_compute_steps(kd, flops, shape, transfer)
