@@ -258,19 +258,20 @@ def _runtime(cfg, world):
 
 def held_source(cfg, src, tgt, tokens, b, world):
     """What a rank holds through the source phases besides the source's own parameters, bytes by name: the
-    runtime, the target (loaded before the source), the source head gathered whole (a copy, also on one process),
+    runtime, the target (loaded before the source; of a target read mapped from its files, only the pages read:
+    all of them when it is evaluated before training, else its head), the source head gathered whole (a copy, also on one process),
     the tokenised data; and (second value) what a ZeRO-3 forward holds gathered: the embedding matrix (the head),
     one layer and a prefetch bucket.
 
-    In the cache after attribution, ZeRO-3 holds the whole source gathered (phases()): the trace DeepSpeed 0.19.8
-    records in attribution's forward and backward makes it prefetch, near the end of each forward, parameters for
-    a backward that the cache's forwards never run, and parameters prefetched for a later step are not released.
-    Measured on synthetic:llama-0.5b at 2 ranks (README, "Scale-out on synthetic models"): while DeepSpeed still
-    held the source after the cache, each rank kept 2.0 GiB more than once it was released, where the partition is
-    0.75 GiB."""
+    The cache holds no more, because the phases start a new ZeRO-3 trace (engines.new_trace); replaying
+    attribution's, DeepSpeed 0.19.8 prefetched the parameters of a backward the cache never runs and kept them
+    gathered: the whole source on every rank."""
     zero = world > 1 or cfg.ds_source_config is not None
     held = _runtime(cfg, world)
-    held["target"] = tgt.params * b
+    if cfg.eval_data is not None:  # evaluated before training: every page of it read
+        held["target"] = tgt.params * b
+    else:  # read mapped, and only its head used (the alignment map, the cache's top-k) until it trains
+        held["target head"] = tgt.vocab * tgt.width * b
     held["source head, gathered whole"] = src.vocab * src.width * b
     held["tokenised data"] = tokens.tokens * _DATA_BYTES_PER_TOKEN
     in_flight = 0
@@ -339,14 +340,12 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
     # until the shard is written
     batch = min(eb, cfg.cache_shard_examples, tokens.examples)
     shard_rows = min(cfg.cache_shard_examples, tokens.examples) * tokens.loss_positions / tokens.examples
-    kept = ({"ZeRO-3 source kept gathered after attribution": src.params * b}
-            if zero_src and cfg.pairing == "attribution" else gathered)
     out.append(Phase("activation cache", src_held, 0,
                      _activations(batch, seq, src.width, src.heads, b) / 2
                      + batch * seq * src.width * b * (src.layers + 1)
                      + shard_rows * (tgt.width * tgt.layers + src.width) * 4,
                      budget.cost(model_s, tokens.tokens, 0, mean_len, src.layers)["flops"],
-                     "source forward, no gradient", held={**held_s, **kept}))
+                     "source forward, no gradient", held={**held_s, **gathered}))
     recipe, last = objectives.recipe(cfg), tgt.layers
     predicted = budget.predicted_phases(cfg, model_t, tokens.examples, tokens.tokens, tokens.loss_positions)
     micro_loss = micro * seq * loss_share
@@ -357,15 +356,16 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
         name = {"output_kd": "output KD", "finetune": "fine-tuning"}[cfg.method]
         out.append(Phase(f"{name} ({steps} steps)", tgt.params * b, training(trainable, steps), every_layer,
                          predicted["whole"], "all target layers trained at once",
-                         held=held_stages(cfg, src, tgt, tokens, b, world, recipe.keys(last, True))))
+                         held={**held_stages(cfg, src, tgt, tokens, b, world, recipe.keys(last, True)),
+                               **_file_pages(tgt, b, zero_tgt, last)}))
     if "stages" in predicted:
         trainable = tgt.lora_params or tgt.layer_params
         stages = predicted["stages"]
         held, act = tgt.params * b, _activations(micro, seq, tgt.width, tgt.heads, b) + loss_memory(micro_loss)
         train = training(trainable, cfg.stage_steps)
         frontier = {"frontier, this rank's (the old and the next)": 2 * tokens.tokens / world * tgt.width * 4}
-        held_k, held_last = ({**held_stages(cfg, src, tgt, tokens, b, world, recipe.keys(k, k == last)), **frontier}
-                             for k in (1, last))
+        held_k, held_last = ({**held_stages(cfg, src, tgt, tokens, b, world, recipe.keys(k, k == last)), **frontier,
+                              **_file_pages(tgt, b, zero_tgt, k if k == last else last - 1)} for k in (1, last))
         held_all = max(held_k, held_last, key=lambda h: sum(h.values()))
         if tgt.layers > 1:
             out.append(Phase(f"stage k < {tgt.layers} (each)", held, train, act, stages[0],
@@ -377,12 +377,22 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
                          "each stage then runs its layer over the data (the next frontier)", held=held_all))
     if "joint" in predicted:
         trainable = tgt.layers * (tgt.lora_params or tgt.layer_params)
-        held_j = held_stages(cfg, src, tgt, tokens, b, world, recipe.joint_keys(last))
+        held_j = {**held_stages(cfg, src, tgt, tokens, b, world, recipe.joint_keys(last)),
+                  **_file_pages(tgt, b, zero_tgt, last)}
         if "stages" in predicted:  # the frontier after the last stage is still held
             held_j["frontier, this rank's"] = tokens.tokens / world * tgt.width * 4
         out.append(Phase(f"joint ({cfg.joint_steps} steps)", tgt.params * b, training(trainable, cfg.joint_steps),
                          every_layer, predicted["joint"], "all target layers trainable", held=held_j))
     return out
+
+
+def _file_pages(tgt, b, zero_tgt, layers):
+    """The target's file pages of `layers` trained layers, when a ZeRO engine trains them: the target is read
+    from its safetensors files mapped, and ZeRO-1/2 copies each trained layer into a flat buffer of its own, so the
+    pages the copy read stay resident (clean, reclaimable, but counted) beside the copy; measured, a 0.34B target's
+    layer of 70 MiB added 70 MiB of file pages and 70 MiB of anonymous memory. One process trains the mapped
+    tensors themselves."""
+    return {"target file pages read by ZeRO's copies": layers * tgt.layer_params * b} if zero_tgt else {}
 
 
 def held_stages(cfg, src, tgt, tokens, b, world, keys):

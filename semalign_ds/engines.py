@@ -223,9 +223,32 @@ def release_source(engine):
         stack[:] = [m for m in stack if m is not module]
     except (ImportError, AttributeError):
         pass
-    # the parameter coordinator's __params_to_release is an lru_cache on the class, keyed by (coordinator,
-    # submodule): it holds every layer of every ZeRO-3 model that ran a forward (cleared for all of them: it is a
-    # cache, recomputed on use)
+    _clear_release_cache()
+
+
+def new_trace(engine):
+    """Make a ZeRO-3 source record its parameter trace anew at its next forward: call it between phases that
+    run it differently (attribution's forward and backward, the cache's forward only). DeepSpeed replays the trace
+    recorded by the first phase: in the cache it prefetched, near the end of every forward, the parameters of a
+    backward that never ran, and they stayed gathered (measured: the whole 0.40B source on each of 2 ranks, 1.5
+    GiB more than its partition). Invalidating the trace is not enough, because the coordinator's release
+    decisions are cached per (module, step) and outlive the trace they were computed from."""
+    if engine is None:
+        return
+    offload = getattr(engine, "optimizer", None)
+    coordinator = getattr(getattr(offload, "parameter_offload", offload), "param_coordinator", None)
+    if coordinator is None:  # not ZeRO-3, or a DeepSpeed that keeps it elsewhere
+        return
+    engine.empty_partition_cache()  # releases whatever the last phase left gathered
+    if not coordinator.is_invalid_trace():
+        coordinator._invalidate_trace()  # private to DeepSpeed, as the two below
+    _clear_release_cache()
+
+
+def _clear_release_cache():
+    """The parameter coordinator's __params_to_release is an lru_cache on the class, keyed by (coordinator,
+    submodule, step): it holds every layer of every ZeRO-3 model that ran a forward, and decisions computed from
+    a trace that may no longer hold (cleared for all of them: it is a cache, recomputed on use)."""
     try:
         from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as C
         fn = getattr(C, "_PartitionedParameterCoordinator__params_to_release")
@@ -303,6 +326,9 @@ class TorchStage:
         self.layer.load_state_dict(ckpt["layer"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
 
+    def close(self):
+        self.optimizer = None
+
 
 class DeepSpeedStage:
     """Several ranks (or a DeepSpeed config): a ZeRO engine over the stage's layer; gradients all-reduced."""
@@ -340,3 +366,17 @@ class DeepSpeedStage:
 
     def load(self, folder, tag, device):
         self.engine.load_checkpoint(folder, tag=tag)
+
+    def close(self):
+        """Free the optimizer's state (fp32 master copy, moments, gradient partitions) once the stage is done.
+        The engine hooks the layer (a forward pre- and post-hook that destroy() leaves in place) and ZeRO-1/2 its
+        parameters, and all of them reach the optimizer: the layer outlives the stage, so without this every
+        finished stage's state stayed resident (measured: rank 0 of a 16-layer 0.34B target at 2 ranks grew from
+        1.7 to 5.4 GiB over the stages)."""
+        engine, self.engine = self.engine, None
+        engine.destroy()  # the optimizer's parameter hooks and mappings
+        for name in ("module_forward_pre_hook", "module_forward_post_hook"):  # DeepSpeed's own, guarded
+            hook = getattr(engine, name, None)
+            if hook is not None:
+                hook.remove()
+                setattr(engine, name, None)

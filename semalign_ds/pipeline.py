@@ -123,6 +123,7 @@ def _run(cfg):
 
     if "plan" not in state["done"]:
         t0 = time.time()
+        engines.new_trace(runner)  # the evaluation ran forwards only; attribution runs backwards too
         scores = attribution.phase(s, src, runner, head_s) if cfg.pairing == "attribution" else None
         plan = pairing.make_plan(cfg.pairing, scores, s.n_source, s.n_target, cfg.pairing_lambda)
         if s.main:
@@ -135,6 +136,7 @@ def _run(cfg):
         t0 = time.time()
         m = alignment.phase(s, head_t, head_s)
         phase_memory(s, "alignment")
+        engines.new_trace(runner)  # else the cache replays attribution's trace, backward prefetches included
         cache.phase(s, src, runner, head_s, plan, m, tgt, head_t)
         mark(s, state, "cache", {"budget": source_cost(s, "cache", time.time() - t0)})
     if needs_source:

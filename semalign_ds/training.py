@@ -309,6 +309,7 @@ def fit(s, job: Job):
             raise distributed.Preempted(f"{job.desc}: stopped on request after step {step + 1} of {steps}, "
                                         f"checkpoint saved in {ckpt_dir}; rerun the same command to resume")
         fault_point("stage_step", s.rank)
+    stage.close()  # the optimizer's state: the module outlives the phase
     module.requires_grad_(False)
     distributed.barrier()
     if s.main and os.path.isdir(ckpt_dir):

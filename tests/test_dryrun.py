@@ -70,7 +70,8 @@ def test_numbers_match_a_hand_computation(tmp_path):
                                                   rel=1e-12)
     # besides the source: the runtime, the target (loaded first), the source head's gathered copy, the data
     MiB = 2**20
-    held = {"runtime": 490 * MiB, "DeepSpeed": 380 * MiB, "target": p.target.params * b,
+    # (of the target, read mapped and not evaluated before training here, only its head)
+    held = {"runtime": 490 * MiB, "DeepSpeed": 380 * MiB, "target head": V * dt * b,
             "source head, gathered whole": V * ds * b, "tokenised data": N * 9}
     # ZeRO-3 in a forward: the embedding matrix (the head), one layer, the prefetch bucket (5e7 > the model)
     in_flight = (V * ds + lp_s + p.source.params) * b
@@ -82,8 +83,8 @@ def test_numbers_match_a_hand_computation(tmp_path):
     # batches of 3 (eval_batch_size), every state h^(0..Ls) kept by the forward
     assert cache.activation_bytes == pytest.approx(act(3, T, ds, 4, b) / 2 + 3 * T * ds * b * (Ls + 1) + shard,
                                                    rel=1e-12)
-    # after attribution's trace, DeepSpeed keeps what the cache's forwards gather: the whole source
-    assert cache.held == {**held, "ZeRO-3 source kept gathered after attribution": p.source.params * b}
+    # a new trace for the cache (engines.new_trace): a forward's gathered parameters, as in attribution
+    assert cache.held == {**held, "ZeRO-3 gathered in a forward": in_flight}
     step = 6 * T  # tokens (= loss positions) per optimizer step
     layer_fwd = 2 * lm_t + 2 * T * dt  # causal attention: T/2 keys on average
     fisher, kl, frontier = 8 * step * V * dt, 2 * step * V * (ds + 3 * dt), layer_fwd * N
@@ -93,7 +94,7 @@ def test_numbers_match_a_hand_computation(tmp_path):
     assert phases["all 3 stages"].flops == pytest.approx(2 * (stage + frontier) + final + frontier, rel=1e-12)
     # the cached rows a stage reads: aligned.k for a Fisher stage; the last also source_final (KL) and aligned.3
     # (fisher_weight > 0)
-    for name, row_width in (("stage k < 3 (each)", dt), ("stage 3 (output)", dt + ds)):
+    for name, row_width, copied in (("stage k < 3 (each)", dt, 2), ("stage 3 (output)", dt + ds, 3)):
         ph = phases[name]
         assert ph.param_bytes == p.target.params * b
         # ZeRO-2: the layer's gradients whole in the reduce bucket (5e7 values), this rank's half of the fp32
@@ -103,7 +104,9 @@ def test_numbers_match_a_hand_computation(tmp_path):
         # the source is released; the source head for the KL, this rank's cached rows and frontiers
         assert ph.held == {"runtime": 490 * MiB, "DeepSpeed": 380 * MiB, "tokenised data": N * 9,
                            "source head": V * ds * b, "cached rows, this rank's": N / W * row_width * 4,
-                           "frontier, this rank's (the old and the next)": 2 * N / W * dt * 4}
+                           "frontier, this rank's (the old and the next)": 2 * N / W * dt * 4,
+                           # ZeRO-2 copies each trained layer out of the mapped file, whose pages stay resident
+                           "target file pages read by ZeRO's copies": copied * lp_t * b}
 
     # LoRA and top-k change what they should
     lora = dryrun.plan(config_mod.from_dict({**cfg.to_dict(), "lora_rank": 3, "fisher_topk": 7}), world=2)
@@ -151,12 +154,15 @@ def test_one_process_holds_no_deepspeed_terms(tmp_path):
     b, MiB, V, N = 4, 2**20, 512, 9 * 17
     lp_t = p.target.layer_params
     phases = {ph.name: ph for ph in p.phases}
-    held = {"runtime": 490 * MiB, "target": p.target.params * b, "source head, gathered whole": V * p.source.width * b,
-            "tokenised data": N * 9}
+    held = {"runtime": 490 * MiB, "target head": V * p.target.width * b,
+            "source head, gathered whole": V * p.source.width * b, "tokenised data": N * 9}
     for name in ("attribution", "alignment", "activation cache"):
         assert phases[name].param_bytes == p.source.params * b and phases[name].held == held, name
     assert phases["all 3 stages"].train_bytes == 3 * lp_t * b  # gradients and two moments
     assert "DeepSpeed" not in phases["all 3 stages"].held
+    assert not any(k.startswith("target file pages") for k in phases["all 3 stages"].held)  # trained in place
+    evaluated = dryrun.plan(config_mod.from_dict({**values, "eval_data": "embedded:humaneval"}), world=1)
+    assert evaluated.phases[0].held["target"] == p.target.params * b  # its forward reads every page
     one_step = dryrun.plan(config_mod.from_dict({**values, "stage_steps": 1}), world=1)
     assert one_step.phases[-1].train_bytes == lp_t * b
     uniform = dryrun.plan(config_mod.from_dict({**values, "pairing": "uniform"}), world=2)
@@ -183,7 +189,9 @@ def test_the_dry_run_predicts_the_measured_scale_rows():
     reduced config, its source and target, its world size), within 25% of rank0_phase_peak_mib_run: rank 0's peak
     as the run measured it over exactly that phase (the sampled columns' windows also hold the alignment before the
     cache and the source until its release in stage 1's; rank 0 is the largest rank in every sampled row). The
-    predictions recorded beside them, by the estimator without the resident terms, fail the same check."""
+    frontier stages are compared as one phase, their peak against the dry run's for all stages: the target is
+    read mapped, so a stage's resident memory grows with the layers touched so far and only the last reaches the
+    estimate."""
     from semalign_ds import synthetic
     spec = importlib.util.spec_from_file_location("scale_benchmark",
                                                   os.path.join(ROOT, "launchers", "scale_benchmark.py"))
@@ -192,23 +200,27 @@ def test_the_dry_run_predicts_the_measured_scale_rows():
     with open(SCALE_CSV) as f:
         rows = [r for r in csv.DictReader(f) if r["dryrun_peak_mib_per_rank"] not in ("", "-")]
     assert len(rows) >= 8
-    assert not all(_within(float(r["dryrun_peak_mib_per_rank"]), float(r["rank0_phase_peak_mib_run"])) for r in rows)
     written = {r["source"]: os.path.isdir(synthetic.folder(r["source"].split(":", 1)[1]))
                for r in rows if r["source"].startswith("synthetic:")}
-    plans, misses = {}, []
-    for r in rows:
+    plans, measured = {}, {}
+    for r in rows:  # the stages as one phase: their peak
         key = (r["source"], r["target"], int(r["world"]))
         if key not in plans:
             target = ({"target_keep_layers": json.loads(r["target"].removeprefix("source layers "))}
                       if r["target"].startswith("source layers ") else {"target": r["target"]})
             cfg = config_mod.from_dict({**scale.REDUCED, "source": r["source"], **target})
             plans[key] = dryrun.plan(cfg, int(r["world"]))
-        predicted = dryrun.phase_of(plans[key].phases, r["phase"]).peak_bytes / 2**20
-        measured = float(r["rank0_phase_peak_mib_run"])
-        if not _within(predicted, measured):
-            misses.append(f"{r['source']} world {r['world']} {r['phase']}: {predicted:.0f} MiB predicted, "
-                          f"{measured:.0f} measured")
-    assert not misses, misses
+        phase = "stages" if r["phase"].startswith("stage_") else r["phase"]
+        measured[key + (phase,)] = max(measured.get(key + (phase,), 0), float(r["rank0_phase_peak_mib_run"]))
+    misses = []
+    for (*key, phase), got in measured.items():
+        phases = plans[tuple(key)].phases
+        row = (next(ph for ph in phases if ph.name.startswith("all ") and ph.name.endswith(" stages"))
+               if phase == "stages" else dryrun.phase_of(phases, phase))
+        predicted = row.peak_bytes / 2**20
+        if not _within(predicted, got):
+            misses.append(f"{key[0]} world {key[2]} {phase}: {predicted:.0f} MiB predicted, {got:.0f} measured")
+    assert len(measured) >= 6 and not misses, misses
     for source, was in written.items():  # a dry run reads a synthetic model's shape and tokenizer, never writes it
         assert os.path.isdir(synthetic.folder(source.split(":", 1)[1])) == was
 

@@ -53,3 +53,41 @@ def test_a_source_that_does_not_fit_needs_zero3():
 def test_inconsistent_batch_sizes_are_refused():
     with pytest.raises(ConfigError, match="batch sizes disagree"):
         engines.fill({"train_batch_size": 10, "train_micro_batch_size_per_gpu": 3}, 3, 2, "float32")
+
+
+STAGE_CLOSE = """
+import gc, json, weakref, torch
+from semalign_ds import engines
+from semalign_ds.config import from_dict
+cfg = from_dict({"source": "embedded:smollm2-135m-instruct", "target_keep_layers": [0, 1], "lr": 1e-3})
+layer = torch.nn.Sequential(torch.nn.Linear(37, 53), torch.nn.Linear(53, 11))
+ds = engines.fill(engines.load_ds_config(engines.default_config_path("target_zero2"), "target"), 3, 1, "float32",
+                  1.0, 1e-3, 0.0, 1)
+before = [p.detach().clone() for p in layer.parameters()]
+stage = engines.DeepSpeedStage(layer, cfg, ds)
+stage.backward(layer(torch.randn(3, 37, generator=torch.Generator().manual_seed(0))).pow(2).sum())
+stage.finish()
+optimizer = weakref.ref(stage.engine.optimizer)
+stage.close()
+del stage
+gc.collect()
+x = torch.randn(5, 37)
+print(json.dumps({"freed": optimizer() is None, "trained": any(not torch.equal(a, b) for a, b in
+                  zip(before, layer.parameters())), "forward": bool(torch.isfinite(layer(x)).all())}))
+"""
+
+
+def test_a_deepspeed_stage_frees_its_optimizer_when_closed():
+    """The layer outlives its stage; DeepSpeed's hooks on it (and on its parameters) reach the optimizer, whose
+    state (fp32 copy, moments) stayed resident through every later stage until close() removed them."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", STAGE_CLOSE], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"freed": True, "trained": True, "forward": True}

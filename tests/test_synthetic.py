@@ -89,7 +89,9 @@ def test_named_shapes_are_real_sizes():
 
 def test_zero3_source_loads_partitioned_on_two_ranks(cache):
     """Each rank reads only its partition of every tensor (about half the model here) and the partitioned model
-    computes what the whole one does, LM head included."""
+    computes what the whole one does, LM head included. After attribution (forward and backward), DeepSpeed replays
+    its trace in the cache's forwards and keeps every layer it prefetched for a backward that never runs gathered;
+    engines.new_trace between the phases leaves nothing gathered."""
     import subprocess
     import sys
 
@@ -103,6 +105,11 @@ def test_zero3_source_loads_partitioned_on_two_ranks(cache):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    traces = [r["trace"] for r in ranks if "trace" in r]
+    ranks = [r for r in ranks if "spec" in r]
+    assert len(traces) == 2
+    for t in traces:
+        assert t["False"] > 100_000 and t["True"] == 0, t  # the layers (4 x 36,992), then nothing
     assert sorted((r["spec"], r["rank"]) for r in ranks) == [(s, r) for s in specs for r in (0, 1)]
     for r in ranks:
         assert r["max_abs_diff"] == 0.0 and r["head_equal"] and r["freed"]

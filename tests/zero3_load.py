@@ -1,6 +1,7 @@
 """Run under torchrun: each source loaded partitioned from its safetensors files (no rank reads the whole model)
-must hold only its share on each rank and compute what the model loaded whole computes. Prints one JSON line per
-rank and model."""
+must hold only its share on each rank and compute what the model loaded whole computes; and after attribution's
+forward and backward, the cache's forwards must leave nothing gathered when the phases start a new trace. Prints
+one JSON line per rank and model, then one per rank for the trace."""
 import gc
 import json
 import sys
@@ -41,7 +42,40 @@ def main(specs):
         del model, engine, got
         gc.collect()
         print(json.dumps({**result, "freed": alive() is None}), flush=True)
+    print(json.dumps({"rank": distributed.rank(), "trace": {str(new): gathered_after_cache(specs[0], new)
+                                                            for new in (False, True)}}), flush=True)
     distributed.shutdown()
+
+
+def gathered_after_cache(spec, new_trace):
+    """Parameters (numel) still gathered on this rank after two attribution batches (forward and backward, as
+    attribution.batch_scores runs them) and three cache forwards, with or without engines.new_trace between."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from semalign_ds import attribution
+    ds = engines.fill(engines.load_ds_config(engines.default_config_path("source_zero3"), "source"), 2,
+                      distributed.world(), "float32")
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # the tiny model's layers are released too
+    model = engines.partitioned_from_safetensors(spec, models.safetensors_files(models.resolve(spec)[0]), "float32", ds)
+    engine = deepspeed.initialize(model=model, config=ds)[0]
+    adapter = models.Adapter(model)
+    head = engines.whole(adapter.head.weight)
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    loss = mask.bool()
+    loss[:, -1] = False  # a position's loss predicts the next token
+    engines.new_trace(engine)  # as the pipeline calls it before attribution; a no-op before any forward
+    for _ in range(2):
+        attribution.batch_scores(adapter, ids, mask, loss, head, engine)
+    if new_trace:
+        engines.new_trace(engine)
+    for _ in range(3):  # the first records the trace, the next ones replay it
+        with torch.no_grad():
+            adapter.hidden_states(ids, mask, runner=engine)
+    held = sum(p.ds_numel for p in model.parameters() if p.ds_status != ZeroParamStatus.NOT_AVAILABLE)
+    engines.release_source(engine)
+    return held
 
 
 if __name__ == "__main__":
