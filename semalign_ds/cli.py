@@ -46,7 +46,8 @@ def parser():
                     "Transfer task knowledge from a large source LM into a smaller target LM of the same "
                     "vocabulary (SemAlign): attribution -> pairing -> alignment -> activation cache -> frontier "
                     "training -> export -> evaluation. Without --config, runs the embedded default "
-                    "(SmolLM2-135M-Instruct into a 10-layer copy of itself, standard-library code, HumanEval NLL). "
+                    "(SmolLM2-135M-Instruct into a width-384, 12-layer cut of itself, standard-library code, HumanEval "
+                    "NLL). "
                     "Rerunning into an existing --output-dir resumes it.", 110),
         epilog=keys_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter)

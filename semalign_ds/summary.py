@@ -238,7 +238,14 @@ def summarize(run_dir) -> str:
     lines = metric_lines(run_dir)
     done = list(state.get("done", {}))
     rows = phase_rates(run_dir)
-    target = _short(cfg.get("target")) if cfg.get("target") else f"layers {cfg.get('target_keep_layers')} of it"
+    if cfg.get("target"):
+        target = _short(cfg["target"])
+    elif cfg.get("target_keep_layers") is not None:
+        target = f"layers {cfg['target_keep_layers']} of it"
+    else:  # cut by width (and depth) by the prune phase
+        depth = cfg.get("target_num_layers") or "all"
+        target = (f"a cut of it: width {cfg.get('target_hidden_size') or 'the same'}, {depth} layers "
+                  f"by {(cfg.get('target_depth') or 'keep_layers').replace('_', ' ')}")
     out = [f"summary of {run_dir}",
            f"  {_short(cfg.get('source'))} -> {target}",
            f"  method {cfg.get('method', 'semalign')}, pairing {cfg.get('pairing')}, batch {cfg.get('batch_size')}, "

@@ -102,6 +102,8 @@ def test_a_width_pruned_target_on_2_ranks_matches_1_rank_and_runs_in_bfloat16(tm
         proc = launch(tmp_path / out, world, {**width, **extra})
         assert proc.returncode == 0, (out, proc.stderr[-4000:])
     done = {out: json.loads((tmp_path / out / "state.json").read_text())["done"] for out in ("w1", "w2", "bf16")}
+    from semalign_ds import summary
+    assert "-> a cut of it: width 48, 3 layers by block importance" in summary.summarize(str(tmp_path / "w1"))
     assert done["w2"]["prune"]["files"] == done["w1"]["prune"]["files"]  # one cut, made by rank 0
     maps = {out: load_file(os.path.join(tmp_path, out, "alignment.safetensors"))["M"] for out in ("w1", "w2")}
     assert maps["w1"].shape == (48, 64)
