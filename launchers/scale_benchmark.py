@@ -10,7 +10,8 @@ include what the run's own memory/PHASE scalars (rank 0 only) cannot see. The dr
 of each phase (semalign_ds/dryrun.py, Phase.peak_bytes) is printed beside the measured one; compare it with
 rank0_phase_peak_mib_run, the run's own peak over exactly that phase (a sampled window also holds what comes
 between two phases: the alignment before the cache, the source until its release in stage 1's). Rows go to
-benchmarks/scale.csv (device, versions, date, load average), the plot to benchmarks/scale.png.
+benchmarks/scale.csv (device, versions, date, load average); benchmarks/scale.png is drawn from all its rows
+(--replot: only that).
 """
 from __future__ import annotations
 
@@ -220,25 +221,37 @@ def _dry_peak(r, name):
     return ph.peak_bytes / 2**20 if ph is not None else None
 
 
-def plot(path, results):
+def plot_csv(path, results_csv):
+    """Draw every source's rows of the results file: rank 0's own peak (rank0_phase_peak_mib_run) and tokens/s of
+    attribution and the cache against ranks. Returns what it drew: {(source, phase): [(world, MiB, tokens/s)]}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    worlds = [r["world"] for r in results]
+    with open(results_csv) as f:
+        rows = [r for r in csv.DictReader(f) if r["phase"] in ("plan", "cache")]
+    series = {}
+    for r in rows:
+        series.setdefault((r["source"], r["phase"]), {})[int(r["world"])] = (
+            float(r["rank0_phase_peak_mib_run"]), float(r["tokens_per_s_total"]))
+    series = {k: [(w, *v[w]) for w in sorted(v)] for k, v in sorted(series.items())}
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for name in ("plan", "cache"):
-        label = {"plan": "load + attribution"}.get(name, name)
-        a.plot(worlds, [max(r["sampled"].get(name, [0])) for r in results], "o-", label=f"{label}: largest rank")
-        a.plot(worlds, [r["sampled"].get(name, [0])[0] for r in results], "x--", label=f"{label}: rank 0")
-    a.set(xlabel="ranks", ylabel="peak resident MiB per rank", xticks=worlds, title="memory per rank")
+    for (source, phase), points in series.items():
+        label = f"{source.split(':')[-1]} {'attribution' if phase == 'plan' else phase}"
+        style = "o-" if phase == "plan" else "s--"
+        a.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
+        b.plot([p[0] for p in points], [p[2] for p in points], style, label=label)
+    worlds = sorted({p[0] for points in series.values() for p in points})
+    loads = [float(r["load_1m"]) for r in rows]
+    a.set(xlabel="ranks", ylabel="rank 0's peak resident MiB", xticks=worlds, title="memory per rank")
+    b.set(xlabel="ranks", ylabel="tokens/s (all ranks)", xticks=worlds,
+          title=f"throughput (load average {min(loads):.1f}-{max(loads):.1f})")
     a.legend(fontsize=7)
-    for name in ("attribution", "cache"):
-        b.plot(worlds, [r["phases"].get(name, {}).get("tokens_per_s_total") or 0 for r in results], "o-", label=name)
-    b.set(xlabel="ranks", ylabel="tokens/s (all ranks)", xticks=worlds, title="throughput")
     b.legend(fontsize=7)
-    fig.suptitle(f"{results[0].get('source', '')}  (load average {results[-1]['load']:.1f})", fontsize=9)
+    fig.suptitle(f"{os.path.basename(results_csv)}: {rows[0]['device']}, {rows[0]['cores']} cores", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return series
 
 
 def main(argv=None):
@@ -255,7 +268,12 @@ def main(argv=None):
     p.add_argument("--plot", default=os.path.join(ROOT, "benchmarks", "scale.png"), help="(default: %(default)s)")
     p.add_argument("--no-results", action="store_true", help="print the table only")
     p.add_argument("--workdir", default=None, help="where the runs go (default: a temporary folder, kept)")
+    p.add_argument("--replot", action="store_true", help="only draw --plot from the rows of --results")
     args = p.parse_args(argv)
+    if args.replot:
+        plot_csv(args.plot, args.results)
+        print(f"plot {args.plot} from {args.results}")
+        return 0
     workdir = args.workdir or tempfile.mkdtemp(prefix="semalign-scale-")
     os.makedirs(workdir, exist_ok=True)
     config_path = os.path.join(workdir, "config.yaml")
@@ -273,8 +291,8 @@ def main(argv=None):
         print(table(results), flush=True)
     if not args.no_results:
         write_rows(args.results, results, args)
-        plot(args.plot, results)
-        print(f"rows appended to {args.results}; plot {args.plot}")
+        plot_csv(args.plot, args.results)
+        print(f"rows appended to {args.results}; plot {args.plot} from all its rows")
     return 0
 
 

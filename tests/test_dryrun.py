@@ -296,3 +296,19 @@ def test_gpt2_conv1d_shapes():
     assert sh.layer_matmul == 3 * d * d + d * d + 4 * d * d + 4 * d * d
     assert sh.body_matmul == layers * sh.layer_matmul and sh.head_matmul == v * d
     assert sh.lora_params == 5 * ((d + 4 * d) + (d + d) + (4 * d + d))
+
+
+def test_the_scale_plot_draws_every_row_of_the_results(tmp_path):
+    """scale.png is drawn from scale.csv: every source's attribution and cache rows, rank 0's peak and tokens/s."""
+    spec = importlib.util.spec_from_file_location("scale_benchmark",
+                                                  os.path.join(ROOT, "launchers", "scale_benchmark.py"))
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    series = scale.plot_csv(str(tmp_path / "scale.png"), SCALE_CSV)
+    assert (tmp_path / "scale.png").stat().st_size > 10_000
+    with open(SCALE_CSV) as f:
+        rows = [r for r in csv.DictReader(f) if r["phase"] in ("plan", "cache")]
+    assert sum(len(points) for points in series.values()) == len(rows)
+    for r in rows:
+        point = dict((w, (mib, tps)) for w, mib, tps in series[(r["source"], r["phase"])])[int(r["world"])]
+        assert point == (float(r["rank0_phase_peak_mib_run"]), float(r["tokens_per_s_total"]))
