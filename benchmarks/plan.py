@@ -26,13 +26,13 @@ cached rows and frontiers); the marked rows exceed 80 GB in that sum.
   transfer set, or max_seq_len 512 for that run) fit; the project has no activation checkpointing for it yet.
 - The cache's activation column is mostly host memory: each rank holds one cache shard's rows (cache_shard_examples
   64 x 2,048 positions x (L_t d_t + d_s) float32, 71-73 GiB here) until the shard is written. cache_shard_examples 8
-  brings it to about 9 GiB. On the device, ZeRO-3 holds the whole source gathered in the cache after attribution
-  (24 GiB for 13B, 131 GiB for 70B, whatever the world size), as DeepSpeed 0.19.8 did at 0.4B on CPU (README,
-  "Scale-out on synthetic models"): releasing the gathered parameters after attribution would leave the partition.
+  brings it to about 9 GiB. On the device, the cache holds the partition and what one ZeRO-3 forward gathers (it
+  starts a new trace: replaying attribution's kept the whole source gathered, 24 GiB for 13B and 131 GiB for 70B).
 - The frontier stages' device part fits at every size (the whole target, one layer's training state, one layer's
   activations), but each rank holds its share of the frontier (float32, the current one and the next while a
   stage advances it) and of the cached rows a stage reads in host memory: 254 GiB per rank for 13B -> 7B at 8 ranks,
-  32 GiB at 64.
+  32 GiB at 64. The held column also counts, in host memory, the target file's pages that ZeRO-2 read when it
+  copied each trained layer (12.6 GiB for the 7B target by the last stage): clean pages the kernel can drop.
 - Weights scale out as they should: the source's per-rank share falls with the world size (3.0 -> 0.4 GiB for 13B,
   16.4 -> 2.1 GiB for 70B from 8 to 64 ranks), and the alignment map costs a few GiB at V = 128,256."""
 
