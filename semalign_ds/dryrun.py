@@ -259,9 +259,9 @@ def _runtime(cfg, world):
 def held_source(cfg, src, tgt, tokens, b, world):
     """What a rank holds through the source phases besides the source's own parameters, bytes by name: the
     runtime, the target (loaded before the source; of a target read mapped from its files, only the pages read:
-    all of them when it is evaluated before training, else its head), the source head gathered whole (a copy, also on one process),
-    the tokenised data; and (second value) what a ZeRO-3 forward holds gathered: the embedding matrix (the head),
-    one layer and a prefetch bucket.
+    all of them when it is evaluated before training, else its head), the source head gathered whole (a copy, also
+    on one process), the tokenised data; and (second value) what a ZeRO-3 forward holds gathered: the embedding
+    matrix (the head), one layer and a prefetch bucket.
 
     The cache holds no more, because the phases start a new ZeRO-3 trace (engines.new_trace); replaying
     attribution's, DeepSpeed 0.19.8 prefetched the parameters of a backward the cache never runs and kept them

@@ -180,6 +180,15 @@ def test_one_process_holds_no_deepspeed_terms(tmp_path):
 SCALE_CSV = os.path.join(ROOT, "benchmarks", "scale.csv")
 
 
+def _scale_benchmark():
+    """launchers/scale_benchmark.py as a module (launchers/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("scale_benchmark",
+                                                  os.path.join(ROOT, "launchers", "scale_benchmark.py"))
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    return scale
+
+
 def _within(predicted, measured, tolerance=0.25):
     return abs(predicted - measured) <= tolerance * measured
 
@@ -193,10 +202,7 @@ def test_the_dry_run_predicts_the_measured_scale_rows():
     read mapped, so a stage's resident memory grows with the layers touched so far and only the last reaches the
     estimate."""
     from semalign_ds import synthetic
-    spec = importlib.util.spec_from_file_location("scale_benchmark",
-                                                  os.path.join(ROOT, "launchers", "scale_benchmark.py"))
-    scale = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(scale)
+    scale = _scale_benchmark()
     with open(SCALE_CSV) as f:
         rows = [r for r in csv.DictReader(f) if r["dryrun_peak_mib_per_rank"] not in ("", "-")]
     assert len(rows) >= 8
@@ -300,10 +306,7 @@ def test_gpt2_conv1d_shapes():
 
 def test_the_scale_plot_draws_every_row_of_the_results(tmp_path):
     """scale.png is drawn from scale.csv: every source's attribution and cache rows, rank 0's peak and tokens/s."""
-    spec = importlib.util.spec_from_file_location("scale_benchmark",
-                                                  os.path.join(ROOT, "launchers", "scale_benchmark.py"))
-    scale = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(scale)
+    scale = _scale_benchmark()
     series = scale.plot_csv(str(tmp_path / "scale.png"), SCALE_CSV)
     assert (tmp_path / "scale.png").stat().st_size > 10_000
     with open(SCALE_CSV) as f:

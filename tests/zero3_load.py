@@ -16,8 +16,7 @@ def main(specs):
     import deepspeed
     torch.set_num_threads(1)
     distributed.init(None, timeout_minutes=5)
-    ds = engines.fill(engines.load_ds_config(engines.default_config_path("source_zero3"), "source"), 2,
-                      distributed.world(), "float32")
+    ds = source_ds()
     for spec in specs:
         path = models.resolve(spec)[0]
         model = engines.partitioned_from_safetensors(spec, models.safetensors_files(path), "float32", ds)
@@ -47,6 +46,12 @@ def main(specs):
     distributed.shutdown()
 
 
+def source_ds():
+    """The shipped ZeRO-3 source config for batches of 2 on this world."""
+    return engines.fill(engines.load_ds_config(engines.default_config_path("source_zero3"), "source"), 2,
+                        distributed.world(), "float32")
+
+
 def gathered_after_cache(spec, new_trace):
     """Parameters (numel) still gathered on this rank after two attribution batches (forward and backward, as
     attribution.batch_scores runs them) and three cache forwards, with or without engines.new_trace between."""
@@ -54,8 +59,7 @@ def gathered_after_cache(spec, new_trace):
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     from semalign_ds import attribution
-    ds = engines.fill(engines.load_ds_config(engines.default_config_path("source_zero3"), "source"), 2,
-                      distributed.world(), "float32")
+    ds = source_ds()
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # the tiny model's layers are released too
     model = engines.partitioned_from_safetensors(spec, models.safetensors_files(models.resolve(spec)[0]), "float32", ds)
     engine = deepspeed.initialize(model=model, config=ds)[0]
