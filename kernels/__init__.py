@@ -7,3 +7,20 @@
 Nothing is imported here, so that importing the package needs no Triton. The kernels read the head weight as
 given: under ZeRO-3 the caller gathers it first.
 """
+if __name__ == "kernels":
+    # Imported as a top-level `kernels`: the repository's root is on sys.path (`python -m` or `python -c` run from
+    # it), and `kernels` is Hugging Face's package, which transformers imports. Stand aside for it, or be absent
+    # when it is not installed. (As a namespace folder, without this file, it would not shadow anything, but an
+    # editable install cannot map a namespace package into semalign_ds.)
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _spec = importlib.machinery.PathFinder.find_spec(
+        __name__, [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
+    if _spec is None:
+        raise ModuleNotFoundError("No module named 'kernels' (this folder is semalign_ds.kernels)", name=__name__)
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules[__name__] = _module  # what the import returns
+    _spec.loader.exec_module(_module)

@@ -56,3 +56,18 @@ def test_the_readme_layout_names_every_module():
                and os.path.basename(p) != "__init__.py" and f"`{os.path.basename(p)}`" not in layout
                and f"`{m.split('.')[-1]}/`" not in layout]
     assert not missing, missing
+
+
+def test_the_kernels_folder_never_shadows_the_package_of_that_name():
+    """From the repository's root `python -m`/`-c` put the root on sys.path, where kernels/ would be found as a
+    top-level `kernels` before Hugging Face's package of that name (which transformers imports)."""
+    import subprocess
+    import sys
+    code = ("import os, sys\n"
+            "try:\n    import kernels\nexcept ModuleNotFoundError:\n    print('absent'); sys.exit()\n"
+            "print(os.path.dirname(os.path.abspath(kernels.__file__)))\n"
+            "import transformers.activations\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() != os.path.join(ROOT, "kernels")
+    from semalign_ds.kernels import bench  # noqa: F401  (and the folder is still semalign_ds.kernels)
