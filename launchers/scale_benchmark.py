@@ -33,11 +33,14 @@ import benchmark  # noqa: E402  (launchers/benchmark.py: launch command, run-dir
 
 RESULTS = os.path.join(ROOT, "benchmarks", "scale.csv")
 # the reduced work of a scale measurement: what matters is the source's memory and the phases' rates
-# (batch 4: divisible by 1, 2 and 4 ranks; float32 bases: the alignment's pinv of the V x d heads in float64 takes
-# minutes on a CPU and is the same work at every world size)
-REDUCED = {"data": "embedded:stdlib", "max_examples": 8, "attribution_examples": 4, "stage_steps": 1,
-           "eval_data": None, "cache_shard_examples": 4, "max_seq_len": 128, "chat_template": "off",
-           "batch_size": 4, "checkpoint_every": 0, "report_to": "none", "basis_dtype": "float32"}
+# (batch 4: divisible by 1, 2 and 4 ranks; several attribution batches and cache shards on every rank even at 4
+# ranks, because a ZeRO-3 source's memory can grow after its first batch, when DeepSpeed replays the trace;
+# float32 bases: the alignment's pinv of the V x d heads in float64 takes minutes on a CPU and is the same work at
+# every world size)
+REDUCED = {"data": "embedded:stdlib", "max_examples": 32, "attribution_examples": 16, "attribution_batch_size": 4,
+           "stage_steps": 1, "eval_data": None, "cache_shard_examples": 8, "max_seq_len": 128,
+           "chat_template": "off", "batch_size": 4, "checkpoint_every": 0, "report_to": "none",
+           "basis_dtype": "float32"}
 COLUMNS = ["date", "device", "cores", "load_1m", "source", "target", "world", "phase", "seconds", "tokens",
            "tokens_per_s_total", "peak_rss_mib_per_rank", "peak_rss_mib_max", "rank0_phase_peak_mib_run",
            "dryrun_peak_mib_per_rank", "torch", "deepspeed", "transformers", "python", "commit"]

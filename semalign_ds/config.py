@@ -155,6 +155,9 @@ class Config(BaseModel):
     # --- distribution --------------------------------------------------------------------------------------
     ds_source_config: Optional[str] = _f(None, "DeepSpeed JSON for the source (ZeRO-3 inference)")
     ds_target_config: Optional[str] = _f(None, "DeepSpeed JSON for the target (ZeRO-2 stages)")
+    source_sharding: Literal["zero3", "replicated", "auto"] = _f(
+        "zero3", "with several ranks, the source partitioned under ZeRO-3, or whole on every rank (replicated: "
+                 "data parallel, nothing gathered); auto: the one the dry run finds smaller per rank")
     collective_timeout_minutes: Float = _f(30.0, "a rank that waits longer on the others stops with an error", gt=0)
     # --- output --------------------------------------------------------------------------------------------
     output_dir: str = _f("runs/default", "run directory; an existing run there is resumed")
@@ -173,7 +176,7 @@ class Config(BaseModel):
     # keys that change nothing computed: a resumed run may differ in these
     RUN_ONLY_KEYS: ClassVar[tuple] = (
         "output_dir", "log_every", "device", "eval_batch_size", "attribution_batch_size", "checkpoint_every",
-        "loss_backend", "collective_timeout_minutes", "report_to")
+        "loss_backend", "collective_timeout_minutes", "report_to", "source_sharding")
     # keys that change only how the target trains, not what the source side computes (evaluation before training,
     # attribution, alignment; the cache too, where cache.contents agrees)
     TRAINING_KEYS: ClassVar[tuple] = (
@@ -242,6 +245,9 @@ class Config(BaseModel):
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum_steps "
                              f"{self.grad_accum_steps}: an optimizer step is grad_accum_steps equal micro-batches")
+        if self.source_sharding == "replicated" and self.ds_source_config is not None:
+            raise ValueError(f"ds_source_config {self.ds_source_config!r} configures the source's ZeRO-3 engine, but "
+                             f"source_sharding is replicated (no engine): drop one of them")
         for name in ("ds_source_config", "ds_target_config"):
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):

@@ -9,7 +9,7 @@ The estimates are first-order, meant for sizing a job before submitting it:
   (Korthikanti et al. 2022, no recomputation), scaled to the run's dtype; the naive loss keeps 3 float32
   [positions, vocabulary] tensors (the chunked and Triton back ends keep less);
 - resident memory: each phase's peak is its model's parameters, training state and activations plus the named
-  terms in Phase.held: the runtime (RUNTIME_BYTES, DEEPSPEED_BYTES: measured constants), the target (loaded before
+  terms in Phase.held: the runtime (RUNTIME_BYTES, engines.DEEPSPEED_BYTES: measured constants), the target (loaded before
   the source phases), the source head gathered whole, the tokenised data, the parameters ZeRO-3 holds gathered,
   the source head and the frontier of the stages (see held_source and held_stages);
 - FLOPs: 2 per multiply-add of every linear layer (the LM head included where it runs) plus 4*T*d per token and
@@ -34,13 +34,7 @@ _CHEAP_DATA_BYTES = 256 * 2**20  # data files up to this size are read and token
 # (VmHWM of a process that imports the pipeline and loads the SmolLM2 tokenizer: 487 MiB; x86_64 Linux, Python
 # 3.11, torch 2.13 CPU, transformers 5.24).
 RUNTIME_BYTES = 490 * 2**20
-# What DeepSpeed adds on every rank where it runs (several ranks, or a DeepSpeed config): its import (95 MiB), the
-# process group, its engines' buffers. Measured as 2-rank minus 1-rank resident memory with the same models held,
-# after the source is released (benchmarks/scale.csv, synthetic:llama-0.5b: export 1,311 and 1,125 MiB against
-# 918, after the run 987 against 611).
-DEEPSPEED_BYTES = 380 * 2**20
 _DATA_BYTES_PER_TOKEN = 9  # the tokenised transfer set: int64 id and bool loss flag per position
-_DS_DEFAULTS = {"stage3_prefetch_bucket_size": 5e7, "reduce_bucket_size": 5e8}  # DeepSpeed's own defaults
 
 
 @dataclass
@@ -241,19 +235,17 @@ def _activations(batch, seq, width, heads, b):
     return batch * seq * width * (34 + 5 * heads * seq / width) * b / 2
 
 
-def _zero_setting(cfg, role, key):
-    """A ZeRO setting of the source's or the target's DeepSpeed config (the run's default one when none is
-    given), or DeepSpeed's own default."""
-    path = getattr(cfg, f"ds_{role}_config") or engines.default_config_path(
-        {"source": "source_zero3", "target": "target_zero2"}[role])
-    return float(engines.load_ds_config(path, role).get("zero_optimization", {}).get(key, _DS_DEFAULTS[key]))
+def _counts(src):
+    return src.params, src.vocab, src.width, src.layer_params
 
 
-def _runtime(cfg, world):
-    held = {"runtime": RUNTIME_BYTES}
-    if world > 1 or cfg.ds_source_config is not None or cfg.ds_target_config is not None:
-        held["DeepSpeed"] = DEEPSPEED_BYTES
-    return held
+def _zero_src(cfg, src, world):
+    return engines.source_zero3(cfg, world, *_counts(src))
+
+
+def _runtime(deepspeed):
+    """The runtime, and DeepSpeed's where it has run by then (imported, it stays)."""
+    return {"runtime": RUNTIME_BYTES, **({"DeepSpeed": engines.DEEPSPEED_BYTES} if deepspeed else {})}
 
 
 def held_source(cfg, src, tgt, tokens, b, world):
@@ -266,25 +258,21 @@ def held_source(cfg, src, tgt, tokens, b, world):
     The cache holds no more, because the phases start a new ZeRO-3 trace (engines.new_trace); replaying
     attribution's, DeepSpeed 0.19.8 prefetched the parameters of a backward the cache never runs and kept them
     gathered: the whole source on every rank."""
-    zero = world > 1 or cfg.ds_source_config is not None
-    held = _runtime(cfg, world)
+    zero = _zero_src(cfg, src, world)
+    held = _runtime(zero)
     if cfg.eval_data is not None:  # evaluated before training: every page of it read
         held["target"] = tgt.params * b
     else:  # read mapped, and only its head used (the alignment map, the cache's top-k) until it trains
         held["target head"] = tgt.vocab * tgt.width * b
     held["source head, gathered whole"] = src.vocab * src.width * b
     held["tokenised data"] = tokens.tokens * _DATA_BYTES_PER_TOKEN
-    in_flight = 0
-    if zero:
-        bucket = min(_zero_setting(cfg, "source", "stage3_prefetch_bucket_size"), src.params)
-        in_flight = (src.vocab * src.width + src.layer_params + bucket) * b
-    return held, in_flight
+    return held, engines.zero3_gathered(cfg, *_counts(src), b) if zero else 0
 
 
 def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) -> list:
     """Memory per rank and FLOPs (the cost model's, budget.cost and budget.predicted_phases) of each phase."""
     b = models.DTYPES[cfg.dtype].itemsize
-    zero_src = world > 1 or cfg.ds_source_config is not None
+    zero_src = _zero_src(cfg, src, world)
     zero_tgt = world > 1 or cfg.ds_target_config is not None
     mean_len = tokens.tokens / tokens.examples
     loss_share = tokens.loss_positions / tokens.tokens
@@ -300,7 +288,7 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
             return (3 if steps > 1 else 1) * trainable * b
         # ZeRO-2: the gradients whole in the reduce bucket, then this rank's share of the fp32 master copy, its
         # two fp32 moments and its gradients
-        bucket = min(_zero_setting(cfg, "target", "reduce_bucket_size"), trainable)
+        bucket = min(engines.zero_setting(cfg, "target", "reduce_bucket_size"), trainable)
         return bucket * b + trainable * (3 * 4 + b) / world
 
     def loss_memory(n):
@@ -400,7 +388,7 @@ def held_stages(cfg, src, tgt, tokens, b, world, keys):
     runtime, the tokenised data, the source head (read from the cache for the output KL) and this rank's rows of
     the cache entries `keys` the phase reads (its share of the loss positions, 4 bytes a value). The source is
     released before training."""
-    held = _runtime(cfg, world)
+    held = _runtime(world > 1 or cfg.ds_target_config is not None or _zero_src(cfg, src, world))
     held["tokenised data"] = tokens.tokens * _DATA_BYTES_PER_TOKEN
     if objectives.recipe(cfg).uses_source_head:
         held["source head"] = min(src.vocab, tgt.vocab) * src.width * b

@@ -51,6 +51,7 @@ DEFAULT_RUN = {
     "joint_layer_weight": 0.1,
     "batch_size": 8,
     "lr": 3.0e-4,
+    "source_sharding": "auto",  # several ranks: the 135M source whole on each (ZeRO-3 adds more than it saves)
     "output_dir": "runs/default",
 }
 

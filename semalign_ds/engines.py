@@ -69,6 +69,9 @@ def fill(ds, micro_batch, world, dtype, grad_clip=None, lr=None, weight_decay=No
     for key, value in auto.items():
         if ds.get(key, "auto") == "auto":
             ds[key] = value
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage3_prefetch_bucket_size") == "auto":
+        zero["stage3_prefetch_bucket_size"] = prefetch_bucket()
     for key in ("bf16", "fp16"):
         if isinstance(ds.get(key), dict) and ds[key].get("enabled") == "auto":
             ds[key]["enabled"] = (dtype == "bfloat16") if key == "bf16" else False
@@ -78,6 +81,57 @@ def fill(ds, micro_batch, world, dtype, grad_clip=None, lr=None, weight_decay=No
                           f"{ds['train_micro_batch_size_per_gpu']} x accumulation {ds['gradient_accumulation_steps']}"
                           f" x world {world}; leave them \"auto\"")
     return ds
+
+
+# What DeepSpeed adds on every rank where it runs (several ranks, or a DeepSpeed config): its import (95 MiB), the
+# process group, its engines' buffers. Measured as 2-rank minus 1-rank resident memory with the same models held,
+# after the source is released (benchmarks/scale.csv, synthetic:llama-0.5b: export 1,311 and 1,125 MiB against
+# 918, after the run 987 against 611).
+DEEPSPEED_BYTES = 380 * 2**20
+_DS_DEFAULTS = {"stage3_prefetch_bucket_size": 5e7, "reduce_bucket_size": 5e8}  # DeepSpeed's own defaults
+
+
+def prefetch_bucket():
+    """stage3_prefetch_bucket_size "auto": DeepSpeed's default (5e7 parameters) on CUDA, 0 on CPU. On CPU a
+    prefetch overlaps nothing (gloo's collectives run between the forward's own operations), and from the second
+    batch on, when DeepSpeed replays the recorded trace, the prefetched parameters stay gathered: a 0.40B source at 2
+    ranks, attribution batches of 4 x 128 tokens, peaked at 4,542 MiB on rank 0 from the second batch on against 3,136
+    in the first, and at 3,150-3,168 in every batch without prefetch (the 1-rank model whole: 3,557)."""
+    import torch
+    return 5e7 if torch.cuda.is_available() else 0
+
+
+def zero_setting(cfg, role, key):
+    """A ZeRO setting of the source's or the target's DeepSpeed config (the run's default one when none is
+    given), or DeepSpeed's own default."""
+    path = getattr(cfg, f"ds_{role}_config") or default_config_path(
+        {"source": "source_zero3", "target": "target_zero2"}[role])
+    value = load_ds_config(path, role).get("zero_optimization", {}).get(key, _DS_DEFAULTS[key])
+    return float(prefetch_bucket() if value == "auto" else value)
+
+
+def zero3_gathered(cfg, params, vocab, width, layer_params, b):
+    """Bytes a ZeRO-3 forward of the source holds gathered: the embedding matrix, one layer, a prefetch bucket."""
+    bucket = min(zero_setting(cfg, "source", "stage3_prefetch_bucket_size"), params)
+    return (vocab * width + layer_params + bucket) * b
+
+
+def source_zero3(cfg, world, params, vocab, width, layer_params):
+    """Whether the source runs under ZeRO-3, else whole on every rank. One rank runs it whole unless a DeepSpeed
+    config is given; with several, source_sharding decides, and auto picks ZeRO-3 only when that holds less per
+    rank: when the parameters it takes off a rank, P (1 - 1/world), outweigh what it adds, DeepSpeed's runtime and
+    what a forward holds gathered. In float32 on CPU the 135M embedded source stays whole at 2 and 4 ranks (257 and
+    385 MiB taken off, 502 MiB added), and a 0.40B one is partitioned at 2 (767 against 605: measured, 89% of the
+    1-rank peak in attribution and 82% in the cache)."""
+    if cfg.ds_source_config is not None:
+        return True
+    if world == 1 or cfg.source_sharding == "replicated":
+        return False
+    if cfg.source_sharding == "zero3":
+        return True
+    from semalign_ds import models
+    b = models.DTYPES[cfg.dtype].itemsize
+    return params * b * (1 - 1 / world) > DEEPSPEED_BYTES + zero3_gathered(cfg, params, vocab, width, layer_params, b)
 
 
 def check_source_fits(ds, n_params, bytes_per_param, role="source"):

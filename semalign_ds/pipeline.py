@@ -141,6 +141,7 @@ def _run(cfg):
         mark(s, state, "cache", {"budget": source_cost(s, "cache", time.time() - t0)})
     if needs_source:
         engines.release_source(runner)  # DeepSpeed keeps a ZeRO-3 engine's model in a global list otherwise
+        summary.map_large_allocations(False)
         del source, src, runner, head_s
         phase_memory(s, "source_released")  # on every rank: the frontier stages start without the source
 
@@ -251,15 +252,16 @@ def prepare(cfg, rd):
     rank, world = distributed.rank(), distributed.world()
     check_paths(cfg)
     ds_source = ds_target = None
-    if world > 1 or cfg.ds_source_config is not None:
+    source_config = models.config_of(cfg.source, cfg.source_gguf_file)
+    target_config = models.config_of(cfg.target, cfg.target_gguf_file) if cfg.target is not None else None
+    n_source, n_target = check_run(cfg, world, source_config, target_config)
+    counts = budget.model_counts(source_config, models.DTYPES[cfg.dtype])
+    if engines.source_zero3(cfg, world, *(counts[k] for k in ("params", "vocab", "width", "layer_params"))):
         ds_source = engines.load_ds_config(cfg.ds_source_config or engines.default_config_path("source_zero3"),
                                            "source")
     if world > 1 or cfg.ds_target_config is not None:
         ds_target = engines.load_ds_config(cfg.ds_target_config or engines.default_config_path("target_zero2"),
                                            "target")
-    source_config = models.config_of(cfg.source, cfg.source_gguf_file)
-    target_config = models.config_of(cfg.target, cfg.target_gguf_file) if cfg.target is not None else None
-    n_source, n_target = check_run(cfg, world, source_config, target_config)
     tok_s = models.load_tokenizer(cfg.source, cfg.source_gguf_file)
     tokenizer = models.load_tokenizer(cfg.tokenizer) if cfg.tokenizer else tok_s  # what the data is tokenised with
     vocab, tok_t = models.vocab_size(tok_s), tok_s
@@ -488,6 +490,8 @@ def load_source(s):
         n_params = models.parameter_count(cfg.source, cfg.source_gguf_file)
         engines.check_source_fits(ds, n_params, s.dtype.itemsize)
         phase_memory(s, "before_source")
+        if s.device.type == "cpu":
+            summary.map_large_allocations(True)
         source, runner = engines.sharded_source(cfg.source, cfg.source_gguf_file, cfg.dtype, cfg.seed, ds)
         held = engines.parameter_bytes_on_this_rank(source)
         share = held / (n_params * s.dtype.itemsize)
@@ -497,6 +501,9 @@ def load_source(s):
     else:
         source = models.load_model(cfg.source, cfg.source_gguf_file, cfg.dtype, cfg.seed).to(s.device)
         runner = None
+        if s.world > 1:
+            s.monitor.print(f"source whole on each of {s.world} ranks (source_sharding {cfg.source_sharding}): "
+                            f"data parallel, no ZeRO-3")
     src = models.Adapter(source)
     phase_memory(s, "source_loaded")
     return source, src, runner, engines.whole(src.head.weight)[:s.vocab]

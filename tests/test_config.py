@@ -74,6 +74,7 @@ def test_yaml_1_1_floats_are_coerced(tmp_path, text, value):
     ("target_keep_layers", [3, 1], r"strictly increasing"),
     ("prompt_field", 7, r"prompt_field=7 .* a string"),
     ("ds_source_config", "/nowhere.json", r"ds_source_config: no such file"),
+    ("source_sharding", "fsdp", r"source_sharding='fsdp' .* one of zero3, replicated, auto"),
     ("layer_objective", "fishr", r"no layer objective 'fishr': one of fisher, cosine, geometry"),
 ])
 def test_bad_values_are_refused_with_key_value_and_what_is_allowed(key, value, match):
@@ -81,6 +82,13 @@ def test_bad_values_are_refused_with_key_value_and_what_is_allowed(key, value, m
         config_mod.load(None, {key: value}, DEFAULT_RUN)
     if key == "batch_size" and value == 4.5:
         assert "4.0" not in str(err.value) and str(err.value).startswith("overrides: ")
+
+
+def test_a_replicated_source_with_a_zero3_config_is_refused():
+    from semalign_ds import engines
+    with pytest.raises(ConfigError, match=r"ds_source_config .* source_sharding is replicated .* drop one of them"):
+        config_mod.load(None, {"source_sharding": "replicated",
+                               "ds_source_config": engines.default_config_path("source_zero3")}, DEFAULT_RUN)
 
 
 def test_a_key_that_the_method_ignores_is_refused():

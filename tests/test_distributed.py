@@ -116,10 +116,17 @@ def test_a_dead_rank_ends_the_run(tmp_path):
     assert seconds < 180
 
 
-def test_a_zero3_target_by_config(runs, tmp_path):
-    """A target too large for one rank can be sharded too: ZeRO-3 stages give the same target."""
-    proc, _ = torchrun(tmp_path / "z3", ds_target_config=os.path.join(ROOT, "ds_configs", "target_zero3.json"))
+def test_a_zero3_target_by_config_and_a_replicated_source(runs, tmp_path):
+    """A target too large for one rank can be sharded too: ZeRO-3 stages give the same target. In the same run the
+    source is whole on both ranks (source_sharding replicated: data parallel, no ZeRO-3), and attribution and the
+    cache give what one rank gives."""
+    out = tmp_path / "z3"
+    proc, _ = torchrun(out, ds_target_config=os.path.join(ROOT, "ds_configs", "target_zero3.json"),
+                       source_sharding="replicated")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = weights(runs[0]), weights(tmp_path / "z3")
+    assert "source whole on each of 2 ranks" in proc.stdout and "under ZeRO-3" not in proc.stdout
+    test_attribution_scores_match((runs[0], out))
+    test_cached_states_match((runs[0], out))
+    a, b = weights(runs[0]), weights(out)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5)

@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from semalign_ds import config as config_mod, data as data_mod, dryrun, models
 from semalign_ds.config import ConfigError
@@ -73,8 +74,9 @@ def test_numbers_match_a_hand_computation(tmp_path):
     # (of the target, read mapped and not evaluated before training here, only its head)
     held = {"runtime": 490 * MiB, "DeepSpeed": 380 * MiB, "target head": V * dt * b,
             "source head, gathered whole": V * ds * b, "tokenised data": N * 9}
-    # ZeRO-3 in a forward: the embedding matrix (the head), one layer, the prefetch bucket (5e7 > the model)
-    in_flight = (V * ds + lp_s + p.source.params) * b
+    # ZeRO-3 in a forward: the embedding matrix (the head), one layer, the prefetch bucket ("auto": 0 on CPU, 5e7 >
+    # the model on CUDA)
+    in_flight = (V * ds + lp_s + (p.source.params if torch.cuda.is_available() else 0)) * b
     assert attr.held == {**held, "ZeRO-3 gathered in a forward": in_flight}
     assert attr.peak_bytes == src_held + attr.activation_bytes + sum(held.values()) + in_flight
     cache = phases["activation cache"]
@@ -167,9 +169,18 @@ def test_one_process_holds_no_deepspeed_terms(tmp_path):
     assert one_step.phases[-1].train_bytes == lp_t * b
     uniform = dryrun.plan(config_mod.from_dict({**values, "pairing": "uniform"}), world=2)
     cache = next(ph for ph in uniform.phases if ph.name == "activation cache")
+    bucket = uniform.source.params if torch.cuda.is_available() else 0  # "auto": 5e7 > the model, or 0 on CPU
     assert cache.held["ZeRO-3 gathered in a forward"] == (V * uniform.source.width + uniform.source.layer_params
-                                                          + uniform.source.params) * b
+                                                          + bucket) * b
     assert not any("kept" in k for k in cache.held)
+    # the source whole on each of 2 ranks (source_sharding replicated, or auto for a source this small): its phases
+    # hold what one process holds; the stages run ZeRO-2 and so DeepSpeed
+    for sharding in ("replicated", "auto"):
+        two = dryrun.plan(config_mod.from_dict({**values, "source_sharding": sharding}), world=2)
+        ph = {x.name: x for x in two.phases}
+        for name in ("attribution", "alignment", "activation cache"):
+            assert ph[name].param_bytes == p.source.params * b and ph[name].held == held, (sharding, name)
+        assert ph["all 3 stages"].held["DeepSpeed"] == 380 * MiB
     assert dryrun.phase_of(p.phases, "plan").name == "attribution"
     assert dryrun.phase_of(p.phases, "cache").name == "activation cache"
     assert [dryrun.phase_of(p.phases, f"stage_{k}").name for k in (1, 2, 3)] == \

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from semalign_ds import engines
 from semalign_ds.config import ConfigError
@@ -48,6 +49,37 @@ def test_a_source_that_does_not_fit_needs_zero3():
     with pytest.raises(ConfigError, match="more than one rank has.*use ZeRO stage 3"):
         engines.check_source_fits({"zero_optimization": {"stage": 0}}, huge, 1)
     engines.check_source_fits({"zero_optimization": {"stage": 3}}, huge, 1)  # sharded: fine
+
+
+def test_source_sharding_auto_partitions_only_where_it_holds_less():
+    """auto: ZeRO-3 when the parameters it takes off a rank, P (1 - 1/world), outweigh DeepSpeed's runtime and what
+    a forward holds gathered (embedding, a layer, the prefetch bucket), computed here by hand."""
+    from semalign_ds.config import Config
+    cfg = Config(source="s", target="t", source_sharding="auto")
+    vocab, width, layer = 50_021, 701, 3_001_003
+    bucket = 5e7 if torch.cuda.is_available() else 0  # the shipped stage3_prefetch_bucket_size "auto"
+    added = engines.DEEPSPEED_BYTES + (vocab * width + layer + bucket) * 4
+    edge = added / 4 * 2  # P (1 - 1/2) = added at 2 ranks, in float32
+    for world, params, want in ((2, int(edge) - 7, False), (2, int(edge) + 7, True),
+                                (4, int(added / 4 * 4 / 3) + 7, True), (4, int(added / 4 * 4 / 3) - 7, False)):
+        assert engines.source_zero3(cfg, world, params, vocab, width, layer) is want, (world, params)
+    assert engines.zero3_gathered(cfg, 10**12, vocab, width, layer, 2) == (vocab * width + layer + bucket) * 2
+    for sharding, want in (("zero3", True), ("replicated", False)):
+        assert engines.source_zero3(cfg.model_copy(update={"source_sharding": sharding}), 2, 99, 3, 2, 1) is want
+    assert not engines.source_zero3(cfg.model_copy(update={"source_sharding": "zero3"}), 1, 10**12, 3, 2, 1)
+    given = cfg.model_copy(update={"ds_source_config": engines.default_config_path("source_zero3")})
+    assert engines.source_zero3(given, 1, 99, 3, 2, 1)  # a DeepSpeed config given: ZeRO-3 even on one rank
+
+
+def test_the_prefetch_bucket_auto_is_zero_on_cpu_and_deepspeeds_default_on_cuda(monkeypatch):
+    shipped = engines.load_ds_config(engines.default_config_path("source_zero3"), "source")
+    assert shipped["zero_optimization"]["stage3_prefetch_bucket_size"] == "auto"
+    for cuda, want in ((False, 0), (True, 5e7)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        assert engines.fill(shipped, 3, 2, "float32")["zero_optimization"]["stage3_prefetch_bucket_size"] == want
+    assert shipped["zero_optimization"]["stage3_prefetch_bucket_size"] == "auto"  # fill works on a copy
+    given = {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 123}}
+    assert engines.fill(given, 3, 2, "float32")["zero_optimization"]["stage3_prefetch_bucket_size"] == 123
 
 
 def test_inconsistent_batch_sizes_are_refused():

@@ -1,6 +1,8 @@
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -118,3 +120,35 @@ def test_wandb_offline_gets_the_config_and_each_step_once(tmp_path, monkeypatch)
     assert {run_id for run_id, _ in configs} == {json.loads((tmp_path / "trackers.json").read_text())["wandb"]}
     assert all(config == FLAT for _, config in configs)
     assert os.listdir(tmp_path / "wandb")
+
+
+_HOLES = """
+import ctypes, sys
+from semalign_ds import summary
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss():
+    return int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]) // 1024
+summary.map_large_allocations(sys.argv[1] == "on")
+libc.free(libc.malloc(16 << 20))  # glibc's adaptive threshold: 4 MiB blocks now come from the heap
+big, small = [], []
+for _ in range(50):  # 4 MiB blocks between small ones, as gathered parameters between activations
+    big.append(libc.malloc(4 << 20)); ctypes.memset(big[-1], 1, 4 << 20)
+    small.append(libc.malloc(4096)); ctypes.memset(small[-1], 1, 4096)
+before = rss()
+for b in big:
+    libc.free(b)
+print(before - rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_mapped_large_allocations_go_back_to_the_system_when_freed():
+    """With map_large_allocations on, 200 MiB of 4 MiB blocks freed between small live ones leave the process;
+    off (glibc's heap), they stay resident as holes."""
+    returned = {}
+    for mode in ("on", "off"):
+        out = subprocess.run([sys.executable, "-c", _HOLES, mode], capture_output=True, text=True, check=True)
+        returned[mode] = int(out.stdout.split()[-1])
+    assert returned["on"] >= 190 and returned["off"] <= 10, returned

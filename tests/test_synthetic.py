@@ -91,7 +91,8 @@ def test_zero3_source_loads_partitioned_on_two_ranks(cache):
     """Each rank reads only its partition of every tensor (about half the model here) and the partitioned model
     computes what the whole one does, LM head included. After attribution (forward and backward), DeepSpeed replays
     its trace in the cache's forwards and keeps every layer it prefetched for a backward that never runs gathered;
-    engines.new_trace between the phases leaves nothing gathered."""
+    engines.new_trace between the phases leaves nothing gathered (prefetching as on CUDA: "auto" turns it off on
+    CPU, where it overlaps nothing)."""
     import subprocess
     import sys
 

@@ -61,6 +61,7 @@ def gathered_after_cache(spec, new_trace):
     from semalign_ds import attribution
     ds = source_ds()
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # the tiny model's layers are released too
+    ds["zero_optimization"]["stage3_prefetch_bucket_size"] = 5e7  # as on CUDA: "auto" is 0 on CPU, no prefetch
     model = engines.partitioned_from_safetensors(spec, models.safetensors_files(models.resolve(spec)[0]), "float32", ds)
     engine = deepspeed.initialize(model=model, config=ds)[0]
     adapter = models.Adapter(model)
