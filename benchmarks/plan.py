@@ -38,7 +38,9 @@ cached rows and frontiers); the marked rows exceed 80 GB in that sum.
 
 
 def rows():
-    from semalign_ds import config as config_mod, dryrun
+    from semalign_ds import config as config_mod, dryrun, engines
+    # a plan for GPUs: the source config's prefetch bucket "auto" as it resolves on CUDA, wherever this runs
+    engines.prefetch_bucket = lambda: 5e7
     for pair, path in PAIRS.items():
         cfg = config_mod.load(os.path.join(ROOT, path))
         for world in WORLDS:
