@@ -8,6 +8,7 @@ nothing is run. A phase whose per-rank peak exceeds an 80 GB accelerator is mark
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import sys
 
@@ -40,7 +41,7 @@ cached rows and frontiers); the marked rows exceed 80 GB in that sum.
 def rows():
     from semalign_ds import config as config_mod, dryrun, engines
     # a plan for GPUs: the source config's prefetch bucket "auto" as it resolves on CUDA, wherever this runs
-    engines.prefetch_bucket = lambda: 5e7
+    engines.prefetch_bucket = functools.partial(engines.prefetch_bucket, cuda=True)
     for pair, path in PAIRS.items():
         cfg = config_mod.load(os.path.join(ROOT, path))
         for world in WORLDS:

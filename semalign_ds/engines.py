@@ -70,8 +70,8 @@ def fill(ds, micro_batch, world, dtype, grad_clip=None, lr=None, weight_decay=No
         if ds.get(key, "auto") == "auto":
             ds[key] = value
     zero = ds.get("zero_optimization", {})
-    if zero.get("stage3_prefetch_bucket_size") == "auto":
-        zero["stage3_prefetch_bucket_size"] = prefetch_bucket()
+    for key, value in zero.items():
+        zero[key] = _zero_auto(key, value)
     for key in ("bf16", "fp16"):
         if isinstance(ds.get(key), dict) and ds[key].get("enabled") == "auto":
             ds[key]["enabled"] = (dtype == "bfloat16") if key == "bf16" else False
@@ -91,14 +91,21 @@ DEEPSPEED_BYTES = 380 * 2**20
 _DS_DEFAULTS = {"stage3_prefetch_bucket_size": 5e7, "reduce_bucket_size": 5e8}  # DeepSpeed's own defaults
 
 
-def prefetch_bucket():
+def prefetch_bucket(cuda=None):
     """stage3_prefetch_bucket_size "auto": DeepSpeed's default (5e7 parameters) on CUDA, 0 on CPU. On CPU a
     prefetch overlaps nothing (gloo's collectives run between the forward's own operations), and from the second
     batch on, when DeepSpeed replays the recorded trace, the prefetched parameters stay gathered: a 0.40B source at 2
     ranks, attribution batches of 4 x 128 tokens, peaked at 4,542 MiB on rank 0 from the second batch on against 3,136
-    in the first, and at 3,150-3,168 in every batch without prefetch (the 1-rank model whole: 3,557)."""
+    in the first, and at 3,150-3,168 in every batch without prefetch (the 1-rank model whole: 3,557). cuda: where
+    the source runs (default: this machine has CUDA)."""
     import torch
-    return 5e7 if torch.cuda.is_available() else 0
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return _DS_DEFAULTS["stage3_prefetch_bucket_size"] if cuda else 0
+
+
+def _zero_auto(key, value):
+    """A zero_optimization value, "auto" resolved where the run resolves it (the prefetch bucket), else as given."""
+    return prefetch_bucket() if key == "stage3_prefetch_bucket_size" and value == "auto" else value
 
 
 def zero_setting(cfg, role, key):
@@ -106,8 +113,7 @@ def zero_setting(cfg, role, key):
     given), or DeepSpeed's own default."""
     path = getattr(cfg, f"ds_{role}_config") or default_config_path(
         {"source": "source_zero3", "target": "target_zero2"}[role])
-    value = load_ds_config(path, role).get("zero_optimization", {}).get(key, _DS_DEFAULTS[key])
-    return float(prefetch_bucket() if value == "auto" else value)
+    return float(_zero_auto(key, load_ds_config(path, role).get("zero_optimization", {}).get(key, _DS_DEFAULTS[key])))
 
 
 def zero3_gathered(cfg, params, vocab, width, layer_params, b):
