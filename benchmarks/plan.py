@@ -21,10 +21,11 @@ NOTES = """What the table says, and what to change before submitting such a job.
 memory, host and device together (semalign_ds/dryrun.py, Phase.held: the runtime, the target held through the
 source phases, the source head's gathered copy, the data, what ZeRO-3 holds gathered, and in the stages the
 cached rows and frontiers); the marked rows exceed 80 GB in that sum.
-- Attribution does not fit at 2,048 tokens: its backward keeps every source layer's activations of
-  attribution_batch_size sequences (ZeRO-3 shards parameters, not activations), 92 GiB for the 13B source at 2
-  sequences and 147 GiB for the 70B one at 1, whatever the world size. Shorter attribution sequences (a separate
-  transfer set, or max_seq_len 512 for that run) fit; the project has no activation checkpointing for it yet.
+- Attribution fits at 2,048 tokens because both configs set attribution_recompute: its backward keeps each source
+  layer's input and one layer's activations at a time, 6.3 GiB for the 13B source at 2 sequences and 8.7 GiB for
+  the 70B one at 1, for one more forward of every layer. Without it the backward keeps every layer's activations
+  (ZeRO-3 shards parameters, not activations): 92 and 147 GiB per rank, whatever the world size (the dry run says
+  so in a note).
 - The cache's activation column is mostly host memory: each rank holds one cache shard's rows (cache_shard_examples
   64 x 2,048 positions x (L_t d_t + d_s) float32, 71-73 GiB here) until the shard is written. cache_shard_examples 8
   brings it to about 9 GiB. On the device, the cache holds the partition and what one ZeRO-3 forward gathers (it

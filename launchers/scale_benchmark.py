@@ -41,7 +41,7 @@ REDUCED = {"data": "embedded:stdlib", "max_examples": 32, "attribution_examples"
            "stage_steps": 1, "eval_data": None, "cache_shard_examples": 8, "max_seq_len": 128,
            "chat_template": "off", "batch_size": 4, "checkpoint_every": 0, "report_to": "none",
            "basis_dtype": "float32"}
-COLUMNS = ["date", "device", "cores", "load_1m", "source", "target", "world", "phase", "seconds", "tokens",
+COLUMNS = ["date", "device", "cores", "load_1m", "source", "target", "settings", "world", "phase", "seconds", "tokens",
            "tokens_per_s_total", "peak_rss_mib_per_rank", "peak_rss_mib_max", "rank0_phase_peak_mib_run",
            "dryrun_peak_mib_per_rank", "torch", "deepspeed", "transformers", "python", "commit"]
 
@@ -199,7 +199,7 @@ def write_rows(path, results, args):
     info = benchmark.versions()
     common = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "device": benchmark.device_name(), "cores": os.cpu_count(), "source": args.source,
-              "target": args.target or f"source layers {args.keep_layers}", **info}
+              "target": args.target or f"source layers {args.keep_layers}", "settings": " ".join(args.set), **info}
     new = not os.path.isfile(path)
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -234,7 +234,8 @@ def plot_csv(path, results_csv):
         rows = [r for r in csv.DictReader(f) if r["phase"] in ("plan", "cache")]
     series = {}
     for r in rows:
-        series.setdefault((r["source"], r["phase"]), {})[int(r["world"])] = (
+        source = " ".join(filter(None, (r["source"], r.get("settings"))))  # a setting makes its own series
+        series.setdefault((source, r["phase"]), {})[int(r["world"])] = (
             float(r["rank0_phase_peak_mib_run"]), float(r["tokens_per_s_total"]))
     series = {k: [(w, *v[w]) for w in sorted(v)] for k, v in sorted(series.items())}
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))

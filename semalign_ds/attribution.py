@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 
-def batch_scores(adapter, ids, attn, loss_mask, head_weight, runner=None):
-    """Per-example scores [B, L] for one right-padded batch; head_weight: [V, d] (padding rows trimmed)."""
-    states = adapter.hidden_states(ids, attn, grad=True, runner=runner)[1:]
+def batch_scores(adapter, ids, attn, loss_mask, head_weight, runner=None, recompute=False):
+    """Per-example scores [B, L] for one right-padded batch; head_weight: [V, d] (padding rows trimmed). recompute:
+    each layer's activations are recomputed in the backward instead of kept (the same scores)."""
+    states = adapter.hidden_states(ids, attn, grad=True, runner=runner, recompute=recompute)[1:]
     h = states[-1]
     x = adapter.norm(h)[loss_mask]
     targets = ids[:, 1:][loss_mask[:, :-1]]
@@ -24,7 +25,11 @@ def batch_scores(adapter, ids, attn, loss_mask, head_weight, runner=None):
     counts = loss_mask.sum(1).clamp(min=1)
     # the sum over examples of their mean CE: each example's gradient is its own mean's gradient
     loss = (ce / counts[rows]).sum()
-    grads = torch.autograd.grad(loss, states)
+    # backward(), not autograd.grad: a recomputed layer (reentrant checkpointing) is backpropagated inside the backward
+    for h in states:
+        h.retain_grad()
+    loss.backward()
+    grads = [h.grad for h in states]
     mask = loss_mask.unsqueeze(-1)
     scores = [((h.to(acc) * g.to(acc)) * mask).sum(dim=(1, 2)).abs() for h, g in zip(states, grads)]
     return torch.stack(scores, dim=1).detach()
@@ -46,7 +51,7 @@ def phase(s, src, runner, head_s):
     for idx, real in s.bar(distributed.lockstep(batches, collective=runner is not None and s.world > 1),
                            desc="attribution"):
         ids, attn, loss = (t.to(s.device) for t in s.data.batch(idx, s.pad_id))
-        scores = batch_scores(src, ids, attn, loss, head_s, runner)
+        scores = batch_scores(src, ids, attn, loss, head_s, runner, cfg.attribution_recompute)
         if real:
             sums[:-1] += scores.sum(0).double().cpu()
             sums[-1] += int(attn.sum())

@@ -111,6 +111,8 @@ class Config(BaseModel):
     attribution_examples: Optional[Int] = _f(None, "examples used for attribution (null: all)", ge=1)
     attribution_batch_size: Int = _f(2, "sequences per forward and backward in attribution, per rank (the "
                                         "backward holds every layer's activations of them)", ge=1)
+    attribution_recompute: bool = _f(False, "attribution's backward recomputes each source layer instead of keeping "
+                                            "its activations: one layer's activations for one more forward")
     # --- alignment -----------------------------------------------------------------------------------------
     alignment_map: Literal["semantic", "least_squares"] = _f(
         "semantic", "semantic: M = S_t S_s^T (the paper); least_squares: M = pinv(W_t) W_s")

@@ -213,6 +213,13 @@ def plan(cfg: Config, world: int | None = None) -> Plan:
                                           enumerate(pairing.uniform_pairs(src.layers, tgt.layers), 1)))
     out = Plan(world, src, tgt, tokens, pairs, *disk_bytes(cfg, src, tgt, tokens), notes=notes)
     out.phases = phases(cfg, src, tgt, tokens, world)
+    attr = phase_of(out.phases, "attribution")
+    if attr is not None and not cfg.attribution_recompute and attr.activation_bytes > attr.peak_bytes / 2:
+        lean = phase_of(phases(cfg.model_copy(update={"attribution_recompute": True}), src, tgt, tokens, world),
+                        "attribution")
+        notes.append(f"attribution's activations are {_bytes(attr.activation_bytes)} of its "
+                     f"{_bytes(attr.peak_bytes)} per rank; attribution_recompute: true would hold "
+                     f"{_bytes(lean.activation_bytes)} (peak {_bytes(lean.peak_bytes)}) for one more forward")
     return out
 
 
@@ -310,13 +317,18 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
     if cfg.pairing == "attribution":
         attr_tokens = tokens.tokens * n_attr / tokens.examples
         attr_loss = tokens.loss_positions * n_attr / tokens.examples
-        # every layer's saved activations, the logits with their softmax and gradient, every state's gradient
-        out.append(Phase("attribution", src_held, 0,
-                         src.layers * _activations(ab, seq, src.width, src.heads, b) + 2 * ab * seq * vocab * 4
-                         + src.layers * ab * seq * src.width * b,
-                         budget.cost(model_s, attr_tokens, attr_loss, mean_len, src.layers, src.layers, 1, 1,
+        # every layer's saved activations (recomputed: every layer's input, and one layer's activations at a time),
+        # the logits with their softmax and gradient, every state's gradient
+        state = ab * seq * src.width * b
+        layers_act = (src.layers * state + _activations(ab, seq, src.width, src.heads, b) if cfg.attribution_recompute
+                      else src.layers * _activations(ab, seq, src.width, src.heads, b))
+        out.append(Phase("attribution", src_held, 0, layers_act + 2 * ab * seq * vocab * 4 + src.layers * state,
+                         budget.cost(model_s, attr_tokens, attr_loss, mean_len,
+                                     src.layers * (2 if cfg.attribution_recompute else 1), src.layers, 1, 1,
                                      weight_grads=False)["flops"],
-                         f"{n_attr} examples, source forward + backward", held={**held_s, **gathered}))
+                         f"{n_attr} examples, source forward + backward"
+                         + (" (each layer recomputed)" if cfg.attribution_recompute else ""),
+                         held={**held_s, **gathered}))
     # the map M: every rank its share of the vocabulary's blocks, from both heads (held whole: the source's
     # gathered copy, the target's own)
     basis_bytes = 8 if cfg.basis_dtype == "float64" else 4

@@ -17,6 +17,7 @@ Adding a model family (model_type X):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import functools
@@ -26,6 +27,7 @@ import re
 from typing import NamedTuple
 
 import torch
+import torch.utils.checkpoint
 
 from semalign_ds.config import ConfigError
 
@@ -279,12 +281,17 @@ class Adapter:
         out = self.layers[i](h, **ctx[i])
         return out[0] if isinstance(out, tuple) else out
 
-    def hidden_states(self, input_ids, attention_mask, grad=False, runner=None):
+    def hidden_states(self, input_ids, attention_mask, grad=False, runner=None, recompute=False):
         """[h^(0), h^(1), ..., h^(L)]: the residual stream before and after each decoder layer, from the model's own
         forward (so that DeepSpeed's ZeRO-3 hooks gather parameters as usual; `runner` is the engine then). With
         grad=True, h^(0) is a leaf that requires grad, so that activation gradients flow to every h^(l) while the
-        parameters stay frozen."""
+        parameters stay frozen. recompute=True (with grad) keeps only each layer's input for the backward and runs
+        the layer again there (transformers' gradient checkpointing on the decoder layers alone): one more forward
+        for activation memory of one layer instead of all; take the gradients with backward() then."""
         states = []
+        if recompute and grad:
+            with self._checkpointed_layers():
+                return self.hidden_states(input_ids, attention_mask, grad, runner)
 
         def take_input(_module, args, kwargs):
             h = args[0] if args else kwargs["hidden_states"]
@@ -307,6 +314,33 @@ class Adapter:
             for h in hooks:
                 h.remove()
         return states
+
+    @contextlib.contextmanager
+    def _checkpointed_layers(self):
+        """The decoder layers checkpoint their forward while the context is open (their submodules stay in eval
+        mode: the flag transformers checks is the layer's own `training`). The backward may run after it closes:
+        the recompute calls the forward the checkpoint captured."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+        if not all(isinstance(layer, GradientCheckpointingLayer) for layer in self.layers):
+            raise ValueError(f"{type(self.layers[0]).__name__} does not support gradient checkpointing in this "
+                             "transformers; set attribution_recompute: false")
+        before = [(layer.gradient_checkpointing, layer.training, layer.__dict__.get("_gradient_checkpointing_func"))
+                  for layer in self.layers]
+        # reentrant: the layer runs again, forward and backward, inside the backward, so that ZeRO-3 gathers its
+        # frozen parameters for both (non-reentrant checkpointing saves them by reference, and ZeRO-3 partitions
+        # them in place after the recomputed forward: a CheckpointError). Take gradients with backward(), not grad().
+        ckpt = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=True)
+        for layer in self.layers:
+            layer.gradient_checkpointing, layer.training, layer._gradient_checkpointing_func = True, True, ckpt
+        try:
+            yield
+        finally:
+            for layer, (on, training, func) in zip(self.layers, before):
+                layer.gradient_checkpointing, layer.training = on, training
+                if func is None:
+                    layer.__dict__.pop("_gradient_checkpointing_func", None)
+                else:
+                    layer._gradient_checkpointing_func = func
 
 
 def _right_padded(attention_mask):

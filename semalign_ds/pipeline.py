@@ -408,8 +408,8 @@ def phase_memory(s, name):
 
 
 def source_cost(s, phase, seconds):
-    """Budget of the source's phases: attribution (every layer forward and backward, weights frozen, over the
-    attribution examples; none with uniform pairing) and the cache (every layer forward over the transfer set)."""
+    """Budget of the source's phases: attribution (every layer forward, again with attribution_recompute, and
+    backward, weights frozen, over the attribution examples; none with uniform pairing) and the cache (every layer forward over the transfer set)."""
     cfg, lengths = s.cfg, s.data.lengths
     model = budget.shape(models.config_of(cfg.source, cfg.source_gguf_file), s.vocab)
     if phase == "attribution":
@@ -417,7 +417,8 @@ def source_cost(s, phase, seconds):
             return budget.cost(model, 0, 0, 0, 0, seconds=seconds)
         n = len(s.data) if cfg.attribution_examples is None else min(cfg.attribution_examples, len(s.data))
         positions, loss = int(lengths[:n].sum()), int(s.data.loss_counts[:n].sum())
-        return budget.cost(model, positions, loss, positions / n, s.n_source, s.n_source, 1, 1,
+        forwards = 2 if cfg.attribution_recompute else 1  # each layer recomputed in the backward
+        return budget.cost(model, positions, loss, positions / n, forwards * s.n_source, s.n_source, 1, 1,
                            weight_grads=False, seconds=seconds)
     positions = int(lengths.sum())
     return budget.cost(model, positions, 0, positions / len(s.data), s.n_source, seconds=seconds)

@@ -28,9 +28,14 @@ def reference_scores(model, ids, loss_positions):
     return torch.stack([(h.grad[0, loss_positions] * h[0, loss_positions]).sum().abs() for h in captured])
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_batch_scores_match_reference(arch):
+@pytest.mark.parametrize("arch, recompute", [("llama", False), ("gpt2", False), ("llama", True), ("gpt2", True)])
+def test_batch_scores_match_reference(arch, recompute):
+    """recompute: every layer runs again in the backward (counted), with the same scores."""
     model = random_model(arch, layers=4, seed=7)
+    calls = []
+    ad = models.Adapter(model)
+    # a submodule's hook: a recompute runs the layer's forward again, inside its own hooks
+    next(ad.layers[2].children()).register_forward_pre_hook(lambda *_: calls.append(2))
     gen = torch.Generator().manual_seed(8)
     lengths, starts = [13, 7, 10], [5, 2, 9]
     ids = torch.zeros(3, 13, dtype=torch.long)
@@ -40,8 +45,10 @@ def test_batch_scores_match_reference(arch):
         ids[i, :n] = torch.randint(1, 97, (n,), generator=gen)
         attn[i, :n] = 1
         loss[i, s - 1:n - 1] = True
-    ad = models.Adapter(model)
-    ours = attribution.batch_scores(ad, ids, attn, loss, ad.head.weight)
+    ours = attribution.batch_scores(ad, ids, attn, loss, ad.head.weight, recompute=recompute)
+    assert len(calls) == (2 if recompute else 1)
+    # the layers are as they were: not checkpointing, in eval mode
+    assert not any(layer.gradient_checkpointing or layer.training for layer in ad.layers)
     for i, n in enumerate(lengths):
         positions = loss[i, :n - 1].nonzero().squeeze(1)
         ref = reference_scores(model, ids[i:i + 1, :n], positions)
@@ -73,15 +80,16 @@ class _Examples:
         return ids, attn, loss
 
 
-@pytest.mark.parametrize("batch_size", [1, 2, 5])
-def test_phase_scores_do_not_depend_on_the_batch_size(batch_size):
+@pytest.mark.parametrize("batch_size, recompute", [(1, False), (2, False), (5, False), (2, True)])
+def test_phase_scores_do_not_depend_on_the_batch_size(batch_size, recompute):
     """attribution.phase over micro-batches of attribution_batch_size: the mean over examples of each example's
-    own float64 reference, whatever the micro-batch."""
+    own float64 reference, whatever the micro-batch, with or without attribution_recompute."""
     from types import SimpleNamespace
     model = random_model("llama", layers=4, seed=11)
     data = _Examples([13, 7, 10, 4, 11], [5, 2, 9, 2, 3], seed=12)
     logged = {}
-    s = SimpleNamespace(cfg=SimpleNamespace(attribution_examples=None, attribution_batch_size=batch_size), data=data,
+    s = SimpleNamespace(cfg=SimpleNamespace(attribution_examples=None, attribution_batch_size=batch_size,
+                                            attribution_recompute=recompute), data=data,
                         device="cpu", pad_id=0, world=1, n_source=4, bar=lambda it, **kw: it,
                         monitor=SimpleNamespace(log=lambda tag, values, step: logged.update({tag: values})))
     ad = models.Adapter(model)

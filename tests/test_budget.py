@@ -37,7 +37,7 @@ def test_cost_is_the_hand_count():
 def test_a_runs_budget_counts_its_batches(tmp_path):
     cfg = config_mod.load(TINY_YAML, {"max_examples": 13, "stage_steps": 3, "eval_data": None, "batch_size": 3,
                                       "cache_shard_examples": 7, "output_dir": str(tmp_path / "run"),
-                                      "report_to": ["none"]})
+                                      "report_to": ["none"], "attribution_recompute": True})
     pipeline.run(cfg)
     got = json.loads((tmp_path / "run" / "budget.json").read_text())
     data = TokenizedSet.load(str(tmp_path / "run" / "data" / "transfer.safetensors"))
@@ -50,6 +50,7 @@ def test_a_runs_budget_counts_its_batches(tmp_path):
         assert stage["flops"] > 0 and stage["seconds"] > 0
     assert got["phases"]["cache"]["forward_layer_tokens"] == 6 * total  # 6 source layers
     assert got["phases"]["attribution"]["backward_layer_tokens"] == 6 * total
+    assert got["phases"]["attribution"]["forward_layer_tokens"] == 2 * 6 * total  # each layer recomputed
     assert got["training"]["flops"] == pytest.approx(sum(got["phases"][f"stage_{k}"]["flops"] for k in (1, 2, 3)))
     assert got["total"]["flops"] == pytest.approx(got["training"]["flops"] + got["phases"]["cache"]["flops"]
                                                   + got["phases"]["attribution"]["flops"])

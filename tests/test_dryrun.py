@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from semalign_ds import config as config_mod, data as data_mod, dryrun, models
 from semalign_ds.config import ConfigError
@@ -34,10 +35,10 @@ def act(batch, seq, d, heads, b):  # Korthikanti et al.: bytes of one layer's sa
 
 
 def test_numbers_match_a_hand_computation(tmp_path):
-    cfg = config_mod.from_dict({**shapes_only(tmp_path), "data": "embedded:stdlib", "eval_data": None,
-                                "max_examples": 9, "max_seq_len": 17, "batch_size": 6, "grad_accum_steps": 3,
-                                "stage_steps": 5, "attribution_examples": 4, "eval_batch_size": 3, "attribution_batch_size": 5,
-                                "dtype": "bfloat16", "fisher_weight": 0.25})
+    values = {**shapes_only(tmp_path), "data": "embedded:stdlib", "eval_data": None, "max_examples": 9,
+              "max_seq_len": 17, "batch_size": 6, "grad_accum_steps": 3, "stage_steps": 5, "attribution_examples": 4,
+              "eval_batch_size": 3, "attribution_batch_size": 5, "dtype": "bfloat16", "fisher_weight": 0.25}
+    cfg = config_mod.from_dict(values)
     p = dryrun.plan(cfg, world=2)
     spec = {n: json.load(open(os.path.join(TINY, f"{n}.json"))) for n in ("source", "target")}
     V, b, W, N, T = 512, 2, 2, 9 * 17, 17
@@ -69,6 +70,12 @@ def test_numbers_match_a_hand_computation(tmp_path):
     # every layer's saved activations, the logits twice (float32), every state's gradient
     assert attr.activation_bytes == pytest.approx(Ls * act(5, T, ds, 4, b) + 2 * 5 * T * V * 4 + Ls * 5 * T * ds * b,
                                                   rel=1e-12)
+    # recomputed: every layer's input and one layer's activations at a time, for one more forward of every layer
+    rc = dryrun.phase_of(dryrun.plan(config_mod.from_dict({**values, "attribution_recompute": True}), 2).phases,
+                         "attribution")
+    assert rc.activation_bytes == pytest.approx(Ls * 5 * T * ds * b + act(5, T, ds, 4, b) + 2 * 5 * T * V * 4
+                                                + Ls * 5 * T * ds * b, rel=1e-12)
+    assert rc.flops == pytest.approx((2 * lm_s + 2 * T * ds) * 3 * Ls * attr_n + 2 * V * ds * 2 * attr_n, rel=1e-12)
     # besides the source: the runtime, the target (loaded first), the source head's gathered copy, the data
     MiB = 2**20
     # (of the target, read mapped and not evaluated before training here, only its head)
@@ -221,11 +228,12 @@ def test_the_dry_run_predicts_the_measured_scale_rows():
                for r in rows if r["source"].startswith("synthetic:")}
     plans, measured = {}, {}
     for r in rows:  # the stages as one phase: their peak
-        key = (r["source"], r["target"], int(r["world"]))
+        key = (r["source"], r["target"], r["settings"], int(r["world"]))
         if key not in plans:
             target = ({"target_keep_layers": json.loads(r["target"].removeprefix("source layers "))}
                       if r["target"].startswith("source layers ") else {"target": r["target"]})
-            cfg = config_mod.from_dict({**scale.REDUCED, "source": r["source"], **target})
+            settings = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in r["settings"].split())}
+            cfg = config_mod.from_dict({**scale.REDUCED, "source": r["source"], **target, **settings})
             plans[key] = dryrun.plan(cfg, int(r["world"]))
         phase = "stages" if r["phase"].startswith("stage_") else r["phase"]
         measured[key + (phase,)] = max(measured.get(key + (phase,), 0), float(r["rank0_phase_peak_mib_run"]))
@@ -236,7 +244,8 @@ def test_the_dry_run_predicts_the_measured_scale_rows():
                if phase == "stages" else dryrun.phase_of(phases, phase))
         predicted = row.peak_bytes / 2**20
         if not _within(predicted, got):
-            misses.append(f"{key[0]} world {key[2]} {phase}: {predicted:.0f} MiB predicted, {got:.0f} measured")
+            misses.append(f"{key[0]} {key[2]} world {key[3]} {phase}: {predicted:.0f} MiB predicted, "
+                          f"{got:.0f} measured")
     assert len(measured) >= 6 and not misses, misses
     for source, was in written.items():  # a dry run reads a synthetic model's shape and tokenizer, never writes it
         assert os.path.isdir(synthetic.folder(source.split(":", 1)[1])) == was
@@ -324,5 +333,28 @@ def test_the_scale_plot_draws_every_row_of_the_results(tmp_path):
         rows = [r for r in csv.DictReader(f) if r["phase"] in ("plan", "cache")]
     assert sum(len(points) for points in series.values()) == len(rows)
     for r in rows:
-        point = dict((w, (mib, tps)) for w, mib, tps in series[(r["source"], r["phase"])])[int(r["world"])]
+        source = " ".join(filter(None, (r["source"], r["settings"])))
+        point = dict((w, (mib, tps)) for w, mib, tps in series[(source, r["phase"])])[int(r["world"])]
         assert point == (float(r["rank0_phase_peak_mib_run"]), float(r["tokens_per_s_total"]))
+
+
+def test_the_plan_names_attribution_recompute_when_activations_dominate(tmp_path):
+    """A note when attribution's activations are most of its peak, with what recomputing would hold instead; none
+    when they are not, or when it is already on."""
+    base = {**shapes_only(tmp_path), "data": "embedded:stdlib", "eval_data": None, "max_examples": 64,
+            "max_seq_len": 512, "attribution_examples": 64}
+    notes, attrs = {}, {}
+    for batch, recompute in ((1, False), (64, False), (64, True)):
+        cfg = config_mod.from_dict({**base, "attribution_batch_size": batch, "attribution_recompute": recompute})
+        p = dryrun.plan(cfg, world=1)
+        notes[batch, recompute] = [n for n in p.notes if "attribution_recompute" in n]
+        attrs[batch, recompute] = dryrun.phase_of(p.phases, "attribution")
+    attr, lean = attrs[64, False], attrs[64, True]
+    small = attrs[1, False]
+    assert attr.activation_bytes > attr.peak_bytes / 2 and small.activation_bytes < small.peak_bytes / 2
+    assert lean.activation_bytes < attr.activation_bytes / 4
+    assert notes[1, False] == [] and notes[64, True] == []
+    assert notes[64, False] == [f"attribution's activations are {dryrun._bytes(attr.activation_bytes)} of its "
+                                f"{dryrun._bytes(attr.peak_bytes)} per rank; attribution_recompute: true would hold "
+                                f"{dryrun._bytes(lean.activation_bytes)} (peak {dryrun._bytes(lean.peak_bytes)}) "
+                                "for one more forward"]

@@ -92,7 +92,7 @@ def test_zero3_source_loads_partitioned_on_two_ranks(cache):
     computes what the whole one does, LM head included. After attribution (forward and backward), DeepSpeed replays
     its trace in the cache's forwards and keeps every layer it prefetched for a backward that never runs gathered;
     engines.new_trace between the phases leaves nothing gathered (prefetching as on CUDA: "auto" turns it off on
-    CPU, where it overlaps nothing)."""
+    CPU, where it overlaps nothing). Attribution with recomputed layers gives the same scores there."""
     import subprocess
     import sys
 
@@ -107,7 +107,12 @@ def test_zero3_source_loads_partitioned_on_two_ranks(cache):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     traces = [r["trace"] for r in ranks if "trace" in r]
+    recomputed = [r["recompute"] for r in ranks if "recompute" in r]
     ranks = [r for r in ranks if "spec" in r]
+    assert len(recomputed) == 2
+    for r in recomputed:  # attribution_recompute under ZeRO-3: the same scores (float32), at most a layer gathered
+        assert r["smallest"] > 0 and r["vs_plain"] < 1e-5 and r["vs_whole"] < 1e-5, r
+        assert r["held"][:2] in ([0, 0], [r["layer"]] * 2) and r["held"][2] == 0, r
     assert len(traces) == 2
     for t in traces:
         assert t["False"] > 100_000 and t["True"] == 0, t  # the layers (4 x 36,992), then nothing

@@ -1,7 +1,7 @@
 """Run under torchrun: each source loaded partitioned from its safetensors files (no rank reads the whole model)
 must hold only its share on each rank and compute what the model loaded whole computes; and after attribution's
 forward and backward, the cache's forwards must leave nothing gathered when the phases start a new trace. Prints
-one JSON line per rank and model, then one per rank for the trace."""
+one JSON line per rank and model, then one per rank for the trace, and one for attribution with recomputed layers."""
 import gc
 import json
 import sys
@@ -43,6 +43,7 @@ def main(specs):
         print(json.dumps({**result, "freed": alive() is None}), flush=True)
     print(json.dumps({"rank": distributed.rank(), "trace": {str(new): gathered_after_cache(specs[0], new)
                                                             for new in (False, True)}}), flush=True)
+    print(json.dumps({"rank": distributed.rank(), "recompute": recomputed(specs[0])}), flush=True)
     distributed.shutdown()
 
 
@@ -81,6 +82,46 @@ def gathered_after_cache(spec, new_trace):
     held = sum(p.ds_numel for p in model.parameters() if p.ds_status != ZeroParamStatus.NOT_AVAILABLE)
     engines.release_source(engine)
     return held
+
+
+def recomputed(spec):
+    """Attribution with attribution_recompute on the partitioned source: its scores (each rank its own batch)
+    against the same batch without recompute and on the model loaded whole, and the parameters (numel) still
+    gathered after each of two batches, and after the cache's forwards that follow (a new trace between)."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from semalign_ds import attribution
+    ds = source_ds()
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    model = engines.partitioned_from_safetensors(spec, models.safetensors_files(models.resolve(spec)[0]), "float32", ds)
+    engine = deepspeed.initialize(model=model, config=ds)[0]
+    adapter = models.Adapter(model)
+    head = engines.whole(adapter.head.weight)
+    whole = models.Adapter(models.load_model(spec))
+    ids = torch.randint(1, 1000, (3, 11), generator=torch.Generator().manual_seed(10 + distributed.rank()))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    loss = mask.bool()
+    loss[:, :2] = loss[:, -1] = False
+    loss[1, 7:] = False
+    held = []
+    engines.new_trace(engine)
+    plain = attribution.batch_scores(adapter, ids, mask, loss, head, engine)
+    for _ in range(2):
+        ours = attribution.batch_scores(adapter, ids, mask, loss, head, engine, recompute=True)
+        held.append(sum(p.ds_numel for p in model.parameters() if p.ds_status != ZeroParamStatus.NOT_AVAILABLE))
+    ref = attribution.batch_scores(whole, ids, mask, loss, whole.head.weight)
+    engines.new_trace(engine)
+    for _ in range(2):
+        with torch.no_grad():
+            adapter.hidden_states(ids, mask, runner=engine)
+    held.append(sum(p.ds_numel for p in model.parameters() if p.ds_status != ZeroParamStatus.NOT_AVAILABLE))
+    layer = sum(p.ds_numel for p in adapter.layers[0].parameters())
+    engines.release_source(engine)
+    scale = ref.abs().max()  # float32: differences relative to the largest score
+    return {"vs_plain": float((ours - plain).abs().max() / scale), "vs_whole": float((ours - ref).abs().max() / scale),
+            "smallest": float(ref.min()), "held": held, "layer": layer}
 
 
 if __name__ == "__main__":
