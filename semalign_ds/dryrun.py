@@ -9,9 +9,9 @@ The estimates are first-order, meant for sizing a job before submitting it:
   (Korthikanti et al. 2022, no recomputation), scaled to the run's dtype; the naive loss keeps 3 float32
   [positions, vocabulary] tensors (the chunked and Triton back ends keep less);
 - resident memory: each phase's peak is its model's parameters, training state and activations plus the named
-  terms in Phase.held: the runtime (RUNTIME_BYTES, engines.DEEPSPEED_BYTES: measured constants), the target (loaded before
-  the source phases), the source head gathered whole, the tokenised data, the parameters ZeRO-3 holds gathered,
-  the source head and the frontier of the stages (see held_source and held_stages);
+  terms in Phase.held: the runtime (RUNTIME_BYTES, engines.DEEPSPEED_BYTES: measured constants), the target
+  (loaded before the source phases), the source head gathered whole, the tokenised data, the parameters ZeRO-3
+  holds gathered, the source head and the frontier of the stages (see held_source and held_stages);
 - FLOPs: 2 per multiply-add of every linear layer (the LM head included where it runs) plus 4*T*d per token and
   layer for attention, backward twice the forward; Fisher loss 8*N*V*d_t, output KL 2*N*V*(d_s + 3*d_t);
   data parallel over the ranks.
@@ -319,9 +319,8 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
         attr_loss = tokens.loss_positions * n_attr / tokens.examples
         # every layer's saved activations (recomputed: every layer's input, and one layer's activations at a time),
         # the logits with their softmax and gradient, every state's gradient
-        state = ab * seq * src.width * b
-        layers_act = (src.layers * state + _activations(ab, seq, src.width, src.heads, b) if cfg.attribution_recompute
-                      else src.layers * _activations(ab, seq, src.width, src.heads, b))
+        state, layer = ab * seq * src.width * b, _activations(ab, seq, src.width, src.heads, b)
+        layers_act = src.layers * state + layer if cfg.attribution_recompute else src.layers * layer
         out.append(Phase("attribution", src_held, 0, layers_act + 2 * ab * seq * vocab * 4 + src.layers * state,
                          budget.cost(model_s, attr_tokens, attr_loss, mean_len,
                                      src.layers * (2 if cfg.attribution_recompute else 1), src.layers, 1, 1,

@@ -409,7 +409,8 @@ def phase_memory(s, name):
 
 def source_cost(s, phase, seconds):
     """Budget of the source's phases: attribution (every layer forward, again with attribution_recompute, and
-    backward, weights frozen, over the attribution examples; none with uniform pairing) and the cache (every layer forward over the transfer set)."""
+    backward, weights frozen, over the attribution examples; none with uniform pairing) and the cache (every layer
+    forward over the transfer set)."""
     cfg, lengths = s.cfg, s.data.lengths
     model = budget.shape(models.config_of(cfg.source, cfg.source_gguf_file), s.vocab)
     if phase == "attribution":

@@ -56,17 +56,8 @@ def source_ds():
 def gathered_after_cache(spec, new_trace):
     """Parameters (numel) still gathered on this rank after two attribution batches (forward and backward, as
     attribution.batch_scores runs them) and three cache forwards, with or without engines.new_trace between."""
-    import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
     from semalign_ds import attribution
-    ds = source_ds()
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # the tiny model's layers are released too
-    ds["zero_optimization"]["stage3_prefetch_bucket_size"] = 5e7  # as on CUDA: "auto" is 0 on CPU, no prefetch
-    model = engines.partitioned_from_safetensors(spec, models.safetensors_files(models.resolve(spec)[0]), "float32", ds)
-    engine = deepspeed.initialize(model=model, config=ds)[0]
-    adapter = models.Adapter(model)
-    head = engines.whole(adapter.head.weight)
+    model, engine, adapter, head = partitioned(spec, stage3_prefetch_bucket_size=5e7)  # as on CUDA: "auto" is 0
     ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     loss = mask.bool()
@@ -79,25 +70,36 @@ def gathered_after_cache(spec, new_trace):
     for _ in range(3):  # the first records the trace, the next ones replay it
         with torch.no_grad():
             adapter.hidden_states(ids, mask, runner=engine)
-    held = sum(p.ds_numel for p in model.parameters() if p.ds_status != ZeroParamStatus.NOT_AVAILABLE)
+    held = gathered(model)
     engines.release_source(engine)
     return held
+
+
+def partitioned(spec, **zero):
+    """The source loaded partitioned under the shipped ZeRO-3 config, every layer released after use (the tiny
+    model's too: persistence threshold 0) and `zero` overriding its zero_optimization keys: (model, engine,
+    adapter, the head gathered whole)."""
+    import deepspeed
+    ds = source_ds()
+    ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0, **zero})
+    model = engines.partitioned_from_safetensors(spec, models.safetensors_files(models.resolve(spec)[0]), "float32", ds)
+    engine = deepspeed.initialize(model=model, config=ds)[0]
+    adapter = models.Adapter(model)
+    return model, engine, adapter, engines.whole(adapter.head.weight)
+
+
+def gathered(model):
+    """Parameters (numel) gathered on this rank now."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    return sum(p.ds_numel for p in model.parameters() if p.ds_status != ZeroParamStatus.NOT_AVAILABLE)
 
 
 def recomputed(spec):
     """Attribution with attribution_recompute on the partitioned source: its scores (each rank its own batch)
     against the same batch without recompute and on the model loaded whole, and the parameters (numel) still
     gathered after each of two batches, and after the cache's forwards that follow (a new trace between)."""
-    import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
     from semalign_ds import attribution
-    ds = source_ds()
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    model = engines.partitioned_from_safetensors(spec, models.safetensors_files(models.resolve(spec)[0]), "float32", ds)
-    engine = deepspeed.initialize(model=model, config=ds)[0]
-    adapter = models.Adapter(model)
-    head = engines.whole(adapter.head.weight)
+    model, engine, adapter, head = partitioned(spec)
     whole = models.Adapter(models.load_model(spec))
     ids = torch.randint(1, 1000, (3, 11), generator=torch.Generator().manual_seed(10 + distributed.rank()))
     mask = torch.ones_like(ids)
@@ -110,13 +112,13 @@ def recomputed(spec):
     plain = attribution.batch_scores(adapter, ids, mask, loss, head, engine)
     for _ in range(2):
         ours = attribution.batch_scores(adapter, ids, mask, loss, head, engine, recompute=True)
-        held.append(sum(p.ds_numel for p in model.parameters() if p.ds_status != ZeroParamStatus.NOT_AVAILABLE))
+        held.append(gathered(model))
     ref = attribution.batch_scores(whole, ids, mask, loss, whole.head.weight)
     engines.new_trace(engine)
     for _ in range(2):
         with torch.no_grad():
             adapter.hidden_states(ids, mask, runner=engine)
-    held.append(sum(p.ds_numel for p in model.parameters() if p.ds_status != ZeroParamStatus.NOT_AVAILABLE))
+    held.append(gathered(model))
     layer = sum(p.ds_numel for p in adapter.layers[0].parameters())
     engines.release_source(engine)
     scale = ref.abs().max()  # float32: differences relative to the largest score
