@@ -75,18 +75,19 @@ def _blocks(rows, block):
         yield a, min(a + block, hi)
 
 
-def _tile(weight, a, b, dtype, device):
-    # a view when the head is already in this dtype and on this device, else a block-sized copy
-    return weight[a:b].detach().to(device=device, dtype=dtype)
+def _tile(weight, a, b, dtype, device, first=0):
+    # rows [a, b) of a head whose row 0 is vocabulary row `first`: a view when the head is already in this dtype
+    # and on this device, else a block-sized copy
+    return weight[a - first:b - first].detach().to(device=device, dtype=dtype)
 
 
-def gram(weight: torch.Tensor, rows, block: int, device=None) -> torch.Tensor:
+def gram(weight: torch.Tensor, rows, block: int, device=None, first: int = 0) -> torch.Tensor:
     """sum over rows [lo, hi) of w_i w_i^T (d x d, float64 whatever the basis dtype: the module docstring says
-    why): this share's part of G = W^T W."""
+    why): this share's part of G = W^T W. first: the vocabulary row that weight[0] is (a head's rows held alone)."""
     device = weight.device if device is None else device
     g = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64, device=device)
     for a, b in _blocks(rows, block):
-        x = _tile(weight, a, b, torch.float64, device)
+        x = _tile(weight, a, b, torch.float64, device, first)
         g.addmm_(x.T, x)
     return g
 
@@ -106,12 +107,13 @@ def gram_pinv(g: torch.Tensor, vocab: int, dtype=torch.float64) -> torch.Tensor:
     return ((q / lam[keep]) @ q.T).to(dtype)
 
 
-def norms(weight: torch.Tensor, p: torch.Tensor, rows, block: int, dtype=torch.float64, device=None) -> torch.Tensor:
+def norms(weight: torch.Tensor, p: torch.Tensor, rows, block: int, dtype=torch.float64, device=None,
+          first: int = 0) -> torch.Tensor:
     """||G^+ w_i|| for the rows [lo, hi): the lengths of those columns of pinv(W) (P = G^+ symmetric)."""
     device = p.device if device is None else device
     out = torch.empty(rows[1] - rows[0], dtype=dtype, device=device)
     for a, b in _blocks(rows, block):
-        out[a - rows[0]:b - rows[0]] = (_tile(weight, a, b, dtype, device) @ p).norm(dim=1)
+        out[a - rows[0]:b - rows[0]] = (_tile(weight, a, b, dtype, device, first) @ p).norm(dim=1)
     return out
 
 
@@ -126,7 +128,7 @@ def unit_scale(norms_t: torch.Tensor, norms_s: torch.Tensor, max_t, max_s) -> to
 
 
 def cross(weight_t: torch.Tensor, weight_s: torch.Tensor, rows, block: int, scale: torch.Tensor | None = None,
-          dtype=torch.float64, device=None) -> torch.Tensor:
+          dtype=torch.float64, device=None, first_s: int = 0) -> torch.Tensor:
     """sum over rows [lo, hi) of scale_i w_t,i w_s,i^T (d_t x d_s; scale indexed from lo, None: 1): this share's
     part of C (semantic) or of W_t^T W_s (least squares)."""
     device = weight_t.device if device is None else device
@@ -135,13 +137,13 @@ def cross(weight_t: torch.Tensor, weight_s: torch.Tensor, rows, block: int, scal
         x = _tile(weight_t, a, b, dtype, device)
         if scale is not None:
             x = x * scale[a - rows[0]:b - rows[0], None]
-        c.addmm_(x.T, _tile(weight_s, a, b, dtype, device))
+        c.addmm_(x.T, _tile(weight_s, a, b, dtype, device, first_s))
     return c
 
 
 def alignment_map(weight_t: torch.Tensor, weight_s: torch.Tensor, dtype=torch.float64,
                   kind="semantic", *, block: int | None = None, device=None, rank: int = 0, world: int = 1,
-                  reduce_sum=None) -> torch.Tensor:
+                  reduce_sum=None, source_rows: tuple[int, int] | None = None) -> torch.Tensor:
     """M in R^{d_t x d_s}, in float32: the semantic-basis map S_t S_s^T (kind "semantic", the paper), or the
     least-squares logit-matching map pinv(W_t) W_s (kind "least_squares": W_t M u is the target-space state whose
     logits are closest to the source's logit lens W_s u, exact when the pair shares its head).
@@ -150,8 +152,13 @@ def alignment_map(weight_t: torch.Tensor, weight_s: torch.Tensor, dtype=torch.fl
     on `device` (default: the target head's); the heads stay in their own dtype and only one block at a time is
     converted. Over several ranks: rank `rank` of `world` does its `share` of the blocks and `reduce_sum` (an
     in-place all-reduce sum over the ranks, e.g. distributed.all_reduce_sum) completes each partial sum; every
-    rank then returns the same M. Returned on the target head's device."""
-    if weight_t.shape[0] != weight_s.shape[0]:
+    rank then returns the same M. Returned on the target head's device.
+
+    source_rows=(lo, hi): weight_s holds only the source head's rows [lo, hi) (its vocab_parallel.Rows), the ranks'
+    rows cover the vocabulary once, and each rank does its own rows instead of its `share`."""
+    if source_rows is not None and weight_s.shape[0] != source_rows[1] - source_rows[0]:
+        raise ValueError(f"the source head's rows {source_rows} do not match its {weight_s.shape[0]} rows held")
+    if source_rows is None and weight_t.shape[0] != weight_s.shape[0]:
         raise ValueError(f"vocabularies differ: target head {weight_t.shape[0]} rows, source {weight_s.shape[0]}")
     if kind not in ("semantic", "least_squares"):
         raise ValueError(f"unknown alignment map {kind!r}: semantic or least_squares")
@@ -160,15 +167,16 @@ def alignment_map(weight_t: torch.Tensor, weight_s: torch.Tensor, dtype=torch.fl
     vocab, d_t, d_s = weight_t.shape[0], weight_t.shape[1], weight_s.shape[1]
     device = weight_t.device if device is None else torch.device(device)
     block = default_block(d_t, d_s) if block is None else block
-    rows = share(vocab, block, rank, world)
+    rows = share(vocab, block, rank, world) if source_rows is None else tuple(source_rows)
+    first = rows[0] if source_rows is not None else 0  # the vocabulary row of weight_s[0]
     reduce_sum = (lambda t: t) if reduce_sum is None else reduce_sum
     p_t = gram_pinv(reduce_sum(gram(weight_t, rows, block, device)), vocab, dtype)
     if kind == "least_squares":
-        m = p_t @ reduce_sum(cross(weight_t, weight_s, rows, block, None, dtype, device))
+        m = p_t @ reduce_sum(cross(weight_t, weight_s, rows, block, None, dtype, device, first))
         return m.float().to(weight_t.device)
-    p_s = gram_pinv(reduce_sum(gram(weight_s, rows, block, device)), vocab, dtype)
+    p_s = gram_pinv(reduce_sum(gram(weight_s, rows, block, device, first)), vocab, dtype)
     n_t = norms(weight_t, p_t, rows, block, dtype, device)
-    n_s = norms(weight_s, p_s, rows, block, dtype, device)
+    n_s = norms(weight_s, p_s, rows, block, dtype, device, first)
     # the longest column over all ranks, through the sum all-reduce: each rank fills its own row
     longest = torch.zeros(world, 2, dtype=dtype, device=device)
     if len(n_t):
@@ -176,7 +184,7 @@ def alignment_map(weight_t: torch.Tensor, weight_s: torch.Tensor, dtype=torch.fl
     longest = reduce_sum(longest).amax(dim=0)
     scale = unit_scale(n_t, n_s, longest[0], longest[1])
     del n_t, n_s
-    c = reduce_sum(cross(weight_t, weight_s, rows, block, scale, dtype, device))
+    c = reduce_sum(cross(weight_t, weight_s, rows, block, scale, dtype, device, first))
     return (p_t @ c @ p_s).float().to(weight_t.device)
 
 
@@ -225,7 +233,8 @@ def align(m: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def phase(s, head_t, head_s):
     """The alignment map of the run: alignment.safetensors when intact, else computed by every rank (each its
-    share of the vocabulary, partial sums all-reduced) and saved by rank 0."""
+    share of the vocabulary: the rows of the source head it holds, head_s being its vocab_parallel.Rows; partial
+    sums all-reduced) and saved by rank 0."""
     from semalign_ds import distributed, rundir
     path = s.rd.path("alignment.safetensors")
     stale = s.main and not rundir.intact(path)  # rank 0 checks; every rank's load_tensors below checks it again
@@ -233,9 +242,9 @@ def phase(s, head_t, head_s):
         if s.main and os.path.exists(path):
             print(f"{path} is damaged or has no checksum: recomputing it", flush=True)
         dtype = torch.float64 if s.cfg.basis_dtype == "float64" else torch.float32
-        m = alignment_map(head_t.detach(), head_s.detach(), dtype, s.cfg.alignment_map, device=s.device,
-                          rank=distributed.rank(), world=distributed.world(),
-                          reduce_sum=distributed.all_reduce_sum)
+        m = alignment_map(head_t.detach(), head_s.weight, dtype, s.cfg.alignment_map, device=s.device,
+                          rank=distributed.rank(), world=distributed.world(), reduce_sum=distributed.all_reduce_sum,
+                          source_rows=(head_s.lo, head_s.hi) if head_s.parallel else None)
         if s.main:
             rundir.save_tensors(path, {"M": m})
     distributed.barrier()

@@ -6,25 +6,24 @@ example's mean cross-entropy on its loss positions. Only activation gradients ar
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
-def batch_scores(adapter, ids, attn, loss_mask, head_weight, runner=None, recompute=False):
-    """Per-example scores [B, L] for one right-padded batch; head_weight: [V, d] (padding rows trimmed). recompute:
-    each layer's activations are recomputed in the backward instead of kept (the same scores)."""
+def batch_scores(adapter, ids, attn, loss_mask, head, runner=None, recompute=False):
+    """Per-example scores [B, L] for one right-padded batch; head: the LM head [V, d] (padding rows trimmed) or
+    this rank's vocab_parallel.Rows of it. recompute: each layer's activations are recomputed in the backward
+    instead of kept (the same scores)."""
+    from semalign_ds import vocab_parallel
+    rows = head if isinstance(head, vocab_parallel.Rows) else vocab_parallel.Rows(head, 0, head.shape[0])
     states = adapter.hidden_states(ids, attn, grad=True, runner=runner, recompute=recompute)[1:]
     h = states[-1]
     x = adapter.norm(h)[loss_mask]
     targets = ids[:, 1:][loss_mask[:, :-1]]
     acc = torch.promote_types(x.dtype, torch.float32)
-    logits = (x @ head_weight.T).to(acc)
-    # the softmax tail of real LM logits is denormal floats, several times slower in the matmul of the backward
-    logits.register_hook(lambda g: g.masked_fill(g.abs() < 1e-30, 0.0))
-    ce = F.cross_entropy(logits, targets, reduction="none")
-    rows = loss_mask.nonzero()[:, 0]
+    ce = vocab_parallel.nll(x, targets, rows)
+    example = loss_mask.nonzero()[:, 0]
     counts = loss_mask.sum(1).clamp(min=1)
     # the sum over examples of their mean CE: each example's gradient is its own mean's gradient
-    loss = (ce / counts[rows]).sum()
+    loss = (ce / counts[example]).sum()
     # backward(), not autograd.grad: a recomputed layer (reentrant checkpointing) is backpropagated inside the backward
     for h in states:
         h.retain_grad()

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from semalign_ds import distributed, models, objectives, pruning, rundir, summary
+from semalign_ds import distributed, models, objectives, pruning, rundir, summary, vocab_parallel
 from semalign_ds.alignment import align, source_direction
 from semalign_ds.config import ConfigError
 from semalign_ds.data import index_batches
@@ -235,8 +235,11 @@ def phase(s, src, runner, head_s, plan, m, tgt=None, head_t=None):
         header["aligned_input"] = True
     if s.main:
         store.open(header)
-        if not rundir.intact(store.head_path()):
-            rundir.save_tensors(store.head_path(), {"weight": head_s.float()})
+    if distributed.broadcast_object(s.main and not rundir.intact(store.head_path())):
+        weight = vocab_parallel.whole(head_s)  # every rank's rows (collective), for rank 0 to write
+        if s.main:
+            rundir.save_tensors(store.head_path(), {"weight": weight.float()})
+        del weight
     distributed.barrier()
     store.open(header)  # every rank checks the manifest
     todo = store.pending(recompute_corrupt=s.main) if s.main else None

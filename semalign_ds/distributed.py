@@ -333,6 +333,29 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def all_gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """(every rank's x concatenated along dim 0 in rank order, each rank's row count): the ranks' x may differ in
+    their first dimension only."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x, [x.shape[0]]
+    counts = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    sizes = [torch.empty_like(counts) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, counts)
+    counts = [int(c) for c in sizes]
+    most = max(max(counts), 1)
+    padded = x.new_zeros((most, *x.shape[1:]))
+    padded[:x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]), counts
+
+
 def all_gather_object(obj):
     """[obj of rank 0, obj of rank 1, ...] on every rank."""
     if not dist.is_initialized():

@@ -10,8 +10,9 @@ The estimates are first-order, meant for sizing a job before submitting it:
   [positions, vocabulary] tensors (the chunked and Triton back ends keep less);
 - resident memory: each phase's peak is its model's parameters, training state and activations plus the named
   terms in Phase.held: the runtime (RUNTIME_BYTES, engines.DEEPSPEED_BYTES: measured constants), the target
-  (loaded before the source phases), the source head gathered whole, the tokenised data, the parameters ZeRO-3
-  holds gathered, the source head and the frontier of the stages (see held_source and held_stages);
+  (loaded before the source phases), the tokenised data, the parameters ZeRO-3 holds gathered (one layer and a
+  prefetch bucket: the vocabulary matrices stay in rows, vocab_parallel.py), the source head and the frontier of
+  the stages (see held_source and held_stages);
 - FLOPs: 2 per multiply-add of every linear layer (the LM head included where it runs) plus 4*T*d per token and
   layer for attention, backward twice the forward; Fisher loss 8*N*V*d_t, output KL 2*N*V*(d_s + 3*d_t);
   data parallel over the ranks.
@@ -258,9 +259,10 @@ def _runtime(deepspeed):
 def held_source(cfg, src, tgt, tokens, b, world):
     """What a rank holds through the source phases besides the source's own parameters, bytes by name: the
     runtime, the target (loaded before the source; of a target read mapped from its files, only the pages read:
-    all of them when it is evaluated before training, else its head), the source head gathered whole (a copy, also
-    on one process), the tokenised data; and (second value) what a ZeRO-3 forward holds gathered: the embedding
-    matrix (the head), one layer and a prefetch bucket.
+    all of them when it is evaluated before training, else its head), the tokenised data, a copy of this rank's
+    rows of the source's vocabulary matrices where its ZeRO-3 partition of them is not whole rows (else they are a
+    view of it: vocab_parallel.rows_of); and (second value) what a ZeRO-3 forward holds gathered: one layer and a
+    prefetch bucket.
 
     The cache holds no more, because the phases start a new ZeRO-3 trace (engines.new_trace); replaying
     attribution's, DeepSpeed 0.19.8 prefetched the parameters of a backward the cache never runs and kept them
@@ -271,7 +273,9 @@ def held_source(cfg, src, tgt, tokens, b, world):
         held["target"] = tgt.params * b
     else:  # read mapped, and only its head used (the alignment map, the cache's top-k) until it trains
         held["target head"] = tgt.vocab * tgt.width * b
-    held["source head, gathered whole"] = src.vocab * src.width * b
+    if zero and -(-src.vocab * src.width // world) % src.width:
+        matrices = 1 if src.params - src.layers * src.layer_params < 2 * src.vocab * src.width else 2
+        held["source head and embedding rows, copied"] = matrices * -(-src.vocab // world) * src.width * b
     held["tokenised data"] = tokens.tokens * _DATA_BYTES_PER_TOKEN
     return held, engines.zero3_gathered(cfg, *_counts(src), b) if zero else 0
 
@@ -318,10 +322,12 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
         attr_tokens = tokens.tokens * n_attr / tokens.examples
         attr_loss = tokens.loss_positions * n_attr / tokens.examples
         # every layer's saved activations (recomputed: every layer's input, and one layer's activations at a time),
-        # the logits with their softmax and gradient, every state's gradient
+        # the float32 logits, turned into the softmax and its gradient in place (vocab_parallel.nll: every rank's
+        # positions and this rank's 1/world of the vocabulary; a 16-bit product first), every state's gradient
         state, layer = ab * seq * src.width * b, _activations(ab, seq, src.width, src.heads, b)
         layers_act = src.layers * state + layer if cfg.attribution_recompute else src.layers * layer
-        out.append(Phase("attribution", src_held, 0, layers_act + 2 * ab * seq * vocab * 4 + src.layers * state,
+        logits = ab * seq * vocab * (4 if b == 4 else 4 + b)
+        out.append(Phase("attribution", src_held, 0, layers_act + logits + src.layers * state,
                          budget.cost(model_s, attr_tokens, attr_loss, mean_len,
                                      src.layers * (2 if cfg.attribution_recompute else 1), src.layers, 1, 1,
                                      weight_grads=False)["flops"],

@@ -117,9 +117,10 @@ def zero_setting(cfg, role, key):
 
 
 def zero3_gathered(cfg, params, vocab, width, layer_params, b):
-    """Bytes a ZeRO-3 forward of the source holds gathered: the embedding matrix, one layer, a prefetch bucket."""
+    """Bytes a ZeRO-3 forward of the source holds gathered: one layer and a prefetch bucket (the embedding and the
+    LM head stay in this rank's rows: vocab_parallel.py)."""
     bucket = min(zero_setting(cfg, "source", "stage3_prefetch_bucket_size"), params)
-    return (vocab * width + layer_params + bucket) * b
+    return (layer_params + bucket) * b
 
 
 def source_zero3(cfg, world, params, vocab, width, layer_params):
@@ -127,8 +128,8 @@ def source_zero3(cfg, world, params, vocab, width, layer_params):
     config is given; with several, source_sharding decides, and auto picks ZeRO-3 only when that holds less per
     rank: when the parameters it takes off a rank, P (1 - 1/world), outweigh what it adds, DeepSpeed's runtime and
     what a forward holds gathered. In float32 on CPU the 135M embedded source stays whole at 2 and 4 ranks (257 and
-    385 MiB taken off, 502 MiB added), and a 0.40B one is partitioned at 2 (767 against 605: measured, 89% of the
-    1-rank peak in attribution and 82% in the cache)."""
+    385 MiB taken off, 394 MiB added: DeepSpeed and one layer), and a 0.40B one is partitioned at 2 (767 against
+    about 420)."""
     if cfg.ds_source_config is not None:
         return True
     if world == 1 or cfg.source_sharding == "replicated":
@@ -340,12 +341,6 @@ def gathered(params):
     import deepspeed
     with deepspeed.zero.GatheredParameters(params):
         yield
-
-
-def whole(param):
-    """A detached, whole copy of a (possibly partitioned) parameter."""
-    with gathered([param]):
-        return param.detach().clone()
 
 
 # ---------------------------------------------------------------------------------------------------------------

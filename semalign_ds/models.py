@@ -226,6 +226,9 @@ class Adapter:
         # Gemma 3: one rotary embedding per layer type (local layers use another base)
         self._rotary_per_type = (self.rotary is not None and
                                  "layer_type" in inspect.signature(self.rotary.forward).parameters)
+        # vocab_parallel.Rows of the input embedding (set for a ZeRO-3 source): hidden_states then looks the
+        # tokens up in them and runs neither the embedding nor the LM head module, so that ZeRO-3 gathers neither
+        self.embedding_rows = None
 
     @property
     def num_layers(self):
@@ -306,14 +309,29 @@ class Adapter:
 
         hooks = [self.layers[0].register_forward_pre_hook(take_input, with_kwargs=True)]
         hooks += [layer.register_forward_hook(take_output) for layer in self.layers]
+        inputs = {"input_ids": input_ids}
+        head = None
+        if self.embedding_rows is not None:
+            inputs = {"inputs_embeds": self.embed_rows(input_ids)}
+            head = self.model.get_output_embeddings()
+            self.model.set_output_embeddings(torch.nn.Identity())
         try:
             # logits_to_keep=1: the LM head runs on one position only; callers project what they need
-            (runner or self.model)(input_ids=input_ids, attention_mask=_right_padded(attention_mask), use_cache=False,
+            (runner or self.model)(**inputs, attention_mask=_right_padded(attention_mask), use_cache=False,
                                    logits_to_keep=1)
         finally:
             for h in hooks:
                 h.remove()
+            if head is not None:
+                self.model.set_output_embeddings(head)
         return states
+
+    def embed_rows(self, input_ids):
+        """What the embedding module returns for input_ids, from embedding_rows (Gemma 3's scale applied)."""
+        from semalign_ds import vocab_parallel
+        h = vocab_parallel.embed(self.embedding_rows, input_ids)
+        scale = getattr(self.embed_tokens, "embed_scale", None)
+        return h if scale is None else h * scale.to(h.dtype)
 
     @contextlib.contextmanager
     def _checkpointed_layers(self):

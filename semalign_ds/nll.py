@@ -6,16 +6,19 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from semalign_ds import vocab_parallel
 from semalign_ds.data import index_batches
 
 
 def batch_nll(adapter, ids, attn, loss, head=None, runner=None):
     """(summed NLL in nats, scored tokens) of one right-padded batch's loss positions; `runner` is the DeepSpeed
-    engine of a ZeRO-3 model, `head` its LM head gathered whole."""
+    engine of a ZeRO-3 model, `head` its LM head: a tensor, or this rank's vocab_parallel.Rows (collective)."""
     head = adapter.head.weight if head is None else head
     h = adapter.hidden_states(ids, attn, runner=runner)[-1]
     x = adapter.norm(h[loss])
     labels = ids[:, 1:][loss[:, :-1]]
+    if isinstance(head, vocab_parallel.Rows):
+        return float(vocab_parallel.nll(x, labels, head).sum()), int(labels.numel())
     logits = (x @ head.T).float()
     return float(F.cross_entropy(logits, labels, reduction="sum")), int(labels.numel())
 

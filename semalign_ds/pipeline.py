@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from semalign_ds import alignment, attribution, budget, cache, data as data_mod, distributed, engines, export, lora, \
-    models, pairing, pruning, rundir, summary, training
+    models, pairing, pruning, rundir, summary, training, vocab_parallel
 from semalign_ds import config as config_mod
 from semalign_ds.config import Config, ConfigError
 from semalign_ds.monitor import Monitor
@@ -485,7 +485,7 @@ def initial_target(cfg, run_dir=None):
 
 
 def load_source(s):
-    """(model, adapter, ZeRO-3 engine or None, LM head gathered whole)."""
+    """(model, adapter, ZeRO-3 engine or None, this rank's vocab_parallel.Rows of the LM head)."""
     cfg = s.cfg
     if s.ds_source is not None:
         ds = engines.fill(s.ds_source, cfg.eval_batch_size, s.world, cfg.dtype)
@@ -507,8 +507,10 @@ def load_source(s):
             s.monitor.print(f"source whole on each of {s.world} ranks (source_sharding {cfg.source_sharding}): "
                             f"data parallel, no ZeRO-3")
     src = models.Adapter(source)
+    # the head (and, under ZeRO-3, the embedding) as this rank's vocabulary rows: never gathered whole
+    head = vocab_parallel.source_rows(src, s.vocab, s.device, zero3=runner is not None)
     phase_memory(s, "source_loaded")
-    return source, src, runner, engines.whole(src.head.weight)[:s.vocab]
+    return source, src, runner, head
 
 
 @torch.no_grad()

@@ -113,6 +113,7 @@ def test_zero3_source_loads_partitioned_on_two_ranks(cache):
     for r in recomputed:  # attribution_recompute under ZeRO-3: the same scores (float32), at most a layer gathered
         assert r["smallest"] > 0 and r["vs_plain"] < 1e-5 and r["vs_whole"] < 1e-5, r
         assert r["held"][:2] in ([0, 0], [r["layer"]] * 2) and r["held"][2] == 0, r
+        assert r["vocab_module_runs"] == 0 and r["head_rows"][1] - r["head_rows"][0] == r["head_rows"][2] // 2, r
     assert len(traces) == 2
     for t in traces:
         assert t["False"] > 100_000 and t["True"] == 0, t  # the layers (4 x 36,992), then nothing

@@ -9,7 +9,7 @@ import weakref
 
 import torch
 
-from semalign_ds import distributed, engines, models
+from semalign_ds import distributed, engines, models, vocab_parallel
 
 
 def main(specs):
@@ -29,7 +29,7 @@ def main(specs):
         with torch.no_grad():
             got = models.Adapter(model).hidden_states(ids, mask, runner=engine)
             want = models.Adapter(whole).hidden_states(ids, mask)
-            head = engines.whole(models.Adapter(model).head.weight)
+            head = vocab_parallel.whole(vocab_parallel.rows_of(models.Adapter(model).head.weight))
         diff = max(float((a - b).abs().max()) for a, b in zip(got, want))
         n = sum(p.numel() for p in whole.parameters())
         result = {"spec": spec, "rank": distributed.rank(), "max_abs_diff": diff,
@@ -78,14 +78,14 @@ def gathered_after_cache(spec, new_trace):
 def partitioned(spec, **zero):
     """The source loaded partitioned under the shipped ZeRO-3 config, every layer released after use (the tiny
     model's too: persistence threshold 0) and `zero` overriding its zero_optimization keys: (model, engine,
-    adapter, the head gathered whole)."""
+    adapter, this rank's rows of the head), its vocabulary matrices used as the pipeline uses them."""
     import deepspeed
     ds = source_ds()
     ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0, **zero})
     model = engines.partitioned_from_safetensors(spec, models.safetensors_files(models.resolve(spec)[0]), "float32", ds)
     engine = deepspeed.initialize(model=model, config=ds)[0]
     adapter = models.Adapter(model)
-    return model, engine, adapter, engines.whole(adapter.head.weight)
+    return model, engine, adapter, vocab_parallel.source_rows(adapter, zero3=True)
 
 
 def gathered(model):
@@ -101,6 +101,9 @@ def recomputed(spec):
     from semalign_ds import attribution
     model, engine, adapter, head = partitioned(spec)
     whole = models.Adapter(models.load_model(spec))
+    runs = []  # neither the embedding nor the head module runs (ZeRO-3 would gather them whole)
+    for module in (adapter.embed_tokens, adapter.head):
+        module.register_forward_pre_hook(lambda *a: runs.append(1))
     ids = torch.randint(1, 1000, (3, 11), generator=torch.Generator().manual_seed(10 + distributed.rank()))
     mask = torch.ones_like(ids)
     mask[1, 8:] = 0
@@ -123,7 +126,8 @@ def recomputed(spec):
     engines.release_source(engine)
     scale = ref.abs().max()  # float32: differences relative to the largest score
     return {"vs_plain": float((ours - plain).abs().max() / scale), "vs_whole": float((ours - ref).abs().max() / scale),
-            "smallest": float(ref.min()), "held": held, "layer": layer}
+            "smallest": float(ref.min()), "held": held, "layer": layer, "vocab_module_runs": len(runs),
+            "head_rows": [head.lo, head.hi, head.vocab, head.parallel]}
 
 
 if __name__ == "__main__":

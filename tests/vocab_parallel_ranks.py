@@ -1,0 +1,69 @@
+"""Run under torchrun (gloo): each rank holds its rows of a [V, d] matrix and its own tokens; the vocabulary-parallel
+NLL, its gradient and the embedding must equal a float64 reference over the whole matrix, and rows_of must cut a
+ZeRO-3 partitioned matrix into each rank's exact rows, whether or not its partition is whole rows. Prints one
+JSON file per rank into the folder given."""
+import json
+import os
+import sys
+
+import torch
+
+from semalign_ds import distributed, vocab_parallel
+
+
+def main(folder):
+    distributed.init(None, timeout_minutes=5)
+    rank, world = distributed.rank(), distributed.world()
+    vocab, d = 37, 13
+    g = torch.Generator().manual_seed(0)  # the same matrix on every rank
+    w = torch.randn(vocab + 3, d, generator=g, dtype=torch.float64) * 2  # 3 padding rows, cut by vocab
+    share = -(-vocab // world)
+    lo, hi = min(rank * share, vocab), min((rank + 1) * share, vocab)
+    out = {"rank": rank}
+    for dtype, name in ((torch.float64, "float64"), (torch.float32, "float32")):
+        rows = vocab_parallel.Rows(w[lo:hi].to(dtype), lo, vocab, parallel=True)
+        mine = torch.Generator().manual_seed(100 + rank)  # each rank its own tokens, as many as 5 + 4 rank
+        n = 5 + 4 * rank
+        x = (torch.randn(n, d, generator=mine, dtype=torch.float64)).to(dtype).requires_grad_(True)
+        targets = torch.randint(0, vocab, (n,), generator=mine)
+        targets[0] = lo  # a target in every rank's rows, and one in another rank's
+        targets[1] = (hi + 1) % vocab
+        upstream = torch.rand(n, generator=mine, dtype=torch.float64) + 0.5
+        got = vocab_parallel.nll(x, targets, rows)
+        (got * upstream.to(got.dtype)).sum().backward()
+        ref_x = x.detach().double().requires_grad_(True)
+        ref = torch.nn.functional.cross_entropy(ref_x @ w[:vocab].T, targets, reduction="none")
+        (ref * upstream).sum().backward()
+        ids = torch.randint(0, vocab, (3, 4 + rank), generator=mine)
+        emb = vocab_parallel.embed(rows, ids)
+        got = got.detach()
+        out[name] = {"nll": float((got.double() - ref).abs().max() / ref.abs().max()),
+                     "grad": float((x.grad.double() - ref_x.grad).abs().max() / ref_x.grad.abs().max()),
+                     "embed": float((emb.double() - w[ids]).abs().max()), "shape": list(emb.shape),
+                     "whole": bool(torch.equal(vocab_parallel.whole(rows).double(), w[:vocab].to(dtype).double()))}
+    out["partition"] = partitioned(w)
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+    distributed.shutdown()
+
+
+def partitioned(w):
+    """rows_of on ZeRO-3 partitioned matrices of 38 rows (partitions of whole rows at 2 ranks) and 37 (a row split
+    between two partitions: copied out of one gather): each rank's rows against the matrix's."""
+    import deepspeed
+    ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    found = {}
+    for n in (38, 37):
+        with deepspeed.zero.Init(config_dict_or_path=ds):
+            emb = torch.nn.Embedding(n, w.shape[1])
+        with deepspeed.zero.GatheredParameters([emb.weight], modifier_rank=0):
+            emb.weight.data.copy_(w[:n].float())
+        rows = vocab_parallel.rows_of(emb.weight, 36)  # cut to 36 rows, as a head's padding rows are
+        view = rows.weight.untyped_storage().data_ptr() == emb.weight.ds_tensor.untyped_storage().data_ptr()
+        found[n] = {"lo": rows.lo, "hi": rows.hi, "view": view, "parallel": rows.parallel,
+                    "equal": bool(torch.equal(rows.weight, w[rows.lo:rows.hi].float()))}
+    return found
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
