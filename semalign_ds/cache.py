@@ -208,9 +208,22 @@ def contents(cfg):
     return objectives.cache_contents(cfg)
 
 
-def phase(s, src, runner, head_s, plan, m, tgt=None, head_t=None):
-    """Run the source over the transfer set once and write the cache; shards already written and intact are
-    kept. Every rank writes its own shards and issues the same number of forwards (ZeRO-3 gathers collectively)."""
+def write_source_head(s, head_s):
+    """cache/source_head.safetensors (the output KL's W_s) from every rank's vocab_parallel.Rows of the source head,
+    unless it is there and intact. Collective; the pipeline calls it once the rest of the source is released, when
+    a rank holds least, because rank 0 holds the head whole while it writes it."""
+    path = ActivationCache(s.rd.path("cache"), len(s.data), s.cfg.cache_shard_examples).head_path()
+    if distributed.broadcast_object(s.main and not rundir.intact(path)):
+        weight = vocab_parallel.whole(head_s)
+        if s.main:
+            rundir.save_tensors(path, {"weight": weight.float()})
+    distributed.barrier()
+
+
+def phase(s, src, runner, plan, m, tgt=None, head_t=None):
+    """Run the source over the transfer set once and write the cache's shards (the source head: write_source_head);
+    shards already written and intact are kept. Every rank writes its own shards and issues the same number of
+    forwards (ZeRO-3 gathers collectively)."""
     cfg = s.cfg
     store = ActivationCache(s.rd.path("cache"), len(s.data), cfg.cache_shard_examples)
     kinds = contents(cfg)
@@ -235,11 +248,6 @@ def phase(s, src, runner, head_s, plan, m, tgt=None, head_t=None):
         header["aligned_input"] = True
     if s.main:
         store.open(header)
-    if distributed.broadcast_object(s.main and not rundir.intact(store.head_path())):
-        weight = vocab_parallel.whole(head_s)  # every rank's rows (collective), for rank 0 to write
-        if s.main:
-            rundir.save_tensors(store.head_path(), {"weight": weight.float()})
-        del weight
     distributed.barrier()
     store.open(header)  # every rank checks the manifest
     todo = store.pending(recompute_corrupt=s.main) if s.main else None

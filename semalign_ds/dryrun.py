@@ -334,8 +334,8 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
                          f"{n_attr} examples, source forward + backward"
                          + (" (each layer recomputed)" if cfg.attribution_recompute else ""),
                          held={**held_s, **gathered}))
-    # the map M: every rank its share of the vocabulary's blocks, from both heads (held whole: the source's
-    # gathered copy, the target's own)
+    # the map M: every rank its share of the vocabulary, the rows of the source head it holds (the target's head
+    # whole on every rank)
     basis_bytes = 8 if cfg.basis_dtype == "float64" else 4
     share = -(-vocab // world)
     mine = alignment.alignment_cost(share, tgt.width, src.width, basis_bytes, kind=cfg.alignment_map)

@@ -137,12 +137,15 @@ def _run(cfg):
         m = alignment.phase(s, head_t, head_s)
         phase_memory(s, "alignment")
         engines.new_trace(runner)  # else the cache replays attribution's trace, backward prefetches included
-        cache.phase(s, src, runner, head_s, plan, m, tgt, head_t)
-        mark(s, state, "cache", {"budget": source_cost(s, "cache", time.time() - t0)})
+        cache.phase(s, src, runner, plan, m, tgt, head_t)
     if needs_source:
         engines.release_source(runner)  # DeepSpeed keeps a ZeRO-3 engine's model in a global list otherwise
         summary.map_large_allocations(False)
-        del source, src, runner, head_s
+        del source, src, runner
+        if "cache" not in state["done"]:  # the head's rows outlive the rest of the source, to be written whole now
+            cache.write_source_head(s, head_s)
+            mark(s, state, "cache", {"budget": source_cost(s, "cache", time.time() - t0)})
+        del head_s
         phase_memory(s, "source_released")  # on every rank: the frontier stages start without the source
 
     store = cache.ActivationCache(rd.path("cache"), len(s.data), cfg.cache_shard_examples)

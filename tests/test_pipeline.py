@@ -83,7 +83,8 @@ def test_a_stage_changes_only_its_own_layer(tmp_path):
     head_t = tgt.head.weight[:s.vocab]
     _, src, runner, head_s = pipeline.load_source(s)
     plan = pairing.make_plan("uniform", None, s.n_source, s.n_target, 0.0)
-    cache.phase(s, src, runner, head_s, plan, alignment.phase(s, head_t, head_s))
+    cache.phase(s, src, runner, plan, alignment.phase(s, head_t, head_s))
+    cache.write_source_head(s, head_s)
     mine = list(range(len(s.data)))
     frontier = training.frontier_after(s, tgt, 0, mine)
     # stage 2 on the embeddings frontier is enough to see what a stage touches
