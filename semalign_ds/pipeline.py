@@ -142,6 +142,7 @@ def _run(cfg):
         engines.release_source(runner)  # DeepSpeed keeps a ZeRO-3 engine's model in a global list otherwise
         summary.map_large_allocations(False)
         del source, src, runner
+        summary.release_memory()  # DeepSpeed's engine holds the source in reference cycles: freed by a collection
         if "cache" not in state["done"]:  # the head's rows outlive the rest of the source, to be written whole now
             cache.write_source_head(s, head_s)
             mark(s, state, "cache", {"budget": source_cost(s, "cache", time.time() - t0)})

@@ -114,6 +114,9 @@ def test_zero3_source_loads_partitioned_on_two_ranks(cache):
         assert r["smallest"] > 0 and r["vs_plain"] < 1e-5 and r["vs_whole"] < 1e-5, r
         assert r["held"][:2] in ([0, 0], [r["layer"]] * 2) and r["held"][2] == 0, r
         assert r["vocab_module_runs"] == 0 and r["head_rows"][1] - r["head_rows"][0] == r["head_rows"][2] // 2, r
+        # gathered per batch, in passes over the layers: the forward and the recompute at most (the first batch
+        # records the trace); the embedding and the head (20 times the layers here) are never gathered
+        assert all(1 <= g <= 2.01 for g in r["gathered_per_batch"]), r
     assert len(traces) == 2
     for t in traces:
         assert t["False"] > 100_000 and t["True"] == 0, t  # the layers (4 x 36,992), then nothing

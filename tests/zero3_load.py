@@ -2,6 +2,7 @@
 must hold only its share on each rank and compute what the model loaded whole computes; and after attribution's
 forward and backward, the cache's forwards must leave nothing gathered when the phases start a new trace. Prints
 one JSON line per rank and model, then one per rank for the trace, and one for attribution with recomputed layers."""
+import contextlib
 import gc
 import json
 import sys
@@ -88,6 +89,22 @@ def partitioned(spec, **zero):
     return model, engine, adapter, vocab_parallel.source_rows(adapter, zero3=True)
 
 
+@contextlib.contextmanager
+def gathers():
+    """[values] ZeRO-3 gathers inside the block (through deepspeed.comm.allgather_fn)."""
+    import deepspeed.comm as dist
+    count, original = [0], dist.allgather_fn
+
+    def counting(output, *args, **kwargs):
+        count[0] += output.numel()
+        return original(output, *args, **kwargs)
+    dist.allgather_fn = counting
+    try:
+        yield count
+    finally:
+        dist.allgather_fn = original
+
+
 def gathered(model):
     """Parameters (numel) gathered on this rank now."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
@@ -113,9 +130,12 @@ def recomputed(spec):
     held = []
     engines.new_trace(engine)
     plain = attribution.batch_scores(adapter, ids, mask, loss, head, engine)
+    moved = []
     for _ in range(2):
-        ours = attribution.batch_scores(adapter, ids, mask, loss, head, engine, recompute=True)
+        with gathers() as count:
+            ours = attribution.batch_scores(adapter, ids, mask, loss, head, engine, recompute=True)
         held.append(gathered(model))
+        moved.append(count[0])
     ref = attribution.batch_scores(whole, ids, mask, loss, whole.head.weight)
     engines.new_trace(engine)
     for _ in range(2):
@@ -123,10 +143,12 @@ def recomputed(spec):
             adapter.hidden_states(ids, mask, runner=engine)
     held.append(gathered(model))
     layer = sum(p.ds_numel for p in adapter.layers[0].parameters())
+    layers = sum(p.ds_numel for p in adapter.layers.parameters())
     engines.release_source(engine)
     scale = ref.abs().max()  # float32: differences relative to the largest score
     return {"vs_plain": float((ours - plain).abs().max() / scale), "vs_whole": float((ours - ref).abs().max() / scale),
             "smallest": float(ref.min()), "held": held, "layer": layer, "vocab_module_runs": len(runs),
+            "gathered_per_batch": [m / layers for m in moved],
             "head_rows": [head.lo, head.hi, head.vocab, head.parallel]}
 
 
