@@ -169,6 +169,9 @@ def device_name():
     return f"cpu: {model}"
 
 
+CODE = ["semalign_ds", "kernels", "launchers", "ds_configs", "setup.py"]
+
+
 def versions():
     import deepspeed
     import torch
@@ -177,7 +180,8 @@ def versions():
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or "?"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        # the code only: results and docs written beside a run do not make its commit another
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE], cwd=ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         commit += "+dirty" if dirty else ""
     except (OSError, subprocess.SubprocessError):
