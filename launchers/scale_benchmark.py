@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 
@@ -238,9 +239,9 @@ def plot_csv(path, results_csv):
         series.setdefault((source, r["phase"]), {})[int(r["world"])] = (
             float(r["rank0_phase_peak_mib_run"]), float(r["tokens_per_s_total"]))
     series = {k: [(w, *v[w]) for w in sorted(v)] for k, v in sorted(series.items())}
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4 + 0.15 * len(series)))
     for (source, phase), points in series.items():
-        label = f"{source.split(':')[-1]} {'attribution' if phase == 'plan' else phase}"
+        label = textwrap.fill(f"{source.split(':')[-1]} {'attribution' if phase == 'plan' else phase}", 90)
         style = "o-" if phase == "plan" else "s--"
         a.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
         b.plot([p[0] for p in points], [p[2] for p in points], style, label=label)
@@ -249,10 +250,9 @@ def plot_csv(path, results_csv):
     a.set(xlabel="ranks", ylabel="rank 0's peak resident MiB", xticks=worlds, title="memory per rank")
     b.set(xlabel="ranks", ylabel="tokens/s (all ranks)", xticks=worlds,
           title=f"throughput (load average {min(loads):.1f}-{max(loads):.1f})")
-    a.legend(fontsize=7)
-    b.legend(fontsize=7)
+    fig.legend(*a.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=6)  # the series' settings
     fig.suptitle(f"{os.path.basename(results_csv)}: {rows[0]['device']}, {rows[0]['cores']} cores", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * len(series), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return series
