@@ -227,7 +227,8 @@ def _dry_peak(r, name):
 
 def plot_csv(path, results_csv):
     """Draw every source's rows of the results file: rank 0's own peak (rank0_phase_peak_mib_run) and tokens/s of
-    attribution and the cache against ranks. Returns what it drew: {(source, phase): [(world, MiB, tokens/s)]}."""
+    attribution and the cache against ranks, the newest row of each point measured more than once. Returns what it
+    drew: {(source, phase): [(world, MiB, tokens/s)]}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

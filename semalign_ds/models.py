@@ -226,9 +226,9 @@ class Adapter:
         # Gemma 3: one rotary embedding per layer type (local layers use another base)
         self._rotary_per_type = (self.rotary is not None and
                                  "layer_type" in inspect.signature(self.rotary.forward).parameters)
-        # vocab_parallel.Rows of the input embedding (set for a ZeRO-3 source): hidden_states then looks the
-        # tokens up in them and runs neither the embedding nor the LM head module, so that ZeRO-3 gathers neither
-        self.embedding_rows = None
+        # ids -> the embedding matrix's rows of them (vocab_parallel.source_rows sets it for a ZeRO-3 source):
+        # hidden_states then runs neither the embedding nor the LM head module, so that ZeRO-3 gathers neither
+        self.embedding_lookup = None
 
     @property
     def num_layers(self):
@@ -311,7 +311,7 @@ class Adapter:
         hooks += [layer.register_forward_hook(take_output) for layer in self.layers]
         inputs = {"input_ids": input_ids}
         head = None
-        if self.embedding_rows is not None:
+        if self.embedding_lookup is not None:
             inputs = {"inputs_embeds": self.embed_rows(input_ids)}
             head = self.model.get_output_embeddings()
             self.model.set_output_embeddings(torch.nn.Identity())
@@ -327,9 +327,8 @@ class Adapter:
         return states
 
     def embed_rows(self, input_ids):
-        """What the embedding module returns for input_ids, from embedding_rows (Gemma 3's scale applied)."""
-        from semalign_ds import vocab_parallel
-        h = vocab_parallel.embed(self.embedding_rows, input_ids)
+        """What the embedding module returns for input_ids, through embedding_lookup (Gemma 3's scale applied)."""
+        h = self.embedding_lookup(input_ids)
         scale = getattr(self.embed_tokens, "embed_scale", None)
         return h if scale is None else h * scale.to(h.dtype)
 

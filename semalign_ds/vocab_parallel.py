@@ -20,6 +20,7 @@ rows are `parallel`: all ranks make it, in the same order (ZeRO-3's forwards are
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -70,7 +71,8 @@ def source_rows(adapter, vocab=None, device=None, zero3=False) -> Rows:
     head = rows_of(adapter.head.weight, vocab, device)
     if zero3:
         tied = adapter.embed_tokens.weight is adapter.head.weight
-        adapter.embedding_rows = head if tied else rows_of(adapter.embed_tokens.weight, None, device)
+        adapter.embedding_lookup = functools.partial(embed, head if tied else rows_of(adapter.embed_tokens.weight,
+                                                                                      None, device))
     return head
 
 

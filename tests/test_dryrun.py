@@ -323,12 +323,15 @@ def test_gpt2_conv1d_shapes():
 
 
 def test_the_scale_plot_draws_every_row_of_the_results(tmp_path):
-    """scale.png is drawn from scale.csv: every source's attribution and cache rows, rank 0's peak and tokens/s."""
+    """scale.png is drawn from scale.csv: every source's attribution and cache rows, rank 0's peak and tokens/s;
+    of rows measured again (the same source, settings, phase and world size) the newest."""
     scale = _scale_benchmark()
     series = scale.plot_csv(str(tmp_path / "scale.png"), SCALE_CSV)
     assert (tmp_path / "scale.png").stat().st_size > 10_000
     with open(SCALE_CSV) as f:
-        rows = [r for r in csv.DictReader(f) if r["phase"] in ("plan", "cache")]
+        newest = {(r["source"], r["settings"], r["phase"], r["world"]): r for r in csv.DictReader(f)
+                  if r["phase"] in ("plan", "cache")}
+    rows = list(newest.values())
     assert sum(len(points) for points in series.values()) == len(rows)
     for r in rows:
         source = " ".join(filter(None, (r["source"], r["settings"])))

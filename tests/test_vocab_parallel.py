@@ -46,8 +46,8 @@ def test_embed_looks_rows_up():
 
 
 @pytest.mark.parametrize("arch", sorted(ARCH_CONFIGS))
-def test_hidden_states_from_embedding_rows_equal_the_models_own(arch):
-    """With embedding_rows set, hidden_states runs neither the embedding nor the head module (ZeRO-3 gathers
+def test_hidden_states_from_an_embedding_lookup_equal_the_models_own(arch):
+    """With embedding_lookup set, hidden_states runs neither the embedding nor the head module (ZeRO-3 gathers
     neither) and returns the states of the model's own forward: Gemma's scaled embeddings, GPT-2's positions."""
     model = random_model(arch, seed=3)
     adapter = models.Adapter(model)
@@ -57,7 +57,8 @@ def test_hidden_states_from_embedding_rows_equal_the_models_own(arch):
     want = adapter.hidden_states(ids, mask)
     calls = []
     hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in (adapter.embed_tokens, adapter.head)]
-    adapter.embedding_rows = vocab_parallel.rows_of(adapter.embed_tokens.weight)
+    rows = vocab_parallel.rows_of(adapter.embed_tokens.weight)
+    adapter.embedding_lookup = lambda ids: vocab_parallel.embed(rows, ids)
     got = adapter.hidden_states(ids, mask)
     for h in hooks:
         h.remove()
