@@ -13,7 +13,7 @@ def batch_scores(adapter, ids, attn, loss_mask, head, runner=None, recompute=Fal
     this rank's vocab_parallel.Rows of it. recompute: each layer's activations are recomputed in the backward
     instead of kept (the same scores)."""
     from semalign_ds import vocab_parallel
-    rows = head if isinstance(head, vocab_parallel.Rows) else vocab_parallel.Rows(head, 0, head.shape[0])
+    rows = head if isinstance(head, vocab_parallel.Rows) else vocab_parallel.rows_of(head)
     states = adapter.hidden_states(ids, attn, grad=True, runner=runner, recompute=recompute)[1:]
     h = states[-1]
     x = adapter.norm(h)[loss_mask]

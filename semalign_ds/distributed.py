@@ -349,10 +349,12 @@ def all_gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, list]:
     dist.all_gather(sizes, counts)
     counts = [int(c) for c in sizes]
     most = max(max(counts), 1)
-    padded = x.new_zeros((most, *x.shape[1:]))
-    padded[:x.shape[0]] = x
+    padded = x.contiguous()
+    if x.shape[0] != most:  # the ranks' shapes must agree: pad to the longest
+        padded = x.new_zeros((most, *x.shape[1:]))
+        padded[:x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded.contiguous())
+    dist.all_gather(parts, padded)
     return torch.cat([p[:c] for p, c in zip(parts, counts)]), counts
 
 

@@ -244,7 +244,7 @@ def _activations(batch, seq, width, heads, b):
 
 
 def _counts(src):
-    return src.params, src.vocab, src.width, src.layer_params
+    return src.params, src.layer_params
 
 
 def _zero_src(cfg, src, world):

@@ -116,14 +116,14 @@ def zero_setting(cfg, role, key):
     return float(_zero_auto(key, load_ds_config(path, role).get("zero_optimization", {}).get(key, _DS_DEFAULTS[key])))
 
 
-def zero3_gathered(cfg, params, vocab, width, layer_params, b):
+def zero3_gathered(cfg, params, layer_params, b):
     """Bytes a ZeRO-3 forward of the source holds gathered: one layer and a prefetch bucket (the embedding and the
     LM head stay in this rank's rows: vocab_parallel.py)."""
     bucket = min(zero_setting(cfg, "source", "stage3_prefetch_bucket_size"), params)
     return (layer_params + bucket) * b
 
 
-def source_zero3(cfg, world, params, vocab, width, layer_params):
+def source_zero3(cfg, world, params, layer_params):
     """Whether the source runs under ZeRO-3, else whole on every rank. One rank runs it whole unless a DeepSpeed
     config is given; with several, source_sharding decides, and auto picks ZeRO-3 only when that holds less per
     rank: when the parameters it takes off a rank, P (1 - 1/world), outweigh what it adds, DeepSpeed's runtime and
@@ -138,7 +138,7 @@ def source_zero3(cfg, world, params, vocab, width, layer_params):
         return True
     from semalign_ds import models
     b = models.DTYPES[cfg.dtype].itemsize
-    return params * b * (1 - 1 / world) > DEEPSPEED_BYTES + zero3_gathered(cfg, params, vocab, width, layer_params, b)
+    return params * b * (1 - 1 / world) > DEEPSPEED_BYTES + zero3_gathered(cfg, params, layer_params, b)
 
 
 def check_source_fits(ds, n_params, bytes_per_param, role="source"):

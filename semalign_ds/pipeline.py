@@ -142,8 +142,8 @@ def _run(cfg):
         engines.release_source(runner)  # DeepSpeed keeps a ZeRO-3 engine's model in a global list otherwise
         summary.map_large_allocations(False)
         del source, src, runner
-        summary.release_memory()  # DeepSpeed's engine holds the source in reference cycles: freed by a collection
         if "cache" not in state["done"]:  # the head's rows outlive the rest of the source, to be written whole now
+            summary.release_memory()  # DeepSpeed's engine holds the source in reference cycles: collected first
             cache.write_source_head(s, head_s)
             mark(s, state, "cache", {"budget": source_cost(s, "cache", time.time() - t0)})
         del head_s
@@ -260,7 +260,7 @@ def prepare(cfg, rd):
     target_config = models.config_of(cfg.target, cfg.target_gguf_file) if cfg.target is not None else None
     n_source, n_target = check_run(cfg, world, source_config, target_config)
     counts = budget.model_counts(source_config, models.DTYPES[cfg.dtype])
-    if engines.source_zero3(cfg, world, *(counts[k] for k in ("params", "vocab", "width", "layer_params"))):
+    if engines.source_zero3(cfg, world, counts["params"], counts["layer_params"]):
         ds_source = engines.load_ds_config(cfg.ds_source_config or engines.default_config_path("source_zero3"),
                                            "source")
     if world > 1 or cfg.ds_target_config is not None:

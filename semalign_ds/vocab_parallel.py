@@ -44,12 +44,13 @@ def rows_of(param: torch.Tensor, vocab: int | None = None, device=None) -> Rows:
     """This rank's rows of a [V, d] parameter cut to its first `vocab` rows: all of them when it is whole; of a
     ZeRO-3 partitioned one, a view of the partition when that is whole rows, else (a partition that splits a row)
     an even share of rows copied out of one gather."""
-    if not hasattr(param, "ds_id"):
-        return Rows(param.detach()[:vocab], 0, param.shape[0] if vocab is None else min(vocab, param.shape[0]))
-    total, width = param.ds_shape
+    partitioned = hasattr(param, "ds_id")
+    total, width = param.ds_shape if partitioned else param.shape
     vocab = total if vocab is None else min(vocab, total)
-    part, world, rank = param.ds_tensor, distributed.world(), distributed.rank()
-    if part.numel() % width == 0:
+    part, world, rank = getattr(param, "ds_tensor", None), distributed.world(), distributed.rank()
+    if not partitioned:
+        lo, weight = 0, param.detach()[:vocab]
+    elif part.numel() % width == 0:
         n = part.numel() // width
         lo = min(rank * n, vocab)
         weight = part.detach().view(n, width)[:min(n, vocab - lo)]
@@ -61,7 +62,7 @@ def rows_of(param: torch.Tensor, vocab: int | None = None, device=None) -> Rows:
             weight = param.detach()[lo:min(lo + share, vocab)].clone()
     if device is not None:
         weight = weight.to(device)
-    return Rows(weight, lo, vocab, parallel=world > 1)
+    return Rows(weight, lo, vocab, parallel=partitioned and world > 1)
 
 
 def source_rows(adapter, vocab=None, device=None, zero3=False) -> Rows:

@@ -57,19 +57,19 @@ def test_source_sharding_auto_partitions_only_where_it_holds_less():
     by hand."""
     from semalign_ds.config import Config
     cfg = Config(source="s", target="t", source_sharding="auto")
-    vocab, width, layer = 50_021, 701, 3_001_003
+    layer = 3_001_003
     bucket = 5e7 if torch.cuda.is_available() else 0  # the shipped stage3_prefetch_bucket_size "auto"
     added = engines.DEEPSPEED_BYTES + (layer + bucket) * 4
     edge = added / 4 * 2  # P (1 - 1/2) = added at 2 ranks, in float32
     for world, params, want in ((2, int(edge) - 7, False), (2, int(edge) + 7, True),
                                 (4, int(added / 4 * 4 / 3) + 7, True), (4, int(added / 4 * 4 / 3) - 7, False)):
-        assert engines.source_zero3(cfg, world, params, vocab, width, layer) is want, (world, params)
-    assert engines.zero3_gathered(cfg, 10**12, vocab, width, layer, 2) == (layer + bucket) * 2
+        assert engines.source_zero3(cfg, world, params, layer) is want, (world, params)
+    assert engines.zero3_gathered(cfg, 10**12, layer, 2) == (layer + bucket) * 2
     for sharding, want in (("zero3", True), ("replicated", False)):
-        assert engines.source_zero3(cfg.model_copy(update={"source_sharding": sharding}), 2, 99, 3, 2, 1) is want
-    assert not engines.source_zero3(cfg.model_copy(update={"source_sharding": "zero3"}), 1, 10**12, 3, 2, 1)
+        assert engines.source_zero3(cfg.model_copy(update={"source_sharding": sharding}), 2, 99, 1) is want
+    assert not engines.source_zero3(cfg.model_copy(update={"source_sharding": "zero3"}), 1, 10**12, 1)
     given = cfg.model_copy(update={"ds_source_config": engines.default_config_path("source_zero3")})
-    assert engines.source_zero3(given, 1, 99, 3, 2, 1)  # a DeepSpeed config given: ZeRO-3 even on one rank
+    assert engines.source_zero3(given, 1, 99, 1)  # a DeepSpeed config given: ZeRO-3 even on one rank
 
 
 def test_the_prefetch_bucket_auto_is_zero_on_cpu_and_deepspeeds_default_on_cuda(monkeypatch):
