@@ -274,6 +274,8 @@ def init(local_rank_arg=None, timeout_minutes=30) -> Launch:
     _skip_shm_comm(cuda)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    if not cuda:
+        _gather_by_broadcasts()
     if launch.rank == 0:
         print(f"distributed: {launch.world} ranks started by {launch.launcher}, master "
               f"{launch.master_addr}:{launch.master_port}", flush=True)
@@ -289,6 +291,40 @@ def _skip_shm_comm(cuda):
     compat = getattr(deepspeed.ops, "__compatible_ops__", None)
     if isinstance(compat, dict):
         compat["deepspeed_shm_comm"] = False
+
+
+def _gather_by_broadcasts():
+    """DeepSpeed's all-gathers (ZeRO-3's parameter gathers, ZeRO-1/2's updated partitions) as gather_into():
+    with gloo they are most of what a second rank costs a ZeRO-3 source on CPU."""
+    from deepspeed import comm
+    comm.comm.cdb.all_gather_function = gather_into
+
+
+class _Works:
+    """Several asynchronous collectives waited on as one."""
+
+    def __init__(self, works):
+        self.works = works
+
+    def wait(self, timeout=None):
+        for work in self.works:
+            work.wait()
+        return True
+
+    def is_completed(self):
+        return all(work.is_completed() for work in self.works)
+
+
+def gather_into(output_tensor, input_tensor, group=None, async_op=False):
+    """torch.distributed.all_gather_into_tensor as one broadcast per rank, of its share. gloo's own all-gather
+    moves 0.40-0.49 GiB/s into each rank on this project's 2-core machine, broadcasts 0.95-1.1 (2 ranks, 8-256 MiB;
+    benchmarks/collectives.md); NCCL has its own and does not come here."""
+    w, me = dist.get_world_size(group), dist.get_rank(group)
+    parts = output_tensor.view(w, -1)  # contiguous, w equal shares
+    if parts[me].data_ptr() != input_tensor.data_ptr():
+        parts[me].copy_(input_tensor.reshape(-1))
+    works = _Works([dist.broadcast(parts[i], group=group, group_src=i, async_op=True) for i in range(w)])
+    return works if async_op else works.wait() and None
 
 
 def group_for_deepspeed():
@@ -353,8 +389,8 @@ def all_gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, list]:
     if x.shape[0] != most:  # the ranks' shapes must agree: pad to the longest
         padded = x.new_zeros((most, *x.shape[1:]))
         padded[:x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded)
+    parts = padded.new_empty((len(counts), *padded.shape))
+    (gather_into if dist.get_backend() == "gloo" else dist.all_gather_into_tensor)(parts, padded)
     return torch.cat([p[:c] for p, c in zip(parts, counts)]), counts
 
 

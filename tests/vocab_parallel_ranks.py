@@ -1,6 +1,7 @@
 """Run under torchrun (gloo): each rank holds its rows of a [V, d] matrix and its own tokens; the vocabulary-parallel
-NLL, its gradient and the embedding must equal a float64 reference over the whole matrix, and rows_of must cut a
-ZeRO-3 partitioned matrix into each rank's exact rows, whether or not its partition is whole rows. Prints one
+NLL, its gradient and the embedding must equal a float64 reference over the whole matrix, rows_of must cut a
+ZeRO-3 partitioned matrix into each rank's exact rows, whether or not its partition is whole rows, and DeepSpeed's
+all-gathers must go through distributed.gather_into and equal the concatenated shares. Prints one
 JSON file per rank into the folder given."""
 import json
 import os
@@ -42,6 +43,7 @@ def main(folder):
                      "embed": float((emb.double() - w[ids]).abs().max()), "shape": list(emb.shape),
                      "whole": bool(torch.equal(vocab_parallel.whole(rows).double(), w[:vocab].to(dtype).double()))}
     out["partition"] = partitioned(w)
+    out["gather"] = gathers(rank, world)
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
     distributed.shutdown()
@@ -62,6 +64,26 @@ def partitioned(w):
         view = rows.weight.untyped_storage().data_ptr() == emb.weight.ds_tensor.untyped_storage().data_ptr()
         found[n] = {"lo": rows.lo, "hi": rows.hi, "view": view, "parallel": rows.parallel,
                     "equal": bool(torch.equal(rows.weight, w[rows.lo:rows.hi].float()))}
+    return found
+
+
+def gathers(rank, world):
+    """DeepSpeed's all-gather (what ZeRO-3 and ZeRO-1/2 call) goes through distributed.gather_into on gloo: odd
+    shares of every rank, into a separate output and in place (the share a view of the output, as ZeRO-3 passes
+    it), synchronous and asynchronous, against the concatenation of every rank's share."""
+    from deepspeed import comm
+    shares = [torch.randn(7, 3, generator=torch.Generator().manual_seed(200 + r), dtype=torch.float64) * (r + 1)
+              for r in range(world)]
+    ref = torch.cat(shares)
+    found = {"routed": comm.comm.cdb.all_gather_function is distributed.gather_into}
+    out = torch.empty(world * 7, 3, dtype=torch.float64)
+    comm.allgather_fn(out, shares[rank].clone())
+    found["separate"] = bool(torch.equal(out, ref))
+    out = torch.full((world * 7, 3), float("nan"), dtype=torch.float64)
+    out[rank * 7:(rank + 1) * 7] = shares[rank]
+    handle = comm.allgather_fn(out, out[rank * 7:(rank + 1) * 7], async_op=True)
+    handle.wait()
+    found["in_place_async"] = bool(torch.equal(out, ref))
     return found
 
 
