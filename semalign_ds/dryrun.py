@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from semalign_ds import alignment, budget, data as data_mod, distributed, engines, models, objectives, pairing, \
-    pruning
+    pruning, vocab_parallel
 from semalign_ds.config import Config, ConfigError
 
 _CHEAP_DATA_BYTES = 256 * 2**20  # data files up to this size are read and tokenised for exact token counts
@@ -322,11 +322,13 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
         attr_tokens = tokens.tokens * n_attr / tokens.examples
         attr_loss = tokens.loss_positions * n_attr / tokens.examples
         # every layer's saved activations (recomputed: every layer's input, and one layer's activations at a time),
-        # the float32 logits, turned into the softmax and its gradient in place (vocab_parallel.nll: every rank's
-        # positions and this rank's 1/world of the vocabulary; a 16-bit product first), every state's gradient
+        # one chunk of float32 logits (vocab_parallel.nll: of every rank's positions on this rank's 1/world of the
+        # vocabulary, a 16-bit product first) and the [positions, d] float32 gradient it forms, every state's
+        # gradient
         state, layer = ab * seq * src.width * b, _activations(ab, seq, src.width, src.heads, b)
         layers_act = src.layers * state + layer if cfg.attribution_recompute else src.layers * layer
-        logits = ab * seq * vocab * (4 if b == 4 else 4 + b)
+        rows, cols = ab * seq * (world if zero_src else 1), -(-vocab // world) if zero_src else vocab
+        logits = min(rows, vocab_parallel.chunk_rows(cols)) * cols * (4 if b == 4 else 4 + b) + rows * src.width * 4
         out.append(Phase("attribution", src_held, 0, layers_act + logits + src.layers * state,
                          budget.cost(model_s, attr_tokens, attr_loss, mean_len,
                                      src.layers * (2 if cfg.attribution_recompute else 1), src.layers, 1, 1,

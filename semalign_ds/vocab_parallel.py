@@ -10,9 +10,10 @@ per-token values:
 - `embed`: every rank looks up all ranks' token ids in its rows (zeros elsewhere) and a sum all-reduce completes
   the [tokens, d] embeddings, each rank keeping its own.
 - `nll`: every rank projects all ranks' states x [N, d] on its rows, logits [N, V / R]; the softmax's maximum
-  and normaliser and the target's logit are all-reduced per token, so each token's -log p(target) is exact. The
-  backward forms (p - onehot) g on its rows, multiplies by them and sums the [N, d] result over the ranks: the
-  gradient of every token's state, each rank keeping its own.
+  and normaliser and the target's logit are all-reduced per token, so each token's -log p(target) is exact. It
+  runs in chunks of rows (logits of CHUNK_BYTES at most), and when the states need a gradient each chunk forms
+  (p - onehot) on its rows and multiplies by them; the [N, d] result, summed over the ranks, is every token's
+  gradient for an upstream gradient of one, each rank keeping its own rows; the backward scales them.
 
 On one rank (or a head held whole) the same code runs without collectives. Every call is collective when the
 rows are `parallel`: all ranks make it, in the same order (ZeRO-3's forwards are lockstepped anyway).
@@ -102,41 +103,59 @@ def nll(x: torch.Tensor, targets: torch.Tensor, rows: Rows) -> torch.Tensor:
     return _NLL.apply(x, targets, rows)
 
 
+CHUNK_BYTES = 128 * 2**20  # the most one chunk of float32 logits takes
+
+
+def chunk_rows(columns):
+    """Rows of x per chunk of the NLL: its logits [rows, columns] in float32 within CHUNK_BYTES."""
+    return max(1, CHUNK_BYTES // (4 * max(1, columns)))
+
+
 class _NLL(torch.autograd.Function):
+    """Chunks of rows at a time, so that the logits never exist for all N rows at once; when x needs a gradient,
+    each chunk's (p - onehot) W is formed right away and kept ([N, d], not the [N, V / R] softmax), and the backward
+    only scales it by the upstream gradient (d nll_i / d x_i does not depend on it): no collective there."""
+
     @staticmethod
     def forward(ctx, x, targets, rows):
         w = rows.weight
         xs, counts = _gather(x, rows)
         ts = _gather(targets, rows)[0]
         acc = torch.promote_types(x.dtype, torch.float32)
-        z = (xs @ w.T).to(acc)  # [N, V / R]: this rank's logits of every rank's tokens
-        m = z.amax(dim=1) if z.shape[1] else z.new_full((z.shape[0],), float("-inf"))
-        _reduce(m, rows, distributed.all_reduce_max)
-        mine = ((ts >= rows.lo) & (ts < rows.hi)).nonzero()[:, 0]
-        picked = torch.zeros_like(m)
-        picked[mine] = z[mine, ts[mine] - rows.lo] - m[mine]
-        _reduce(picked, rows, distributed.all_reduce_sum)  # the target's logit - max, from the rank that holds it
-        z.sub_(m[:, None]).exp_()
-        total = _reduce(z.sum(dim=1), rows, distributed.all_reduce_sum)
-        z.div_(total[:, None])  # softmax over the whole vocabulary, this rank's columns
-        out = torch.log(total) - picked
+        grad = ctx.needs_input_grad[0]
+        out = torch.empty(xs.shape[0], dtype=acc)
+        dx = xs.new_empty(xs.shape, dtype=acc) if grad else None
+        step = chunk_rows(w.shape[0])
+        for a in range(0, xs.shape[0], step):  # the same chunks on every rank: their collectives pair up
+            b = min(a + step, xs.shape[0])
+            t = ts[a:b]
+            z = (xs[a:b] @ w.T).to(acc)  # [chunk, V / R]: this rank's logits of every rank's tokens
+            m = z.amax(dim=1) if z.shape[1] else z.new_full((z.shape[0],), float("-inf"))
+            _reduce(m, rows, distributed.all_reduce_max)
+            mine = ((t >= rows.lo) & (t < rows.hi)).nonzero()[:, 0]
+            picked = torch.zeros_like(m)
+            picked[mine] = z[mine, t[mine] - rows.lo] - m[mine]
+            _reduce(picked, rows, distributed.all_reduce_sum)  # the target's logit - max, from the rank holding it
+            z.sub_(m[:, None]).exp_()
+            total = _reduce(z.sum(dim=1), rows, distributed.all_reduce_sum)
+            out[a:b] = torch.log(total) - picked
+            if grad:
+                z.div_(total[:, None])  # softmax over the whole vocabulary, this rank's columns
+                z[mine, t[mine] - rows.lo] -= 1
+                # the softmax tail of real LM logits is denormal floats, several times slower in the matmul below
+                z.masked_fill_(z.abs() < 1e-30, 0.0)
+                dx[a:b] = z.to(w.dtype) @ w  # this rank's part of these tokens' gradients
         start = sum(counts[:distributed.rank()]) if rows.parallel else 0
-        ctx.rows, ctx.start, ctx.n, ctx.dtype = rows, start, x.shape[0], x.dtype
-        ctx.save_for_backward(z, ts, mine)
+        if grad:
+            _reduce(dx, rows, distributed.all_reduce_sum)
+            ctx.save_for_backward(dx[start:start + x.shape[0]])
+            ctx.dtype = x.dtype
         return out[start:start + x.shape[0]]
 
     @staticmethod
     def backward(ctx, grad):
-        p, ts, mine = ctx.saved_tensors
-        rows = ctx.rows
-        g = _gather(grad.to(p.dtype), rows)[0]
-        p[mine, ts[mine] - rows.lo] -= 1
-        p.mul_(g[:, None])
-        # the softmax tail of real LM logits is denormal floats, several times slower in the matmul below
-        p.masked_fill_(p.abs() < 1e-30, 0.0)
-        dx = p.to(rows.weight.dtype) @ rows.weight  # this rank's part of every token's gradient
-        _reduce(dx, rows, distributed.all_reduce_sum)
-        return dx[ctx.start:ctx.start + ctx.n].to(ctx.dtype), None, None
+        dx, = ctx.saved_tensors
+        return (dx * grad.to(dx.dtype)[:, None]).to(ctx.dtype), None, None
 
 
 def _gather(t, rows):

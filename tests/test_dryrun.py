@@ -67,14 +67,16 @@ def test_numbers_match_a_hand_computation(tmp_path):
     # frozen weights: a backward costs once its forward; the head forward and back at every loss position
     attr_n = N * 4 / 9
     assert attr.flops == pytest.approx((2 * lm_s + 2 * T * ds) * 2 * Ls * attr_n + 2 * V * ds * 2 * attr_n, rel=1e-12)
-    # every layer's saved activations, the logits (float32, after their bfloat16 product), every state's gradient
-    assert attr.activation_bytes == pytest.approx(Ls * act(5, T, ds, 4, b) + 5 * T * V * (4 + 2) + Ls * 5 * T * ds * b,
-                                                  rel=1e-12)
+    # every layer's saved activations, the logits (float32, after their bfloat16 product: W ranks' positions on
+    # 1/W of the vocabulary, in one chunk here) and the float32 gradient they form for W ranks' positions, every
+    # state's gradient
+    nll = 5 * T * V * (4 + 2) + W * 5 * T * ds * 4
+    assert attr.activation_bytes == pytest.approx(Ls * act(5, T, ds, 4, b) + nll + Ls * 5 * T * ds * b, rel=1e-12)
     # recomputed: every layer's input and one layer's activations at a time, for one more forward of every layer
     rc = dryrun.phase_of(dryrun.plan(config_mod.from_dict({**values, "attribution_recompute": True}), 2).phases,
                          "attribution")
-    assert rc.activation_bytes == pytest.approx(Ls * 5 * T * ds * b + act(5, T, ds, 4, b) + 5 * T * V * (4 + 2)
-                                                + Ls * 5 * T * ds * b, rel=1e-12)
+    assert rc.activation_bytes == pytest.approx(Ls * 5 * T * ds * b + act(5, T, ds, 4, b) + nll + Ls * 5 * T * ds * b,
+                                                rel=1e-12)
     assert rc.flops == pytest.approx((2 * lm_s + 2 * T * ds) * 3 * Ls * attr_n + 2 * V * ds * 2 * attr_n, rel=1e-12)
     # besides the source: the runtime, the target (loaded first), the data; no copy of the source head (this
     # rank's rows of it are a view of its partition: 512 x 64 splits evenly over 2 ranks)

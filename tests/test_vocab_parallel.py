@@ -23,9 +23,14 @@ def _case(dtype, vocab=53, d=11, n=17, seed=0):
     return w, x, targets, upstream
 
 
+@pytest.mark.parametrize("chunk", [None, 3])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_nll_and_its_gradient_equal_cross_entropy_in_float64(dtype):
+def test_nll_and_its_gradient_equal_cross_entropy_in_float64(dtype, chunk, monkeypatch):
+    """In one chunk, and in chunks of 3 rows (17 rows: the last chunk shorter)."""
     w, x, targets, upstream = _case(dtype)
+    if chunk:
+        monkeypatch.setattr(vocab_parallel, "CHUNK_BYTES", 4 * len(w) * chunk)
+        assert vocab_parallel.chunk_rows(len(w)) == chunk
     xd = x.to(dtype).requires_grad_(True)
     got = vocab_parallel.nll(xd, targets, vocab_parallel.Rows(w.to(dtype), 0, len(w)))
     assert got.dtype == torch.promote_types(dtype, torch.float32)
@@ -37,6 +42,9 @@ def test_nll_and_its_gradient_equal_cross_entropy_in_float64(dtype):
     assert ref.min() > 0
     assert (got.detach().double() - ref).abs().max() <= TOL[dtype] * ref.abs().max()
     assert (xd.grad.double() - ref_x.grad).abs().max() <= TOL[dtype] * ref_x.grad.abs().max()
+    with torch.no_grad():  # no gradient wanted: the same values
+        again = vocab_parallel.nll(xd, targets, vocab_parallel.Rows(w.to(dtype), 0, len(w)))
+    assert torch.equal(again, got.detach())
 
 
 def test_embed_looks_rows_up():

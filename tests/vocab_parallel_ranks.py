@@ -1,8 +1,8 @@
 """Run under torchrun (gloo): each rank holds its rows of a [V, d] matrix and its own tokens; the vocabulary-parallel
-NLL, its gradient and the embedding must equal a float64 reference over the whole matrix, rows_of must cut a
-ZeRO-3 partitioned matrix into each rank's exact rows, whether or not its partition is whole rows, and DeepSpeed's
-all-gathers must go through distributed.gather_into and equal the concatenated shares. Prints one
-JSON file per rank into the folder given."""
+NLL (in chunks of 4 rows), its gradient and the embedding must equal a float64 reference over the whole matrix,
+rows_of must cut a ZeRO-3 partitioned matrix into each rank's exact rows, whether or not its partition is whole
+rows, and DeepSpeed's all-gathers must go through distributed.gather_into and equal the concatenated shares. Prints
+one JSON file per rank into the folder given."""
 import json
 import os
 import sys
@@ -21,6 +21,7 @@ def main(folder):
     share = -(-vocab // world)
     lo, hi = min(rank * share, vocab), min((rank + 1) * share, vocab)
     out = {"rank": rank}
+    vocab_parallel.CHUNK_BYTES = 4 * share * 4  # 14 rows in all (5 + 9): chunks of 4, the last of 2
     for dtype, name in ((torch.float64, "float64"), (torch.float32, "float32")):
         rows = vocab_parallel.Rows(w[lo:hi].to(dtype), lo, vocab, parallel=True)
         mine = torch.Generator().manual_seed(100 + rank)  # each rank its own tokens, as many as 5 + 4 rank
