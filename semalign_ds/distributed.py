@@ -317,8 +317,9 @@ class _Works:
 
 def gather_into(output_tensor, input_tensor, group=None, async_op=False):
     """torch.distributed.all_gather_into_tensor as one broadcast per rank, of its share. gloo's own all-gather
-    moves 0.40-0.49 GiB/s into each rank on this project's 2-core machine, broadcasts 0.95-1.1 (2 ranks, 8-256 MiB;
-    benchmarks/collectives.md); NCCL has its own and does not come here."""
+    moved 0.46-0.50 GiB/s into each rank of 2 on this project's 2-core machine, the broadcasts 1.13-1.37 (0.36-0.41
+    and 0.74-0.88 at 4 ranks; 8-256 MiB shares, benchmarks/collectives.md); NCCL has its own and does not come
+    here."""
     w, me = dist.get_world_size(group), dist.get_rank(group)
     parts = output_tensor.view(w, -1)  # contiguous, w equal shares
     if parts[me].data_ptr() != input_tensor.data_ptr():
