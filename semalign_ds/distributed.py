@@ -274,7 +274,7 @@ def init(local_rank_arg=None, timeout_minutes=30) -> Launch:
     _skip_shm_comm(cuda)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                                timeout=datetime.timedelta(minutes=timeout_minutes))
-    if not cuda:
+    if dist.get_backend() == "gloo":
         _gather_by_broadcasts()
     if launch.rank == 0:
         print(f"distributed: {launch.world} ranks started by {launch.launcher}, master "

@@ -328,8 +328,8 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
         state, layer = ab * seq * src.width * b, _activations(ab, seq, src.width, src.heads, b)
         layers_act = src.layers * state + layer if cfg.attribution_recompute else src.layers * layer
         rows, cols = ab * seq * (world if zero_src else 1), -(-vocab // world) if zero_src else vocab
-        logits = min(rows, vocab_parallel.chunk_rows(cols)) * cols * (4 if b == 4 else 4 + b) + rows * src.width * 4
-        out.append(Phase("attribution", src_held, 0, layers_act + logits + src.layers * state,
+        nll = min(rows, vocab_parallel.chunk_rows(cols)) * cols * (4 if b == 4 else 4 + b) + rows * src.width * 4
+        out.append(Phase("attribution", src_held, 0, layers_act + nll + src.layers * state,
                          budget.cost(model_s, attr_tokens, attr_loss, mean_len,
                                      src.layers * (2 if cfg.attribution_recompute else 1), src.layers, 1, 1,
                                      weight_grads=False)["flops"],
