@@ -216,14 +216,34 @@ def _read_json(path, name):
     return records
 
 
+# ranks own the sequences i = r (mod world) (distributed.shard); a global batch holds as many of each residue
+# modulo BALANCE_GROUPS (or the largest power of two dividing the batch size, if smaller), so that at 1, 2, 4 or 8
+# ranks each rank computes the same number of a batch's sequences
+BALANCE_GROUPS = 8
+
+
+def balance_groups(n, batch_size):
+    """G: the batches of batch_order hold batch_size / G sequences of each residue modulo G."""
+    g = 1
+    while g < BALANCE_GROUPS and batch_size % (2 * g) == 0 and 2 * g <= n:
+        g *= 2
+    return g
+
+
 def batch_order(n, batch_size, steps, seed, stage):
-    """Sequence indices of every step of a training stage, the same whatever the world size: seeded epochs of
-    random permutations, resumable at any step."""
-    gen = torch.Generator().manual_seed(seed * 1000003 + stage)
-    stream = []
-    while len(stream) < steps * batch_size:
-        stream += torch.randperm(n, generator=gen).tolist()
-    return [stream[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
+    """Sequence indices of every step of a training stage, the same whatever the world size, resumable at any step.
+    Stratified so that ranks get equal shares: the sequences i = c (mod G) (G = balance_groups) come in seeded
+    epochs of random permutations of their own, and every batch takes batch_size / G of them from each c (a
+    sequence of a smaller residue class comes round a little more often when G does not divide n)."""
+    g = balance_groups(n, batch_size)
+    per = batch_size // g
+    streams = [[] for _ in range(g)]
+    for c in range(g):
+        gen = torch.Generator().manual_seed((seed * 1000003 + stage) * BALANCE_GROUPS + c)  # more steps: a longer
+        members = torch.arange(c, n, g)                                                     # stream, same prefix
+        while len(streams[c]) < steps * per:
+            streams[c] += members[torch.randperm(len(members), generator=gen)].tolist()
+    return [[streams[j % g][s * per + j // g] for j in range(batch_size)] for s in range(steps)]
 
 
 def index_batches(n, batch_size):

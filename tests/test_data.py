@@ -252,3 +252,28 @@ def test_the_idlelib_evaluation_is_never_in_the_transfer_set():
     assert not {r["response"] for r in held_out} & {r["response"] for r in transfer}
     assert not {r["prompt"] for r in held_out} & {r["prompt"] for r in transfer}
     assert all(r["prompt"].lstrip().startswith(("def ", "async def ")) and r["response"].strip() for r in held_out)
+
+
+@pytest.mark.parametrize("n,batch_size,groups", [(64, 32, 8), (37, 12, 4), (13, 6, 2), (11, 5, 1), (3, 8, 2)])
+def test_batch_order_gives_every_rank_an_equal_share_of_each_batch(n, batch_size, groups):
+    """Ranks own the sequences r, r + w, ... (distributed.shard): at every world dividing the balance groups, each
+    rank owns batch_size / world of every batch, with one order whatever the world size; a longer stage extends the
+    same stream (resume); every sequence comes round; stages and seeds draw different orders."""
+    from semalign_ds import distributed
+    assert data.balance_groups(n, batch_size) == groups
+    steps = 3 * n // batch_size + 2
+    order = data.batch_order(n, batch_size, steps, seed=5, stage=2)
+    assert [len(b) for b in order] == [batch_size] * steps
+    for world in (w for w in (1, 2, 4, 8) if groups % w == 0):
+        for r in range(world):
+            mine = set(distributed.shard(n, r, world))
+            assert all(sum(i in mine for i in b) == batch_size // world for b in order), (world, r)
+    assert data.batch_order(n, batch_size, steps + 4, 5, 2)[:steps] == order
+    assert set(i for b in order for i in b) == set(range(n))
+    assert order != data.batch_order(n, batch_size, steps, 5, 3) != data.batch_order(n, batch_size, steps, 6, 2)
+
+
+def test_batch_order_is_an_epoch_of_each_residue_class_when_the_groups_divide_the_set():
+    order = data.batch_order(64, 16, 8, seed=0, stage=1)  # 2 epochs of 4 batches
+    for epoch in (order[:4], order[4:]):
+        assert sorted(i for b in epoch for i in b) == list(range(64))
