@@ -1,5 +1,6 @@
-"""CPU collectives under gloo: gloo's all-gather against semalign_ds.distributed.gather_into (one broadcast per
-rank), with gloo's all-reduce beside them, at 2 and 4 ranks, one thread each.
+"""CPU collectives under gloo: gloo's all-gather against semalign_ds.distributed's two replacements (one broadcast
+per rank; SharedGather, through shared memory, what ranks on one host use), with gloo's all-reduce beside them, at
+2 and 4 ranks, one thread each.
 
     python benchmarks/collectives.py            # prints the table, writes benchmarks/collectives.md
 
@@ -30,13 +31,15 @@ REPEATS = 3
 def _rank(rank, world, port, queue):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    from semalign_ds.distributed import gather_into
+    from semalign_ds.distributed import SharedGather, gather_into  # gather_into: broadcasts (no init())
+    shared = SharedGather.open()
     rows = []
     for mib in SIZES_MIB:
         share = torch.randn(mib * 2**20 // 4)
         out = torch.empty(share.numel() * world)
         ops = {"gloo all_gather_into_tensor": lambda: dist.all_gather_into_tensor(out, share),
                "gather_into (broadcasts)": lambda: gather_into(out, share),
+               "SharedGather (shared memory)": lambda: shared.gather(out, share),
                "gloo all_reduce": lambda: dist.all_reduce(share)}
         for name, op in ops.items():
             op()  # the first call sets up gloo's buffers
@@ -45,7 +48,7 @@ def _rank(rank, world, port, queue):
             for _ in range(REPEATS):
                 op()
             seconds = (time.perf_counter() - t0) / REPEATS
-            received = mib * (world - 1) if "gather" in name else mib
+            received = mib * (world - 1) if "gather" in name.lower() else mib
             rows.append((world, mib, name, seconds * 1000, received / 1024 / seconds))
     if rank == 0:
         queue.put(rows)

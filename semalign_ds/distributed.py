@@ -276,6 +276,7 @@ def init(local_rank_arg=None, timeout_minutes=30) -> Launch:
                                timeout=datetime.timedelta(minutes=timeout_minutes))
     if dist.get_backend() == "gloo":
         _gather_by_broadcasts()
+        _shared["gather"] = SharedGather.open()
     if launch.rank == 0:
         print(f"distributed: {launch.world} ranks started by {launch.launcher}, master "
               f"{launch.master_addr}:{launch.master_port}", flush=True)
@@ -316,16 +317,104 @@ class _Works:
 
 
 def gather_into(output_tensor, input_tensor, group=None, async_op=False):
-    """torch.distributed.all_gather_into_tensor as one broadcast per rank, of its share. gloo's own all-gather
-    moved 0.46-0.50 GiB/s into each rank of 2 on this project's 2-core machine, the broadcasts 1.13-1.37 (0.36-0.41
-    and 0.74-0.88 at 4 ranks; 8-256 MiB shares, benchmarks/collectives.md); NCCL has its own and does not come
-    here."""
+    """torch.distributed.all_gather_into_tensor on gloo: through shared memory when every rank is on one host
+    (SharedGather), else as one broadcast per rank, of its share. gloo's own all-gather moved 0.46-0.50 GiB/s into
+    each rank of 2 on this project's 2-core machine, the broadcasts 1.13-1.37 (0.36-0.41 and 0.74-0.88 at 4 ranks;
+    8-256 MiB shares, benchmarks/collectives.md); NCCL has its own and does not come here."""
     w, me = dist.get_world_size(group), dist.get_rank(group)
+    shared = _shared["gather"]
+    if shared is not None and w == shared.world and me == shared.rank:
+        shared.gather(output_tensor, input_tensor, group)
+        return _Works([]) if async_op else None
     parts = output_tensor.view(w, -1)  # contiguous, w equal shares
     if parts[me].data_ptr() != input_tensor.data_ptr():
         parts[me].copy_(input_tensor.reshape(-1))
     works = _Works([dist.broadcast(parts[i], group=group, group_src=i, async_op=True) for i in range(w)])
     return works if async_op else works.wait() and None
+
+
+_shared = {"gather": None}
+
+
+class SharedGather:
+    """All-gathers among ranks on one host through a file in /dev/shm that every rank maps: each rank copies its
+    share into its slot and, after a barrier, copies every slot into its output (two memory copies, where a gloo
+    collective sends each share through a loopback socket). Shares larger than a slot go in pieces. The slots come
+    in two sets used in turn, so one barrier per piece is enough: a rank a piece ahead writes the other set, and
+    it cannot get two pieces ahead before every rank has passed the barrier that follows their reading."""
+
+    SLOT_BYTES = 4 << 20  # per rank and set: 16 MiB mapped by each of 2 ranks, 32 MiB by each of 4
+
+    def __init__(self, path, world, rank, slot_bytes=None):
+        self.world, self.rank, self.path = world, rank, path
+        self.slot = slot_bytes or self.SLOT_BYTES
+        self.slots = torch.from_file(path, shared=True, size=2 * world * self.slot,
+                                     dtype=torch.uint8).view(2, world, self.slot)
+        self.turn = 0
+
+    @classmethod
+    def open(cls, slot_bytes=None):
+        """Every rank's SharedGather when all ranks are on this host and /dev/shm has room (a collective call), else
+        None (and gather_into broadcasts). The file is unlinked once every rank has mapped it: nothing is left
+        behind, whatever ends the run."""
+        import secrets
+        w, me = dist.get_world_size(), dist.get_rank()
+        slot = slot_bytes or cls.SLOT_BYTES
+        here = (socket.gethostname(), _boot_id())
+        hosts = [None] * w
+        dist.all_gather_object(hosts, here)
+        path = None
+        if me == 0 and all(h == here for h in hosts) and _shm_free() >= 4 * 2 * w * slot:
+            path = f"/dev/shm/semalign-ds-{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                os.ftruncate(fd, 2 * w * slot)
+                os.close(fd)
+            except OSError:
+                path = None
+        path = broadcast_object(path)
+        shared = None
+        if path is not None:
+            try:
+                shared = cls(path, w, me, slot)
+            except (OSError, RuntimeError):
+                shared = None
+        ok = torch.tensor([float(shared is not None)])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if me == 0 and path is not None:
+            os.unlink(path)
+        return shared if ok.item() == 1.0 else None
+
+    def gather(self, output_tensor, input_tensor, group=None):
+        out = output_tensor.view(-1).view(torch.uint8).view(self.world, -1)
+        share = input_tensor.reshape(-1).view(torch.uint8)
+        if out[self.rank].data_ptr() != share.data_ptr():  # (ZeRO-3 passes its share in place)
+            out[self.rank].copy_(share)
+        others = [r for r in range(self.world) if r != self.rank]
+        for start in range(0, share.numel(), self.slot):
+            n = min(self.slot, share.numel() - start)
+            slots = self.slots[self.turn]
+            self.turn ^= 1
+            slots[self.rank, :n].copy_(share[start:start + n])
+            dist.barrier(group)
+            for r in others:
+                out[r, start:start + n].copy_(slots[r, :n])
+
+
+def _boot_id():
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _shm_free():
+    try:
+        st = os.statvfs("/dev/shm")
+        return st.f_bavail * st.f_frsize
+    except OSError:
+        return 0
 
 
 def group_for_deepspeed():
@@ -431,6 +520,7 @@ def shard(n, r=None, w=None):
 
 
 def shutdown():
+    _shared["gather"] = None
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

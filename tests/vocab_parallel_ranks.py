@@ -71,7 +71,8 @@ def partitioned(w):
 def gathers(rank, world):
     """DeepSpeed's all-gather (what ZeRO-3 and ZeRO-1/2 call) goes through distributed.gather_into on gloo: odd
     shares of every rank, into a separate output and in place (the share a view of the output, as ZeRO-3 passes
-    it), synchronous and asynchronous, against the concatenation of every rank's share."""
+    it), synchronous and asynchronous, through shared memory (whole and in pieces) and by broadcasts, against the
+    concatenation of every rank's share."""
     from deepspeed import comm
     shares = [torch.randn(7, 3, generator=torch.Generator().manual_seed(200 + r), dtype=torch.float64) * (r + 1)
               for r in range(world)]
@@ -85,6 +86,24 @@ def gathers(rank, world):
     handle = comm.allgather_fn(out, out[rank * 7:(rank + 1) * 7], async_op=True)
     handle.wait()
     found["in_place_async"] = bool(torch.equal(out, ref))
+    # ranks on one host gather through shared memory (SharedGather); in pieces smaller than a share, cut through
+    # elements (40 bytes: five float64; 6: three bfloat16 of an odd share of 11)
+    found["shared_memory"] = distributed._shared["gather"] is not None
+    small = distributed.SharedGather.open(slot_bytes=40)
+    out = torch.empty(world * 7, 3, dtype=torch.float64)
+    small.gather(out, shares[rank].clone())
+    found["in_pieces"] = bool(torch.equal(out, ref))
+    distributed.barrier()
+    found["unlinked"] = not os.path.exists(small.path)  # once every rank has mapped it
+    halves = [torch.randn(11, generator=torch.Generator().manual_seed(300 + r)).bfloat16() for r in range(world)]
+    out = torch.empty(world * 11, dtype=torch.bfloat16)
+    distributed.SharedGather.open(slot_bytes=6).gather(out, halves[rank])
+    found["bfloat16_in_pieces"] = bool(torch.equal(out, torch.cat(halves)))
+    saved, distributed._shared["gather"] = distributed._shared["gather"], None  # where no host is shared
+    out = torch.empty(world * 7, 3, dtype=torch.float64)
+    distributed.gather_into(out, shares[rank].clone())
+    found["broadcasts"] = bool(torch.equal(out, ref))
+    distributed._shared["gather"] = saved
     return found
 
 
