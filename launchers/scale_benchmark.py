@@ -196,8 +196,8 @@ def table(results):
     return "\n".join(lines)
 
 
-def write_rows(path, results, args):
-    info = benchmark.versions()
+def write_rows(path, results, args, info):
+    """info: benchmark.versions() as the runs started (the commit whose code they ran)."""
     common = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "device": benchmark.device_name(), "cores": os.cpu_count(), "source": args.source,
               "target": args.target or f"source layers {args.keep_layers}", "settings": " ".join(args.set), **info}
@@ -287,6 +287,7 @@ def main(argv=None):
     models.resolve(args.source)  # a synthetic model is written once, before any run is timed
     if args.target:
         models.resolve(args.target)
+    info = benchmark.versions()  # now: the code the runs will import, whatever is edited while they run
     results = []
     for world in args.world:
         r = run_one(world, args, config_path, workdir)
@@ -295,7 +296,7 @@ def main(argv=None):
         results.append(r)
         print(table(results), flush=True)
     if not args.no_results:
-        write_rows(args.results, results, args)
+        write_rows(args.results, results, args, info)
         plot_csv(args.plot, args.results)
         print(f"rows appended to {args.results}; plot {args.plot} from all its rows")
     return 0
