@@ -99,5 +99,6 @@ def test_two_ranks_equal_the_whole_matrix(tmp_path):
     assert [(p["37"]["lo"], p["37"]["hi"], p["37"]["view"]) for p in parts] == [(0, 18, False), (18, 36, False)]
     assert all(p[n]["equal"] and p[n]["parallel"] for p in parts for n in ("38", "37"))
     assert all(r["gather"] == {"routed": True, "separate": True, "in_place_async": True, "shared_memory": True,
-                               "in_pieces": True, "unlinked": True, "bfloat16_in_pieces": True, "broadcasts": True}
+                               "in_pieces": True, "unlinked": True, "bfloat16_in_pieces": True, "other_hosts": True,
+                               "broadcasts": True}
                for r in ranks), ranks

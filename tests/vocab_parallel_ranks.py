@@ -99,6 +99,10 @@ def gathers(rank, world):
     out = torch.empty(world * 11, dtype=torch.bfloat16)
     distributed.SharedGather.open(slot_bytes=6).gather(out, halves[rank])
     found["bfloat16_in_pieces"] = bool(torch.equal(out, torch.cat(halves)))
+    real = distributed.socket.gethostname
+    distributed.socket.gethostname = lambda: f"node{rank}"  # ranks on two hosts: no shared memory
+    found["other_hosts"] = distributed.SharedGather.open() is None
+    distributed.socket.gethostname = real
     saved, distributed._shared["gather"] = distributed._shared["gather"], None  # where no host is shared
     out = torch.empty(world * 7, 3, dtype=torch.float64)
     distributed.gather_into(out, shares[rank].clone())
