@@ -70,8 +70,10 @@ def test_baselines_on_2_ranks_match_1_rank(method, tmp_path):
         proc = launch(tmp_path / f"w{world}", world, {"method": method, "eval_data": "null"})
         assert proc.returncode == 0, proc.stderr[-4000:]
         runs[world] = weights(tmp_path / f"w{world}")
-    for k in runs[1]:
-        torch.testing.assert_close(runs[2][k], runs[1][k], rtol=1e-4, atol=2e-5)
+    for k in runs[1]:  # as above: the sums' order, amplified by Adam in near-zero coordinates (layerwise, 2e-4 of
+        # a norm in the last layer), against tens of percent for wrong averaging: compare norms
+        a, b = runs[1][k].double(), runs[2][k].double()
+        assert (b - a).norm() <= 1e-3 * a.norm(), k
 
 
 def tiny_checkpoint(folder):
