@@ -28,6 +28,7 @@ import argparse
 import datetime
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -348,9 +349,14 @@ class SharedGather:
     def __init__(self, path, world, rank, slot_bytes=None):
         self.world, self.rank, self.path = world, rank, path
         self.slot = slot_bytes or self.SLOT_BYTES
-        self.slots = torch.from_file(path, shared=True, size=2 * world * self.slot,
+        self.slots = torch.from_file(path, shared=True, size=self.file_bytes(world, self.slot),
                                      dtype=torch.uint8).view(2, world, self.slot)
         self.turn = 0
+
+    @classmethod
+    def file_bytes(cls, world, slot_bytes=None):
+        """The shared file's size: two sets of one slot per rank (open() wants four times that free)."""
+        return 2 * world * (slot_bytes or cls.SLOT_BYTES)
 
     @classmethod
     def open(cls, slot_bytes=None):
@@ -359,16 +365,16 @@ class SharedGather:
         behind, whatever ends the run."""
         import secrets
         w, me = dist.get_world_size(), dist.get_rank()
-        slot = slot_bytes or cls.SLOT_BYTES
+        size = cls.file_bytes(w, slot_bytes)
         here = (socket.gethostname(), _boot_id())
         hosts = [None] * w
         dist.all_gather_object(hosts, here)
         path = None
-        if me == 0 and all(h == here for h in hosts) and _shm_free() >= 4 * 2 * w * slot:
+        if me == 0 and all(h == here for h in hosts) and _shm_free() >= 4 * size:
             path = f"/dev/shm/semalign-ds-{os.getpid()}-{secrets.token_hex(4)}"
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                os.ftruncate(fd, 2 * w * slot)
+                os.ftruncate(fd, size)
                 os.close(fd)
             except OSError:
                 path = None
@@ -376,7 +382,7 @@ class SharedGather:
         shared = None
         if path is not None:
             try:
-                shared = cls(path, w, me, slot)
+                shared = cls(path, w, me, slot_bytes)
             except (OSError, RuntimeError):
                 shared = None
         ok = torch.tensor([float(shared is not None)])
@@ -411,8 +417,7 @@ def _boot_id():
 
 def _shm_free():
     try:
-        st = os.statvfs("/dev/shm")
-        return st.f_bavail * st.f_frsize
+        return shutil.disk_usage("/dev/shm").free
     except OSError:
         return 0
 

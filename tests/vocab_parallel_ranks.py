@@ -88,7 +88,7 @@ def gathers(rank, world):
     found["in_place_async"] = bool(torch.equal(out, ref))
     # ranks on one host gather through shared memory (SharedGather); in pieces smaller than a share, cut through
     # elements (40 bytes: five float64; 6: three bfloat16 of an odd share of 11)
-    room = distributed._shm_free() >= 4 * 2 * world * distributed.SharedGather.SLOT_BYTES  # else: broadcasts
+    room = distributed._shm_free() >= 4 * distributed.SharedGather.file_bytes(world)  # else: broadcasts
     found["shared_memory"] = (distributed._shared["gather"] is not None) == room
     small = distributed.SharedGather.open(slot_bytes=40)
     out = torch.empty(world * 7, 3, dtype=torch.float64)
