@@ -20,7 +20,14 @@ if __name__ == "kernels":
     _spec = importlib.machinery.PathFinder.find_spec(
         __name__, [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
     if _spec is None:
-        raise ModuleNotFoundError("No module named 'kernels' (this folder is semalign_ds.kernels)", name=__name__)
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules[__name__] = _module  # what the import returns
-    _spec.loader.exec_module(_module)
+        # Not installed. transformers has already found this folder (find_spec) and imports it to read a version;
+        # an exception here would break `import transformers`. Look like what transformers takes for a shadowing
+        # folder, not an install (no __file__, no __version__), with nothing inside: `from kernels import x` and
+        # `import kernels.x` still fail as they would without the package.
+        __file__ = None
+        __path__ = []
+        del _root, _spec, importlib, os, sys
+    else:
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules[__name__] = _module  # what the import returns
+        _spec.loader.exec_module(_module)

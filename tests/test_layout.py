@@ -3,6 +3,8 @@ README's layout section names every module."""
 import ast
 import os
 
+import pytest
+
 from tests.helpers import ROOT
 
 PACKAGES = {"semalign_ds": os.path.join(ROOT, "semalign_ds"), "semalign_ds.kernels": os.path.join(ROOT, "kernels")}
@@ -58,16 +60,38 @@ def test_the_readme_layout_names_every_module():
     assert not missing, missing
 
 
-def test_the_kernels_folder_never_shadows_the_package_of_that_name():
+# Hides Hugging Face's `kernels` from the shim's search (as on a machine without it, e.g. transformers < 5.2x),
+# while the import system still finds the folder at the repository's root first, as transformers' find_spec does.
+HIDE_HF_KERNELS = """
+import importlib.machinery, os
+_find = importlib.machinery.PathFinder.find_spec
+def _hidden(name, path=None, target=None):
+    if name == "kernels" and path is not None and os.getcwd() not in [os.path.abspath(p or ".") for p in path]:
+        return None
+    return _find(name, path, target)
+importlib.machinery.PathFinder.find_spec = _hidden
+"""
+
+
+@pytest.mark.parametrize("hf_kernels", ["as installed", "absent"])
+def test_the_kernels_folder_never_shadows_the_package_of_that_name(hf_kernels):
     """From the repository's root `python -m`/`-c` put the root on sys.path, where kernels/ would be found as a
-    top-level `kernels` before Hugging Face's package of that name (which transformers imports)."""
+    top-level `kernels` before Hugging Face's package of that name (which transformers imports). Whether that
+    package is installed or not, transformers imports, and kernels/ is never what `import kernels` gives."""
     import subprocess
     import sys
-    code = ("import os, sys\n"
-            "try:\n    import kernels\nexcept ModuleNotFoundError:\n    print('absent'); sys.exit()\n"
-            "print(os.path.dirname(os.path.abspath(kernels.__file__)))\n"
-            "import transformers.activations\n")
+    code = ((HIDE_HF_KERNELS if hf_kernels == "absent" else "") +
+            "import os, sys\n"
+            "from transformers import LlamaConfig\n"  # transformers' check imports `kernels` if it finds the folder
+            "from transformers.utils.import_utils import is_kernels_available\n"
+            "import kernels\n"
+            "print(is_kernels_available(), kernels.__file__ and os.path.dirname(os.path.abspath(kernels.__file__)))\n"
+            "try:\n    import kernels.fisher_quadratic\nexcept ImportError:\n    print('no kernels.fisher_quadratic')\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() != os.path.join(ROOT, "kernels")
+    available, folder = out.stdout.split("\n")[0].split(" ", 1)
+    assert folder != os.path.join(ROOT, "kernels")
+    assert "no kernels.fisher_quadratic" in out.stdout  # nothing of kernels/ is reachable as `kernels`
+    if hf_kernels == "absent":
+        assert (available, folder) == ("False", "None")
     from semalign_ds.kernels import bench  # noqa: F401  (and the folder is still semalign_ds.kernels)
