@@ -33,10 +33,11 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
     fi
 fi
 
-# the project itself (kernels/ installs as semalign_ds.kernels)
+# the project itself (kernels/ installs as semalign_ds.kernels); --use-pep517: an older pip's legacy `setup.py
+# develop` installs build dependencies from the registry, which an offline machine does not reach
 link=""
 if ! "$PY" -c 'import semalign_ds.kernels' 2> /dev/null; then
-    if ! "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . ; then
+    if ! "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --use-pep517 -e . ; then
         echo "warning: pip install -e . failed; using the checkout through PYTHONPATH"
         ln -sfn ../kernels semalign_ds/kernels
         link=semalign_ds/kernels

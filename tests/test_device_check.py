@@ -183,11 +183,14 @@ def test_steps_past_the_budget_are_skipped_and_recorded(tmp_path):
     assert dc.exit_code(outcome, ["kernels"]) == 1
 
 
-def test_a_step_gets_its_share_of_the_budget(tmp_path):
+def test_a_step_gets_its_share_of_the_budget_and_the_last_one_all_that_is_left(tmp_path):
     ctx = fake_context(tmp_path, budget=100.0)
     seen = {}
-    dc.run_steps(ctx, [("kernels", lambda c: seen.setdefault("left", c.left()))])
-    assert dc.STEP_SHARE["kernels"] * 100 - 2 < seen["left"] <= dc.STEP_SHARE["kernels"] * 100
+    dc.run_steps(ctx, [("kernels", lambda c: seen.setdefault("kernels", c.left())),
+                       ("throughput", lambda c: seen.setdefault("throughput", c.left()))])
+    assert dc.STEP_SHARE["kernels"] * 100 - 2 < seen["kernels"] <= dc.STEP_SHARE["kernels"] * 100
+    assert seen["throughput"] > dc.STEP_SHARE["throughput"] * 100 + 2  # e.g. --steps pipeline throughput
+    assert seen["throughput"] <= ctx.deadline - ctx.start
 
 
 # ---------------------------------------------------------------------------------------------------------------
