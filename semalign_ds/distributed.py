@@ -458,16 +458,34 @@ def barrier():
         dist.barrier()
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+def comm_device() -> torch.device:
+    """Where the backend's tensors live: this rank's GPU under NCCL, the CPU under gloo."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+    """t reduced in place over the ranks, wherever t lives (NCCL reduces only GPU tensors: a CPU t goes through
+    this rank's GPU and back)."""
+    if not dist.is_initialized():
+        return t
+    dev = comm_device()
+    if t.device == dev:
+        dist.all_reduce(t, op=op)
+    else:
+        moved = t.to(dev)
+        dist.all_reduce(moved, op=op)
+        t.copy_(moved)
     return t
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    return _all_reduce(t, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
+    return _all_reduce(t, dist.ReduceOp.MAX)
 
 
 def all_gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, list]:
@@ -475,6 +493,7 @@ def all_gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, list]:
     their first dimension only."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x, [x.shape[0]]
+    home, x = x.device, x.to(comm_device())
     counts = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
     sizes = [torch.empty_like(counts) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, counts)
@@ -486,7 +505,7 @@ def all_gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, list]:
         padded[:x.shape[0]] = x
     parts = padded.new_empty((len(counts), *padded.shape))
     (gather_into if dist.get_backend() == "gloo" else dist.all_gather_into_tensor)(parts, padded)
-    return torch.cat([p[:c] for p, c in zip(parts, counts)]), counts
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(home), counts
 
 
 def all_gather_object(obj):

@@ -123,7 +123,7 @@ class _NLL(torch.autograd.Function):
         ts = _gather(targets, rows)[0]
         acc = torch.promote_types(x.dtype, torch.float32)
         grad = ctx.needs_input_grad[0]
-        out = torch.empty(xs.shape[0], dtype=acc)
+        out = torch.empty(xs.shape[0], dtype=acc, device=xs.device)
         dx = xs.new_empty(xs.shape, dtype=acc) if grad else None
         step = chunk_rows(w.shape[0])
         for a in range(0, xs.shape[0], step):  # the same chunks on every rank: their collectives pair up
