@@ -201,13 +201,15 @@ def versions() -> dict:
         out["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else "-"
     except (OSError, subprocess.SubprocessError, IndexError):
         out["driver"] = "-"
-    try:
-        out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        out["commit"] = ""
-    # a copy of the checkout without .git: the commit it was made from, when the caller says
-    out["commit"] = out["commit"] or os.environ.get("DEVICE_CHECK_COMMIT", "-")
+    # the caller's word first: a copy of the checkout may carry no .git, or a stale one (seen on a machine that
+    # received the working tree: its HEAD was an earlier commit than the files)
+    out["commit"] = os.environ.get("DEVICE_CHECK_COMMIT", "")[:7]
+    if not out["commit"]:
+        try:
+            out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                           text=True, timeout=10).stdout.strip() or "-"
+        except (OSError, subprocess.SubprocessError):
+            out["commit"] = "-"
     return out
 
 
