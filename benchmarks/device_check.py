@@ -20,6 +20,9 @@ Steps, in order of importance (a run cut off by its time budget keeps what came 
               (NCCL on CUDA), float32 and bfloat16, against the CPU goldens of tests/parity.py: float32 every step
               within rel 1e-3 (tests/test_matrix.py's bound for the same computation run differently), bfloat16
               each stage's first loss within rel 0.05 (tests/test_matrix.py's bf16 bound) and every loss finite.
+              Then diagnostics, not part of pass/fail: float32 on the same machine's CPU, and on the GPU with
+              the PyTorch (chunked) loss, each against the goldens and the float32 run; every run records its
+              layer pairing and its alignment map's norm.
   throughput  random-weight Llama-shaped models, ~1.2B source and ~0.5B target (vocabulary 128,256), built here
               and saved with a tokenizer: the frontier stages (semalign) and output KD, tokens/s per phase and
               model FLOPs utilisation against a bf16 matmul measured in the same run. FLOPs per token: attribution
@@ -79,6 +82,7 @@ def plan(cpu: bool) -> dict:
                          ("kl", "naive", 64), ("kl", "liger", 64), ("fisher", "chunked", 64)],
             bench_n=64, bench_v=1000, bench_repeats=2,
             pipeline_dtypes=["float32", "bfloat16"], pipeline_steps=None,
+            pipeline_variants=[dict(name="chunked", dtype="float32", device="cpu", set={"loss_backend": "chunked"})],
             models=dict(source=dict(hidden_size=64, intermediate_size=160, num_hidden_layers=4,
                                     num_attention_heads=4, num_key_value_heads=2),
                         target=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
@@ -97,6 +101,10 @@ def plan(cpu: bool) -> dict:
                      ("kl", "naive", 8192), ("fisher", "chunked", 4096), ("kl", "chunked", 4096)],
         bench_n=16384, bench_v=128256, bench_repeats=5,
         pipeline_dtypes=["float32", "bfloat16"], pipeline_steps=None,
+        # diagnostics beside the two runs (not part of pass/fail): the same job on this machine's CPU (its torch and
+        # transformers, no GPU), and on the GPU with the PyTorch loss instead of the Triton kernels
+        pipeline_variants=[dict(name="cpu", dtype="float32", device="cpu", set={"device": "cpu"}),
+                           dict(name="chunked", dtype="float32", device="cuda", set={"loss_backend": "chunked"})],
         # Llama-3.2-1B's shape (1.24B, tied) and a 0.5B target on its vocabulary
         models=dict(source=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                                 num_attention_heads=32, num_key_value_heads=8),
@@ -540,35 +548,60 @@ def compare_to_golden(got, golden, dtype):
 
 
 def step_pipeline(ctx):
-    from tests.parity import GOLDEN, command, summary
+    """The tiny config at world 1 through DeepSpeed in each of pipeline_dtypes (pass/fail against the goldens), then
+    the plan's diagnostic variants, each compared with the goldens and with the float32 run."""
+    from tests.parity import GOLDEN
     golden = json.load(open(GOLDEN))["world1"]["losses"]
-    ds = {"ds_source_config": str(ROOT / "ds_configs" / "source_zero3.json"),
-          "ds_target_config": str(ROOT / "ds_configs" / "target_zero2.json"), "report_to": "none"}
+    runs = [dict(name="", dtype=dtype, device=ctx.device, set={}) for dtype in ctx.sizes["pipeline_dtypes"]]
     results, all_ok = [], True
-    for dtype in ctx.sizes["pipeline_dtypes"]:
-        out = ctx.workdir / f"tiny-{dtype}"
-        shutil.rmtree(out, ignore_errors=True)
-        rec = {"dtype": dtype, "device": ctx.device, "world": 1, "deepspeed": "ZeRO-3 source, ZeRO-2 target"}
-        if ctx.out_of_time(10):
-            rec.update(passed=False, error="out of time")
-        else:
-            t0 = time.time()
-            try:
-                proc = subprocess.run(command(out, 1, {**ds, "dtype": dtype}), env=pipeline_env(ctx.device),
-                                      capture_output=True, text=True, timeout=max(10.0, ctx.left()), cwd=ROOT)
-                rec["seconds"] = round(time.time() - t0, 1)
-                if proc.returncode != 0:
-                    rec.update(passed=False, error=f"exit {proc.returncode}", log_tail=proc.stderr[-3000:])
-                else:
-                    got = summary(out)["losses"]
-                    rec.update(losses=got, **compare_to_golden(got, golden, dtype))
-            except subprocess.TimeoutExpired:
-                rec.update(passed=False, error="timeout", seconds=round(time.time() - t0, 1))
+    for run in runs + list(ctx.sizes.get("pipeline_variants", [])):
+        rec = pipeline_run(ctx, run, golden)
+        if run["name"]:
+            main = next((r for r in results if not r["variant"] and r["dtype"] == "float32" and "losses" in r), None)
+            if main is not None and "losses" in rec:
+                rec["vs_float32_run"] = compare_to_golden(rec["losses"], main["losses"], "float32")["stages"]
         ctx.results.jsonl("pipeline.jsonl", rec)
         results.append(rec)
-        all_ok = all_ok and rec.get("passed", False)
+        if not run["name"]:
+            all_ok = all_ok and rec.get("passed", False)
     return {"status": "passed" if all_ok else "failed",
-            "runs": {r["dtype"]: r.get("passed", False) for r in results}}
+            "runs": {r["dtype"]: r.get("passed", False) for r in results if not r["variant"]},
+            "variants": {r["variant"]: r.get("passed", False) for r in results if r["variant"]}}
+
+
+def pipeline_run(ctx, run, golden):
+    """One launch of the tiny config: its losses against the goldens, its layer pairing and its alignment map's
+    norm (what the stages' targets are made from)."""
+    from tests.parity import command, summary
+    ds = {"ds_source_config": str(ROOT / "ds_configs" / "source_zero3.json"),
+          "ds_target_config": str(ROOT / "ds_configs" / "target_zero2.json"), "report_to": "none"}
+    out = ctx.workdir / f"tiny-{run['name'] or 'run'}-{run['dtype']}"
+    shutil.rmtree(out, ignore_errors=True)
+    rec = {"variant": run["name"], "dtype": run["dtype"], "device": run["device"], "world": 1,
+           "deepspeed": "ZeRO-3 source, ZeRO-2 target", "settings": run["set"]}
+    if ctx.out_of_time(10):
+        return {**rec, "passed": False, "error": "out of time"}
+    env = pipeline_env(run["device"])
+    if run["device"] == "cpu" and ctx.device == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    t0 = time.time()
+    try:
+        proc = subprocess.run(command(out, 1, {**ds, "dtype": run["dtype"], **run["set"]}), env=env,
+                              capture_output=True, text=True, timeout=max(10.0, ctx.left()), cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {**rec, "passed": False, "error": "timeout", "seconds": round(time.time() - t0, 1)}
+    rec["seconds"] = round(time.time() - t0, 1)
+    if proc.returncode != 0:
+        return {**rec, "passed": False, "error": f"exit {proc.returncode}", "log_tail": proc.stderr[-3000:]}
+    got = summary(out)["losses"]
+    rec.update(losses=got, **compare_to_golden(got, golden, run["dtype"]))
+    try:
+        from safetensors.torch import load_file
+        rec["pairs"] = json.loads((out / "plan.json").read_text())["pairs"]
+        rec["alignment_norm"] = float(load_file(str(out / "alignment.safetensors"))["M"].double().norm())
+    except (OSError, KeyError, ValueError) as err:
+        rec["diagnostics_error"] = str(err)[:200]
+    return rec
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -719,6 +752,10 @@ def step_throughput(ctx):
             "n_source": n_s, "n_target": n_t, "matmul_tflops": round(mm, 3)}
 
 
+def _devs(stages):
+    return ", ".join(f"{t} {s['max_rel_dev']:.2e}" for t, s in stages.items())
+
+
 def _fmt(x, spec):
     return "" if x is None else format(x, spec)
 
@@ -793,11 +830,17 @@ def write_markdown(results, outcome):
                ", ".join(f"{k} {v:.3f}" for k, v in mem[-1].items()) + "\n"]
     pipe = results.read_jsonl("pipeline.jsonl")
     md += ["## 3. Tiny pipeline through DeepSpeed (world 1) against the CPU goldens\n",
-           _table([{"dtype": p["dtype"], "passed": p.get("passed"), "tolerance": p.get("tolerance", ""),
-                    "max rel dev per stage": ", ".join(f"{t} {s['max_rel_dev']:.2e}"
-                                                       for t, s in p.get("stages", {}).items()),
+           _table([{"run": p.get("variant") or "run", "device": p.get("device", ""), "dtype": p["dtype"],
+                    "passed": p.get("passed"), "tolerance": p.get("tolerance", ""),
+                    "max rel dev per stage": _devs(p.get("stages", {})),
+                    "vs the float32 run": _devs(p.get("vs_float32_run", {})),
+                    "pairs": p.get("pairs", ""), "alignment norm": _fmt(p.get("alignment_norm"), ".9g"),
                     "seconds": p.get("seconds", ""), "error": p.get("error", "")} for p in pipe],
-                  ["dtype", "passed", "tolerance", "max rel dev per stage", "seconds", "error"])]
+                  ["run", "device", "dtype", "passed", "tolerance", "max rel dev per stage", "vs the float32 run",
+                   "pairs", "alignment norm", "seconds", "error"])]
+    if any(p.get("variant") for p in pipe):
+        md += ["Runs other than `run` are diagnostics beside the check (not part of pass/fail): `cpu` is the same job "
+               "on this machine's CPU, `chunked` the GPU with the PyTorch loss in place of the Triton kernels.\n"]
     thr = results.read_csv("throughput.csv")
     md += ["## 4. Transfer throughput, random-weight Llama shapes\n",
            _table(thr, ["run", "phase", "seconds", "tokens", "tokens_per_s", "flops_rule", "tflops", "mm_tflops",
