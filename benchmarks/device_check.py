@@ -20,9 +20,9 @@ Steps, in order of importance (a run cut off by its time budget keeps what came 
               (NCCL on CUDA), float32 and bfloat16, against the CPU goldens of tests/parity.py: float32 every step
               within rel 1e-3 (tests/test_matrix.py's bound for the same computation run differently), bfloat16
               each stage's first loss within rel 0.05 (tests/test_matrix.py's bf16 bound) and every loss finite.
-              Then diagnostics, not part of pass/fail: float32 on the same machine's CPU, and on the GPU with
-              the PyTorch (chunked) loss, each against the goldens and the float32 run; every run records its
-              layer pairing and its alignment map's norm.
+              Then diagnostics, not part of pass/fail, in float32: with the PyTorch (chunked) loss, and without
+              DeepSpeed, each against the goldens and the float32 run; every run records its layer pairing and
+              its alignment map's norm.
   throughput  random-weight Llama-shaped models, ~1.2B source and ~0.5B target (vocabulary 128,256), built here
               and saved with a tokenizer: the frontier stages (semalign) and output KD, tokens/s per phase and
               model FLOPs utilisation against a bf16 matmul measured in the same run. FLOPs per token: attribution
@@ -82,7 +82,8 @@ def plan(cpu: bool) -> dict:
                          ("kl", "naive", 64), ("kl", "liger", 64), ("fisher", "chunked", 64)],
             bench_n=64, bench_v=1000, bench_repeats=2,
             pipeline_dtypes=["float32", "bfloat16"], pipeline_steps=None,
-            pipeline_variants=[dict(name="chunked", dtype="float32", device="cpu", set={"loss_backend": "chunked"})],
+            pipeline_variants=[dict(name="chunked", dtype="float32", device="cpu", set={"loss_backend": "chunked"}),
+                               dict(name="no-deepspeed", dtype="float32", device="cpu", set={}, deepspeed=False)],
             models=dict(source=dict(hidden_size=64, intermediate_size=160, num_hidden_layers=4,
                                     num_attention_heads=4, num_key_value_heads=2),
                         target=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
@@ -101,10 +102,11 @@ def plan(cpu: bool) -> dict:
                      ("kl", "naive", 8192), ("fisher", "chunked", 4096), ("kl", "chunked", 4096)],
         bench_n=16384, bench_v=128256, bench_repeats=5,
         pipeline_dtypes=["float32", "bfloat16"], pipeline_steps=None,
-        # diagnostics beside the two runs (not part of pass/fail): the same job on this machine's CPU (its torch and
-        # transformers, no GPU), and on the GPU with the PyTorch loss instead of the Triton kernels
-        pipeline_variants=[dict(name="cpu", dtype="float32", device="cpu", set={"device": "cpu"}),
-                           dict(name="chunked", dtype="float32", device="cuda", set={"loss_backend": "chunked"})],
+        # diagnostics beside the two runs (not part of pass/fail), float32 on the GPU: with the PyTorch loss instead
+        # of the Triton kernels, and without DeepSpeed (the source whole, the target's stages under plain PyTorch).
+        # On CPU, the GPU image's torch 2.11, transformers 5.17 and DeepSpeed 0.19.8 give the goldens to the bit.
+        pipeline_variants=[dict(name="chunked", dtype="float32", device="cuda", set={"loss_backend": "chunked"}),
+                           dict(name="no-deepspeed", dtype="float32", device="cuda", set={}, deepspeed=False)],
         # Llama-3.2-1B's shape (1.24B, tied) and a 0.5B target on its vocabulary
         models=dict(source=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                                 num_attention_heads=32, num_key_value_heads=8),
@@ -573,20 +575,20 @@ def pipeline_run(ctx, run, golden):
     """One launch of the tiny config: its losses against the goldens, its layer pairing and its alignment map's
     norm (what the stages' targets are made from)."""
     from tests.parity import command, summary
+    deepspeed = run.get("deepspeed", True)
     ds = {"ds_source_config": str(ROOT / "ds_configs" / "source_zero3.json"),
-          "ds_target_config": str(ROOT / "ds_configs" / "target_zero2.json"), "report_to": "none"}
+          "ds_target_config": str(ROOT / "ds_configs" / "target_zero2.json")} if deepspeed else {}
     out = ctx.workdir / f"tiny-{run['name'] or 'run'}-{run['dtype']}"
     shutil.rmtree(out, ignore_errors=True)
     rec = {"variant": run["name"], "dtype": run["dtype"], "device": run["device"], "world": 1,
-           "deepspeed": "ZeRO-3 source, ZeRO-2 target", "settings": run["set"]}
+           "deepspeed": "ZeRO-3 source, ZeRO-2 target" if deepspeed else "none", "settings": run["set"]}
     if ctx.out_of_time(10):
         return {**rec, "passed": False, "error": "out of time"}
     env = pipeline_env(run["device"])
-    if run["device"] == "cpu" and ctx.device == "cuda":
-        env["CUDA_VISIBLE_DEVICES"] = ""
     t0 = time.time()
     try:
-        proc = subprocess.run(command(out, 1, {**ds, "dtype": run["dtype"], **run["set"]}), env=env,
+        settings = {**ds, "report_to": "none", "dtype": run["dtype"], **run["set"]}
+        proc = subprocess.run(command(out, 1, settings), env=env,
                               capture_output=True, text=True, timeout=max(10.0, ctx.left()), cwd=ROOT)
     except subprocess.TimeoutExpired:
         return {**rec, "passed": False, "error": "timeout", "seconds": round(time.time() - t0, 1)}
@@ -839,8 +841,9 @@ def write_markdown(results, outcome):
                   ["run", "device", "dtype", "passed", "tolerance", "max rel dev per stage", "vs the float32 run",
                    "pairs", "alignment norm", "seconds", "error"])]
     if any(p.get("variant") for p in pipe):
-        md += ["Runs other than `run` are diagnostics beside the check (not part of pass/fail): `cpu` is the same job "
-               "on this machine's CPU, `chunked` the GPU with the PyTorch loss in place of the Triton kernels.\n"]
+        md += ["Runs other than `run` are diagnostics beside the check (not part of pass/fail): `chunked` has the "
+               "PyTorch loss in place of the Triton kernels, `no-deepspeed` the source whole and the stages under "
+               "plain PyTorch.\n"]
     thr = results.read_csv("throughput.csv")
     md += ["## 4. Transfer throughput, random-weight Llama shapes\n",
            _table(thr, ["run", "phase", "seconds", "tokens", "tokens_per_s", "flops_rule", "tflops", "mm_tflops",

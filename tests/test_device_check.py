@@ -293,11 +293,13 @@ def test_cpu_mode_end_to_end(tmp_path):
     bench = list(csv.DictReader(open(out / "bench.csv")))
     assert {r["backend"] for r in bench} >= {"triton", "naive", "chunked"} and all(r["median_ms"] for r in bench)
     pipe = dc.Results(out).read_jsonl("pipeline.jsonl")
-    assert [(p["variant"], p["dtype"]) for p in pipe] == [("", "float32"), ("", "bfloat16"), ("chunked", "float32")]
-    assert all(p["passed"] for p in pipe)
-    # the diagnostic variant: on CPU the chunked loss is what "auto" runs, so the same losses to the bit
-    assert all(s["max_rel_dev"] == 0 for s in pipe[2]["vs_float32_run"].values())
-    assert pipe[2]["pairs"] == pipe[0]["pairs"] and pipe[2]["alignment_norm"] == pipe[0]["alignment_norm"] > 0
+    assert [(p["variant"], p["dtype"]) for p in pipe] == [("", "float32"), ("", "bfloat16"), ("chunked", "float32"),
+                                                          ("no-deepspeed", "float32")]
+    assert all(p["passed"] for p in pipe) and pipe[3]["deepspeed"] == "none"
+    # the diagnostic variants: on CPU the chunked loss is what "auto" runs, and DeepSpeed changes no bit
+    for variant in pipe[2:]:
+        assert all(s["max_rel_dev"] == 0 for s in variant["vs_float32_run"].values())
+        assert variant["pairs"] == pipe[0]["pairs"] and variant["alignment_norm"] == pipe[0]["alignment_norm"] > 0
     phases = {(r["run"], r["phase"]) for r in csv.DictReader(open(out / "throughput.csv"))}
     assert {("semalign", "cache"), ("semalign", "stage_1"), ("output_kd", "output_kd")} <= phases
     md = (out / "gpu.md").read_text()
