@@ -60,16 +60,24 @@ def test_the_readme_layout_names_every_module():
     assert not missing, missing
 
 
-# Hides Hugging Face's `kernels` from the shim's search (as on a machine without it, e.g. transformers < 5.2x),
-# while the import system still finds the folder at the repository's root first, as transformers' find_spec does.
+# Hides Hugging Face's `kernels` (as on a machine without it, e.g. with transformers < 5.2x): from the shim's search,
+# while the import system still finds the folder at the repository's root first, as transformers' find_spec does,
+# and its distribution's metadata, which transformers reads before it imports.
 HIDE_HF_KERNELS = """
-import importlib.machinery, os
+import importlib.machinery, importlib.metadata, os
 _find = importlib.machinery.PathFinder.find_spec
 def _hidden(name, path=None, target=None):
     if name == "kernels" and path is not None and os.getcwd() not in [os.path.abspath(p or ".") for p in path]:
         return None
     return _find(name, path, target)
 importlib.machinery.PathFinder.find_spec = _hidden
+_version, _mapping = importlib.metadata.version, importlib.metadata.packages_distributions
+def _no_version(name):
+    if name == "kernels":
+        raise importlib.metadata.PackageNotFoundError(name)
+    return _version(name)
+importlib.metadata.version = _no_version
+importlib.metadata.packages_distributions = lambda: {k: v for k, v in _mapping().items() if k != "kernels"}
 """
 
 
