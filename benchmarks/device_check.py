@@ -584,11 +584,10 @@ def pipeline_run(ctx, run, golden):
            "deepspeed": "ZeRO-3 source, ZeRO-2 target" if deepspeed else "none", "settings": run["set"]}
     if ctx.out_of_time(10):
         return {**rec, "passed": False, "error": "out of time"}
-    env = pipeline_env(run["device"])
+    settings = {**ds, "report_to": "none", "dtype": run["dtype"], **run["set"]}
     t0 = time.time()
     try:
-        settings = {**ds, "report_to": "none", "dtype": run["dtype"], **run["set"]}
-        proc = subprocess.run(command(out, 1, settings), env=env,
+        proc = subprocess.run(command(out, 1, settings), env=pipeline_env(run["device"]),
                               capture_output=True, text=True, timeout=max(10.0, ctx.left()), cwd=ROOT)
     except subprocess.TimeoutExpired:
         return {**rec, "passed": False, "error": "timeout", "seconds": round(time.time() - t0, 1)}
