@@ -3,6 +3,11 @@
 a deliberate change of the numbers regenerates the goldens with `python -m tests.parity --write` and says why in
 its commit.
 
+The transfer rows are a committed file, tests/golden/tiny_transfer.jsonl: the first rows that the tiny config's
+`embedded:stdlib` draws (seed 0) from Python 3.11's standard library, written out once. The embedded set itself is
+read from the running interpreter's library, so on another Python release it holds other functions, and a run on it
+other losses: the goldens would hold for one CPython release alone.
+
 The goldens are compared within a tolerance, not bit for bit: the same run on another CPU model (another set of
 vector instructions, so other kernels in torch's BLAS) differs in the last bits (up to 3e-6 relative in a loss). Bitwise
 equality is what a resumed run owes an uninterrupted one on the same machine: the fault tests compare with the
@@ -20,8 +25,9 @@ from safetensors import safe_open
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_YAML = os.path.join(ROOT, "launchers", "configs", "tiny.yaml")
 GOLDEN = os.path.join(ROOT, "tests", "golden", "tiny_parity.json")
-SETTINGS = {"max_examples": 20, "stage_steps": 6, "eval_max_examples": 4, "cache_shard_examples": 6,
-            "batch_size": 4, "checkpoint_every": 2, "eval_max_seq_len": 160, "log_every": 1}
+TINY_DATA = "tests/golden/tiny_transfer.jsonl"  # relative to ROOT
+SETTINGS = {"data": TINY_DATA, "max_examples": 20, "stage_steps": 6, "eval_max_examples": 4,
+            "cache_shard_examples": 6, "batch_size": 4, "checkpoint_every": 2, "eval_max_seq_len": 160, "log_every": 1}
 
 
 def command(out, world, extra=None):
@@ -29,7 +35,8 @@ def command(out, world, extra=None):
     script = os.path.join(ROOT, "launchers", "transfer.py")
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
                               if world > 1 else []) + [script, "--config", TINY_YAML, "--output-dir", str(out)]
-    return cmd + [f"--set={k}={v}" for k, v in {**SETTINGS, **(extra or {})}.items()]
+    settings = {**SETTINGS, "data": os.path.join(ROOT, TINY_DATA), **(extra or {})}
+    return cmd + [f"--set={k}={v}" for k, v in settings.items()]
 
 
 def environment(fault=None):
