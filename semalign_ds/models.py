@@ -120,7 +120,10 @@ def load_model(spec: str, gguf_file: str | None = None, dtype="float32", seed: i
     """A causal LM in eval mode with frozen parameters.
 
     spec: a local folder or hub id (from_pretrained), "embedded:NAME", or a path to a config.json, which builds a
-    randomly initialised model from that config (seeded): tiny models for tests and dry runs."""
+    randomly initialised model from that config (seeded): tiny models for tests and dry runs. Such a model is drawn
+    in float32 and then cast, so that a bfloat16 run has the float32 model's weights, rounded: drawn in bfloat16
+    directly, the random values depend on the torch release (2.11 draws other numbers in bfloat16 than in float32,
+    2.13 the same ones), and a bfloat16 run would start from another model."""
     from transformers import AutoConfig, AutoModelForCausalLM
     path, gguf_file = resolve(spec, gguf_file)
     torch_dtype = DTYPES[dtype]
@@ -128,7 +131,7 @@ def load_model(spec: str, gguf_file: str | None = None, dtype="float32", seed: i
         config = AutoConfig.from_pretrained(path)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(torch_dtype)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch_dtype)
