@@ -30,7 +30,10 @@ import torch
 BACKENDS = ("auto", "naive", "chunked", "triton")
 REDUCTIONS = ("mean", "sum", "none")
 TAIL_MODES = ("renormalize", "bucket")
-_CHUNK_ELEMENTS = 1 << 24  # rows per block = this / V: ~64 MiB per fp32 [chunk, V] block
+# rows per block = this / V: ~128 MiB per fp32 [chunk, V] block (261 rows at V = 128,256). The block's two
+# products with the head read all of it for every block: at 130 rows (64 MiB) one thread ran them at 74 GFLOP/s
+# alone and 66 beside a second rank on the other core, at 261 rows at 84 and 80 (d = 1024, 2 cores)
+_CHUNK_ELEMENTS = 1 << 25
 _GATHER_ELEMENTS = 1 << 24  # rows per top-k block = this / (k d): ~64 MiB per fp32 [chunk, k, d] gather
 _W_BLOCK_ELEMENTS = 1 << 22  # vocabulary rows per upcast block of a half-precision head = this / d: ~16 MiB
 
