@@ -25,7 +25,7 @@ from safetensors import safe_open
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_YAML = os.path.join(ROOT, "launchers", "configs", "tiny.yaml")
 GOLDEN = os.path.join(ROOT, "tests", "golden", "tiny_parity.json")
-TINY_DATA = "tests/golden/tiny_transfer.jsonl"  # relative to ROOT
+TINY_DATA = os.path.join(ROOT, "tests", "golden", "tiny_transfer.jsonl")
 SETTINGS = {"data": TINY_DATA, "max_examples": 20, "stage_steps": 6, "eval_max_examples": 4,
             "cache_shard_examples": 6, "batch_size": 4, "checkpoint_every": 2, "eval_max_seq_len": 160, "log_every": 1}
 
@@ -35,8 +35,7 @@ def command(out, world, extra=None):
     script = os.path.join(ROOT, "launchers", "transfer.py")
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
                               if world > 1 else []) + [script, "--config", TINY_YAML, "--output-dir", str(out)]
-    settings = {**SETTINGS, "data": os.path.join(ROOT, TINY_DATA), **(extra or {})}
-    return cmd + [f"--set={k}={v}" for k, v in settings.items()]
+    return cmd + [f"--set={k}={v}" for k, v in {**SETTINGS, **(extra or {})}.items()]
 
 
 def environment(fault=None):
@@ -91,7 +90,8 @@ def main():
     args = p.parse_args()
     import shutil
     import torch
-    result = {"torch": torch.__version__.split("+")[0], "settings": SETTINGS}
+    result = {"torch": torch.__version__.split("+")[0],
+              "settings": {**SETTINGS, "data": os.path.relpath(TINY_DATA, ROOT)}}
     for world in (1, 2):
         out = os.path.join(args.workdir, f"world{world}")
         shutil.rmtree(out, ignore_errors=True)
