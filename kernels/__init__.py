@@ -10,8 +10,8 @@ given: under ZeRO-3 the caller gathers it first.
 if __name__ == "kernels":
     # Imported as a top-level `kernels`: the repository's root is on sys.path (`python -m` or `python -c` run from
     # it), and `kernels` is Hugging Face's package, which transformers imports. Stand aside for it, or, when it is
-    # not installed, be an empty folder that transformers takes for absent. (As a namespace folder, without this file, it would not shadow anything, but an
-    # editable install cannot map a namespace package into semalign_ds.)
+    # not installed, be an empty folder that transformers takes for absent. (As a namespace folder, without this
+    # file, it would not shadow anything, but an editable install cannot map a namespace package into semalign_ds.)
     import importlib.machinery
     import importlib.util
     import os
