@@ -24,14 +24,22 @@ def batch_scores(adapter, ids, attn, loss_mask, head, runner=None, recompute=Fal
     counts = loss_mask.sum(1).clamp(min=1)
     # the sum over examples of their mean CE: each example's gradient is its own mean's gradient
     loss = (ce / counts[example]).sum()
-    # backward(), not autograd.grad: a recomputed layer (reentrant checkpointing) is backpropagated inside the backward
-    for h in states:
-        h.retain_grad()
-    loss.backward()
-    grads = [h.grad for h in states]
     mask = loss_mask.unsqueeze(-1)
-    scores = [((h.to(acc) * g.to(acc)) * mask).sum(dim=(1, 2)).abs() for h, g in zip(states, grads)]
-    return torch.stack(scores, dim=1).detach()
+    scores = [None] * len(states)
+
+    def score(i):  # layer i's score from its gradient as the backward reaches it; the gradient is not kept
+        def hook(g):
+            scores[i] = ((states[i].detach().to(acc) * g.to(acc)) * mask).sum(dim=(1, 2)).abs()
+        return hook
+
+    handles = [h.register_hook(score(i)) for i, h in enumerate(states)]
+    # backward(), not autograd.grad: a recomputed layer (reentrant checkpointing) is backpropagated inside the backward
+    try:
+        loss.backward()
+    finally:
+        for handle in handles:  # the hooks refer to the states: a reference cycle that would outlive the batch
+            handle.remove()
+    return torch.stack(scores, dim=1)
 
 
 def phase(s, src, runner, head_s):

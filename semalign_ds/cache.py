@@ -48,11 +48,15 @@ def batch_entries(adapter_s, ids, attn, loss_mask, pairs, m, normalize=True, run
     topk = (k, temperature, target final norm, target head, dtype): also, for every layer stage (k < L_t), the
     top-k support of p* = softmax(W_t n_t(a) / tau) that the top-k Fisher loss trains on: "topk_ids.k" int32
     [n, k], "topk_z.k" float32 [n, k] (z* = W_t n_t(a)) and "topk_tail.k" float32 [n] (the mass outside)."""
-    states = adapter_s.hidden_states(ids, attn, runner=runner)  # states[l] = h^(l)
+    layers = [0] + list(pairs) if aligned_input else list(pairs)
+    wanted = set(layers) | {len(adapter_s.layers)}
+    # states[l] = h^(l) at the loss positions, for the layers wanted only
+    states = adapter_s.hidden_states(ids, attn, runner=runner,
+                                     keep=lambda l, h: h[loss_mask] if l in wanted else None)
     norm = adapter_s.norm if normalize else None
     out = {}
-    for k, l in enumerate([0] + list(pairs) if aligned_input else pairs, start=0 if aligned_input else 1):
-        u = source_direction(states[l][loss_mask], norm)
+    for k, l in enumerate(layers, start=0 if aligned_input else 1):
+        u = source_direction(states[l], norm)
         out[f"aligned.{k}"] = align(m, u)
         if source_states and k > 0:
             out[f"source.{k}"] = u
@@ -61,7 +65,7 @@ def batch_entries(adapter_s, ids, attn, loss_mask, pairs, m, normalize=True, run
             y = norm_t(out[f"aligned.{k}"].to(dtype))  # as the exact loss forms its target
             out[f"topk_ids.{k}"], out[f"topk_z.{k}"], out[f"topk_tail.{k}"] = fisher_topk_support(y, head_t, size,
                                                                                                    tau)
-    out["source_final"] = adapter_s.norm(states[-1][loss_mask]).float()
+    out["source_final"] = adapter_s.norm(states[-1]).float()
     return out
 
 

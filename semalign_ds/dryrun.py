@@ -323,13 +323,13 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
         attr_loss = tokens.loss_positions * n_attr / tokens.examples
         # every layer's saved activations (recomputed: every layer's input, and one layer's activations at a time),
         # one chunk of float32 logits (vocab_parallel.nll: of every rank's positions on this rank's 1/world of the
-        # vocabulary, a 16-bit product first) and the [positions, d] float32 gradient it forms, every state's
-        # gradient
+        # vocabulary, a 16-bit product first) and the [positions, d] float32 gradient it forms, and the gradient
+        # of the state the backward is at (each layer's score is taken from it as it is formed, none is kept)
         state, layer = ab * seq * src.width * b, _activations(ab, seq, src.width, src.heads, b)
         layers_act = src.layers * state + layer if cfg.attribution_recompute else src.layers * layer
         rows, cols = ab * seq * (world if zero_src else 1), -(-vocab // world) if zero_src else vocab
         nll = min(rows, vocab_parallel.chunk_rows(cols)) * cols * (4 if b == 4 else 4 + b) + rows * src.width * 4
-        out.append(Phase("attribution", src_held, 0, layers_act + nll + src.layers * state,
+        out.append(Phase("attribution", src_held, 0, layers_act + nll + state,
                          budget.cost(model_s, attr_tokens, attr_loss, mean_len,
                                      src.layers * (2 if cfg.attribution_recompute else 1), src.layers, 1, 1,
                                      weight_grads=False)["flops"],
@@ -343,13 +343,15 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
     mine = alignment.alignment_cost(share, tgt.width, src.width, basis_bytes, kind=cfg.alignment_map)
     out.append(Phase("alignment", src_held, 0, mine["peak_bytes"], world * mine["flops"],
                      f"M through the d x d Gram matrices, {share} vocabulary rows per rank", held=held_s))
-    # batches never cross a shard; the forward keeps every state h^(0..L_s); one shard's rows are held (fp32)
-    # until the shard is written
+    # batches never cross a shard; the forward keeps the loss positions' rows of the paired states h^(l) and of
+    # h^(L_s) (cache.batch_entries), one state whole as it is made; one shard's rows are held (fp32) until the
+    # shard is written
     batch = min(eb, cfg.cache_shard_examples, tokens.examples)
     shard_rows = min(cfg.cache_shard_examples, tokens.examples) * tokens.loss_positions / tokens.examples
+    kept = min(tgt.layers, src.layers) + 2  # the pairs, h^(0) for the geometry objective, h^(L_s)
     out.append(Phase("activation cache", src_held, 0,
                      _activations(batch, seq, src.width, src.heads, b) / 2
-                     + batch * seq * src.width * b * (src.layers + 1)
+                     + batch * seq * src.width * b * (1 + kept * loss_share)
                      + shard_rows * (tgt.width * tgt.layers + src.width) * 4,
                      budget.cost(model_s, tokens.tokens, 0, mean_len, src.layers)["flops"],
                      "source forward, no gradient", held={**held_s, **gathered}))

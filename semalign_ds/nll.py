@@ -14,7 +14,7 @@ def batch_nll(adapter, ids, attn, loss, head=None, runner=None):
     """(summed NLL in nats, scored tokens) of one right-padded batch's loss positions; `runner` is the DeepSpeed
     engine of a ZeRO-3 model, `head` its LM head: a tensor, or this rank's vocab_parallel.Rows (collective)."""
     head = adapter.head.weight if head is None else head
-    h = adapter.hidden_states(ids, attn, runner=runner)[-1]
+    h = adapter.final_state(ids, attn, runner=runner)
     x = adapter.norm(h[loss])
     labels = ids[:, 1:][loss[:, :-1]]
     if isinstance(head, vocab_parallel.Rows):

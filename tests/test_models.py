@@ -39,6 +39,34 @@ def test_layer_by_layer_matches_forward(arch):
     torch.testing.assert_close(final, ref.logits, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text"])
+def test_hidden_states_keep_holds_what_it_returns(arch):
+    """keep(l, h) sees every h^(l) in order and the list holds what it returns: the rows of the layers asked for
+    are those of the whole states, the other layers hold nothing; final_state is h^(L)."""
+    model = random_model(arch, layers=4, seed=5)
+    ad = models.Adapter(model)
+    gen = torch.Generator().manual_seed(6)
+    ids = torch.randint(1, 97, (3, 13), generator=gen)
+    attn = torch.ones_like(ids)
+    attn[1, 9:] = 0
+    mask = torch.rand(ids.shape, generator=gen) < 0.6
+    whole = ad.hidden_states(ids, attn)
+    seen = []
+
+    def keep(l, h):
+        seen.append(l)
+        return h[mask] if l in (1, 4) else None
+
+    kept = ad.hidden_states(ids, attn, keep=keep)
+    assert seen == list(range(ad.num_layers + 1))
+    assert [l for l, h in enumerate(kept) if h is not None] == [1, 4]
+    for l in (1, 4):
+        torch.testing.assert_close(kept[l], whole[l][mask], rtol=0, atol=0)
+    torch.testing.assert_close(ad.final_state(ids, attn), whole[-1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="keep"):
+        ad.hidden_states(ids, attn, grad=True, keep=keep)
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2", "gemma2", "gemma3_text", "phi3", "olmo2"])
 def test_right_padding_leaves_real_positions_unchanged(arch):
     """Sequences of different lengths in one right-padded batch give the states they give alone."""
