@@ -44,7 +44,8 @@ REDUCED = {"data": "embedded:stdlib", "max_examples": 32, "attribution_examples"
            "basis_dtype": "float32"}
 COLUMNS = ["date", "device", "cores", "load_1m", "source", "target", "settings", "world", "phase", "seconds", "tokens",
            "tokens_per_s_total", "peak_rss_mib_per_rank", "peak_rss_mib_max", "rank0_phase_peak_mib_run",
-           "dryrun_peak_mib_per_rank", "torch", "deepspeed", "transformers", "python", "commit"]
+           "dryrun_peak_mib_per_rank", "torch", "deepspeed", "transformers", "python", "commit", "host_gflops_alone",
+           "host_speedup_ceiling"]
 
 
 # --- sampling every rank's memory from outside -----------------------------------------------------------------
@@ -119,6 +120,38 @@ class Sampler(threading.Thread):
         return {n: [r[i] for i in sorted(r)] for n, r in out.items()}
 
 
+# --- the machine's own ceiling ---------------------------------------------------------------------------------
+_GEMM = """
+import sys, time, torch
+torch.set_num_threads(1)
+a, b = torch.randn(512, 1024), torch.randn(1024, 4096)
+a @ b
+while time.time() < float(sys.argv[1]):
+    time.sleep(0.001)
+n, t0 = 0, time.time()
+while time.time() - t0 < float(sys.argv[2]):
+    a @ b
+    n += 1
+print(n * 2 * 512 * 1024 * 4096 / (time.time() - t0) / 1e9)
+"""
+
+
+def host_rates(processes, seconds=4.0):
+    """GFLOP/s of each of `processes` one-thread processes running the same float32 GEMM at once (started
+    together). With 1, how fast this machine is right now; the sum with world of them over that: the most a
+    compute-bound phase can speed up at that world size here (cores that share caches, memory and clock)."""
+    start = time.time() + 3.0  # after every process has imported torch
+    procs = [subprocess.Popen([sys.executable, "-c", _GEMM, str(start), str(seconds)], stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ, OMP_NUM_THREADS="1")) for _ in range(processes)]
+    return [float(proc.communicate()[0]) for proc in procs]
+
+
+def host_ceiling(world):
+    """(GFLOP/s of one process alone, the speed-up of world processes at once over it)."""
+    alone = host_rates(1)[0]
+    return alone, (sum(host_rates(world)) / alone if world > 1 else 1.0)
+
+
 # --- one world size --------------------------------------------------------------------------------------------
 def write_config(path, args):
     import yaml
@@ -188,6 +221,8 @@ def table(results):
                     f"{benchmark._num(max(peaks) if peaks else None, '.0f'):>9}")
         lines.append(row)
     for r in results:
+        lines.append(f"world {r['world']}: host before it {r['host'][0]:.1f} GFLOP/s alone, {r['host'][1]:.2f}x with "
+                     f"{r['world']} at once")
         lines.append(f"world {r['world']}: {r['wall']:.0f} s wall, load average {r['load']:.2f}; rank 0's own "
                      f"memory/PHASE peaks: " + ", ".join(f"{k} {v:.0f}" for k, v in r["rank0"].items()))
         if r.get("dryrun"):
@@ -201,15 +236,19 @@ def write_rows(path, results, args, info):
     common = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "device": benchmark.device_name(), "cores": os.cpu_count(), "source": args.source,
               "target": args.target or f"source layers {args.keep_layers}", "settings": " ".join(args.set), **info}
-    new = not os.path.isfile(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
+    old = []
+    if os.path.isfile(path):
+        with open(path, newline="") as f:
+            old = list(csv.DictReader(f))  # rows of an older header get the new columns empty
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
+        w.writeheader()
+        w.writerows(old)
         for r in results:
             for name, peaks in r["sampled"].items():
                 p = r["phases"].get({"plan": "attribution"}.get(name, name), {})
                 w.writerow({**common, "load_1m": f"{r['load']:.2f}", "world": r["world"], "phase": name,
+                            "host_gflops_alone": f"{r['host'][0]:.1f}", "host_speedup_ceiling": f"{r['host'][1]:.2f}",
                             "seconds": benchmark._num(p.get("seconds"), ".2f"), "tokens": p.get("tokens") or "",
                             "tokens_per_s_total": benchmark._num(p.get("tokens_per_s_total"), ".1f"),
                             "peak_rss_mib_per_rank": ";".join(f"{m:.0f}" for m in peaks),
@@ -290,7 +329,11 @@ def main(argv=None):
     info = benchmark.versions()  # now: the code the runs will import, whatever is edited while they run
     results = []
     for world in args.world:
+        host = host_ceiling(world)  # how fast this machine is just before the run, alone and `world` at once
+        print(f"[world {world}] host: one process {host[0]:.1f} GFLOP/s; {world} at once {host[1]:.2f}x of it "
+              f"(the most a compute-bound phase can speed up now)", flush=True)
         r = run_one(world, args, config_path, workdir)
+        r["host"] = host
         r["source"] = args.source
         r["dryrun"] = predicted(config_path, world)
         results.append(r)
