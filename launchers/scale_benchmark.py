@@ -12,6 +12,12 @@ rank0_phase_peak_mib_run, the run's own peak over exactly that phase (a sampled 
 between two phases: the alignment before the cache, the source until its release in stage 1's). Rows go to
 benchmarks/scale.csv (device, versions, date, load average); benchmarks/scale.png is drawn from all its rows
 (--replot: only that).
+
+Before each world size the machine itself is measured (host_* columns): one process's float32 GEMM rate, the
+speed-up of `world` such processes at once over it (on 2 cores, the most a compute-bound phase can gain from a
+second rank at that moment), and the rate at which one process gets new memory pages. On a shared virtual machine
+the last two move by several times from one hour to the next; a world's rows taken while they were low measure the
+host, not the trainer.
 """
 from __future__ import annotations
 
@@ -45,7 +51,7 @@ REDUCED = {"data": "embedded:stdlib", "max_examples": 32, "attribution_examples"
 COLUMNS = ["date", "device", "cores", "load_1m", "source", "target", "settings", "world", "phase", "seconds", "tokens",
            "tokens_per_s_total", "peak_rss_mib_per_rank", "peak_rss_mib_max", "rank0_phase_peak_mib_run",
            "dryrun_peak_mib_per_rank", "torch", "deepspeed", "transformers", "python", "commit", "host_gflops_alone",
-           "host_speedup_ceiling"]
+           "host_speedup_ceiling", "host_new_pages_gib_s"]
 
 
 # --- sampling every rank's memory from outside -----------------------------------------------------------------
@@ -146,10 +152,26 @@ def host_rates(processes, seconds=4.0):
     return [float(proc.communicate()[0]) for proc in procs]
 
 
+_PAGES = """
+import time, torch
+n, t0 = 0, time.time()
+while time.time() - t0 < 3.0:
+    x = torch.empty(64 * 2**20)  # 256 MiB, a new mapping each time: every page faulted in and zeroed
+    x.fill_(1.0)
+    del x
+    n += 1
+print(n / 4 / (time.time() - t0))
+"""
+
+
 def host_ceiling(world):
-    """(GFLOP/s of one process alone, the speed-up of world processes at once over it)."""
+    """(GFLOP/s of one process alone, the speed-up of world processes at once over it, GiB/s of new pages one
+    process touches: memory that a phase allocates, frees and allocates again costs this, and a virtual machine's
+    host can make it several times slower while the GEMM runs as fast as ever)."""
     alone = host_rates(1)[0]
-    return alone, (sum(host_rates(world)) / alone if world > 1 else 1.0)
+    pages = float(subprocess.run([sys.executable, "-c", _PAGES], capture_output=True, text=True,
+                                 env=dict(os.environ, OMP_NUM_THREADS="1")).stdout)
+    return alone, (sum(host_rates(world)) / alone if world > 1 else 1.0), pages
 
 
 # --- one world size --------------------------------------------------------------------------------------------
@@ -222,7 +244,7 @@ def table(results):
         lines.append(row)
     for r in results:
         lines.append(f"world {r['world']}: host before it {r['host'][0]:.1f} GFLOP/s alone, {r['host'][1]:.2f}x with "
-                     f"{r['world']} at once")
+                     f"{r['world']} at once, new pages {r['host'][2]:.2f} GiB/s")
         lines.append(f"world {r['world']}: {r['wall']:.0f} s wall, load average {r['load']:.2f}; rank 0's own "
                      f"memory/PHASE peaks: " + ", ".join(f"{k} {v:.0f}" for k, v in r["rank0"].items()))
         if r.get("dryrun"):
@@ -249,6 +271,7 @@ def write_rows(path, results, args, info):
                 p = r["phases"].get({"plan": "attribution"}.get(name, name), {})
                 w.writerow({**common, "load_1m": f"{r['load']:.2f}", "world": r["world"], "phase": name,
                             "host_gflops_alone": f"{r['host'][0]:.1f}", "host_speedup_ceiling": f"{r['host'][1]:.2f}",
+                            "host_new_pages_gib_s": f"{r['host'][2]:.2f}",
                             "seconds": benchmark._num(p.get("seconds"), ".2f"), "tokens": p.get("tokens") or "",
                             "tokens_per_s_total": benchmark._num(p.get("tokens_per_s_total"), ".1f"),
                             "peak_rss_mib_per_rank": ";".join(f"{m:.0f}" for m in peaks),
@@ -331,7 +354,7 @@ def main(argv=None):
     for world in args.world:
         host = host_ceiling(world)  # how fast this machine is just before the run, alone and `world` at once
         print(f"[world {world}] host: one process {host[0]:.1f} GFLOP/s; {world} at once {host[1]:.2f}x of it "
-              f"(the most a compute-bound phase can speed up now)", flush=True)
+              f"(the most a compute-bound phase can speed up now); new pages {host[2]:.2f} GiB/s", flush=True)
         r = run_one(world, args, config_path, workdir)
         r["host"] = host
         r["source"] = args.source
