@@ -60,3 +60,38 @@ def test_a_run_recomputes_a_corrupt_shard(tmp_path, capfd):
     assert "recomputing: cache shard" in capfd.readouterr().out
     assert shard.read_bytes() == good
     assert (out / "target" / "model.safetensors").read_bytes() == target
+
+
+@pytest.mark.parametrize("aligned_input, source_states", [(False, False), (True, True)])
+def test_batch_entries_match_the_whole_states(aligned_input, source_states):
+    """A cache batch's rows, taken as each layer returns its state, are those computed from every layer's whole
+    state, to the bit: a^(k) = M u^(l(k)) at the loss positions of a right-padded batch (u in float32, as the cache
+    stores it), the unit states themselves, and n_s(h^(L)); a layer paired twice gives the same rows twice."""
+    from semalign_ds import models
+    from semalign_ds.alignment import source_direction
+    from semalign_ds.cache import batch_entries
+    from tests.helpers import random_model
+    ad = models.Adapter(random_model("llama", layers=5, seed=11))
+    gen = torch.Generator().manual_seed(12)
+    ids = torch.randint(1, 97, (3, 11), generator=gen)
+    attn = torch.ones_like(ids)
+    attn[0, 7:] = 0
+    attn[2, 4:] = 0
+    loss = (torch.rand(ids.shape, generator=gen) < 0.7) & attn.bool()
+    m = torch.randn(6, ad.width, generator=gen)
+    pairs = [1, 3, 3, 5]
+    got = batch_entries(ad, ids, attn, loss, pairs, m, True, source_states=source_states,
+                        aligned_input=aligned_input)
+    whole = ad.hidden_states(ids, attn)
+    layers = ([0] if aligned_input else []) + pairs
+    want = {}
+    for k, l in enumerate(layers, start=0 if aligned_input else 1):
+        u = source_direction(whole[l][loss], ad.norm)
+        want[f"aligned.{k}"] = u @ m.T
+        if source_states and k > 0:
+            want[f"source.{k}"] = u
+    want["source_final"] = ad.norm(whole[-1][loss]).float()
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert got[key].shape[0] == int(loss.sum())
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
