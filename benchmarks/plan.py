@@ -22,12 +22,13 @@ memory, host and device together (semalign_ds/dryrun.py, Phase.held: the runtime
 source phases, the source head's gathered copy, the data, what ZeRO-3 holds gathered, and in the stages the
 cached rows and frontiers); the marked rows exceed 80 GB in that sum.
 - Attribution fits at 2,048 tokens because both configs set attribution_recompute: its backward keeps each source
-  layer's input and one layer's activations at a time, 6.3 GiB for the 13B source at 2 sequences and 8.7 GiB for
-  the 70B one at 1, for one more forward of every layer. Without it the backward keeps every layer's activations
-  (ZeRO-3 shards parameters, not activations): 92 and 147 GiB per rank, whatever the world size (the dry run says
-  so in a note).
+  layer's input and one layer's activations at a time, for one more forward of every layer: 4.6-9.0 GiB for the
+  13B source at 2 sequences and 5.0-8.5 GiB for the 70B one at 1. Without it the backward keeps every layer's
+  activations (ZeRO-3 shards parameters, not activations): 92 and 147 GiB per rank, whatever the world size (the
+  dry run says so in a note). The column grows with the world size: the NLL projects every rank's positions on
+  this rank's vocabulary rows and forms their [positions, d] float32 gradient, 5.0 GiB for 13B at 64 ranks.
 - The cache's activation column is mostly host memory: each rank holds one cache shard's rows (cache_shard_examples
-  64 x 2,048 positions x (L_t d_t + d_s) float32, 71-73 GiB here) until the shard is written. cache_shard_examples 8
+  64 x 2,048 positions x (L_t d_t + d_s) float32, 71-76 GiB here) until the shard is written. cache_shard_examples 8
   brings it to about 9 GiB. On the device, the cache holds the partition and what one ZeRO-3 forward gathers (it
   starts a new trace: replaying attribution's kept the whole source gathered, 24 GiB for 13B and 131 GiB for 70B).
 - The frontier stages' device part fits at every size (the whole target, one layer's training state, one layer's

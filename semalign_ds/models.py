@@ -297,7 +297,7 @@ class Adapter:
 
         keep(l, h) (forward only): what the list holds of h^(l) instead of h^(l) itself, taken as the layer
         returns it (None: nothing), so that a caller that needs a few layers, or a few rows of them, never holds
-        every layer's whole batch (L + 1 states of [B, T, d]: 0.7 GiB at 28 x 32 x 128 x 1536 in float32)."""
+        every layer's whole batch (L + 1 states of [B, T, d]: 0.7 GiB at 29 x 32 x 128 x 1536 in float32)."""
         states = []
         if keep is not None and grad:
             raise ValueError("hidden_states: keep is for forwards without grad (the backward needs the states)")

@@ -68,14 +68,14 @@ def test_numbers_match_a_hand_computation(tmp_path):
     attr_n = N * 4 / 9
     assert attr.flops == pytest.approx((2 * lm_s + 2 * T * ds) * 2 * Ls * attr_n + 2 * V * ds * 2 * attr_n, rel=1e-12)
     # every layer's saved activations, the logits (float32, after their bfloat16 product: W ranks' positions on
-    # 1/W of the vocabulary, in one chunk here) and the float32 gradient they form for W ranks' positions, every
-    # state's gradient
+    # 1/W of the vocabulary, in one chunk here) and the float32 gradient they form for W ranks' positions, the
+    # gradient of the one state the backward is at (each layer's score is taken from it, none is kept)
     nll = 5 * T * V * (4 + 2) + W * 5 * T * ds * 4
-    assert attr.activation_bytes == pytest.approx(Ls * act(5, T, ds, 4, b) + nll + Ls * 5 * T * ds * b, rel=1e-12)
+    assert attr.activation_bytes == pytest.approx(Ls * act(5, T, ds, 4, b) + nll + 5 * T * ds * b, rel=1e-12)
     # recomputed: every layer's input and one layer's activations at a time, for one more forward of every layer
     rc = dryrun.phase_of(dryrun.plan(config_mod.from_dict({**values, "attribution_recompute": True}), 2).phases,
                          "attribution")
-    assert rc.activation_bytes == pytest.approx(Ls * 5 * T * ds * b + act(5, T, ds, 4, b) + nll + Ls * 5 * T * ds * b,
+    assert rc.activation_bytes == pytest.approx(Ls * 5 * T * ds * b + act(5, T, ds, 4, b) + nll + 5 * T * ds * b,
                                                 rel=1e-12)
     assert rc.flops == pytest.approx((2 * lm_s + 2 * T * ds) * 3 * Ls * attr_n + 2 * V * ds * 2 * attr_n, rel=1e-12)
     # besides the source: the runtime, the target (loaded first), the data; no copy of the source head (this
@@ -91,8 +91,10 @@ def test_numbers_match_a_hand_computation(tmp_path):
     cache = phases["activation cache"]
     assert cache.flops == pytest.approx((2 * lm_s + 2 * T * ds) * Ls * N, rel=1e-12)
     shard = N * (Lt * dt + ds) * 4  # the one cache shard (9 examples, 64 per shard), in fp32
-    # batches of 3 (eval_batch_size), every state h^(0..Ls) kept by the forward
-    assert cache.activation_bytes == pytest.approx(act(3, T, ds, 4, b) / 2 + 3 * T * ds * b * (Ls + 1) + shard,
+    # batches of 3 (eval_batch_size): one state whole as a layer makes it, and the loss positions' rows (here every
+    # position) of the paired states, h^(0) (for the geometry objective) and h^(Ls)
+    kept = min(Lt, Ls) + 2
+    assert cache.activation_bytes == pytest.approx(act(3, T, ds, 4, b) / 2 + 3 * T * ds * b * (1 + kept) + shard,
                                                    rel=1e-12)
     # a new trace for the cache (engines.new_trace): a forward's gathered parameters, as in attribution
     assert cache.held == {**held, "ZeRO-3 gathered in a forward": in_flight}
