@@ -114,3 +114,9 @@ def gathers(rank, world):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # The results are written and the process group is closed. Under load, 1 run in 3 on a 2-core machine then
+    # aborted in the interpreter's teardown ("terminate called without an active exception": a C++ thread left
+    # joinable, after ZeRO-3 partitioning and asynchronous gathers in one process), which this test does not
+    # check; leave without the teardown.
+    sys.stdout.flush()
+    os._exit(0)
