@@ -258,26 +258,32 @@ def write_rows(path, results, args, info):
     common = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "device": benchmark.device_name(), "cores": os.cpu_count(), "source": args.source,
               "target": args.target or f"source layers {args.keep_layers}", "settings": " ".join(args.set), **info}
+    from semalign_ds import rundir
     old = []
     if os.path.isfile(path):
         with open(path, newline="") as f:
             old = list(csv.DictReader(f))  # rows of an older header get the new columns empty
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
-        w.writeheader()
-        w.writerows(old)
-        for r in results:
-            for name, peaks in r["sampled"].items():
-                p = r["phases"].get({"plan": "attribution"}.get(name, name), {})
-                w.writerow({**common, "load_1m": f"{r['load']:.2f}", "world": r["world"], "phase": name,
-                            "host_gflops_alone": f"{r['host'][0]:.1f}", "host_speedup_ceiling": f"{r['host'][1]:.2f}",
-                            "host_new_pages_gib_s": f"{r['host'][2]:.2f}",
-                            "seconds": benchmark._num(p.get("seconds"), ".2f"), "tokens": p.get("tokens") or "",
-                            "tokens_per_s_total": benchmark._num(p.get("tokens_per_s_total"), ".1f"),
-                            "peak_rss_mib_per_rank": ";".join(f"{m:.0f}" for m in peaks),
-                            "peak_rss_mib_max": f"{max(peaks):.0f}",
-                            "rank0_phase_peak_mib_run": benchmark._num(r["rank0"].get(name), ".0f"),
-                            "dryrun_peak_mib_per_rank": benchmark._num(_dry_peak(r, name), ".0f")})
+    rows = []
+    for r in results:
+        for name, peaks in r["sampled"].items():
+            p = r["phases"].get({"plan": "attribution"}.get(name, name), {})
+            rows.append({**common, "load_1m": f"{r['load']:.2f}", "world": r["world"], "phase": name,
+                         "host_gflops_alone": f"{r['host'][0]:.1f}", "host_speedup_ceiling": f"{r['host'][1]:.2f}",
+                         "host_new_pages_gib_s": f"{r['host'][2]:.2f}",
+                         "seconds": benchmark._num(p.get("seconds"), ".2f"), "tokens": p.get("tokens") or "",
+                         "tokens_per_s_total": benchmark._num(p.get("tokens_per_s_total"), ".1f"),
+                         "peak_rss_mib_per_rank": ";".join(f"{m:.0f}" for m in peaks),
+                         "peak_rss_mib_max": f"{max(peaks):.0f}",
+                         "rank0_phase_peak_mib_run": benchmark._num(r["rank0"].get(name), ".0f"),
+                         "dryrun_peak_mib_per_rank": benchmark._num(_dry_peak(r, name), ".0f")})
+
+    def write(tmp):  # the whole file replaced at once: a crash while writing leaves the rows that were there
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
+            w.writeheader()
+            w.writerows(old + rows)
+
+    rundir.write_file(path, write)
 
 
 def _dry_peak(r, name):
