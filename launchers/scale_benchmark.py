@@ -168,7 +168,7 @@ def host_ceiling(world):
     """(GFLOP/s of one process alone, the speed-up of world processes at once over it, GiB/s of new pages one
     process touches: memory that a phase allocates, frees and allocates again costs this, and a virtual machine's
     host can make it several times slower while the GEMM runs as fast as ever). The pages are 4 KiB ones, the same
-    measure in every row, whether or not the runs put their large tensors on huge pages (semalign_ds/__init__.py)."""
+    measure in every row, whatever THP_MEM_ALLOC_ENABLE the runs are given."""
     alone = host_rates(1)[0]
     pages = float(subprocess.run([sys.executable, "-c", _PAGES], capture_output=True, text=True,
                                  env=dict(os.environ, OMP_NUM_THREADS="1", THP_MEM_ALLOC_ENABLE="0")).stdout)

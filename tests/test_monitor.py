@@ -152,37 +152,3 @@ def test_mapped_large_allocations_go_back_to_the_system_when_freed():
         out = subprocess.run([sys.executable, "-c", _HOLES, mode], capture_output=True, text=True, check=True)
         returned[mode] = int(out.stdout.split()[-1])
     assert returned["on"] >= 190 and returned["off"] <= 10, returned
-
-
-_FAULTS = """
-import resource, semalign_ds, torch, os
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(4):
-    x = torch.empty(16 * 2**20 + 3)  # 64 MiB, each a new mapping: every page faulted in
-    x.fill_(1.5)
-    del x
-print(os.environ.get("THP_MEM_ALLOC_ENABLE"), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-def _thp_mode():
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return f.read().split("[")[1].split("]")[0]
-    except (OSError, IndexError):
-        return None
-
-
-@pytest.mark.skipif(_thp_mode() in (None, "never"), reason="the kernel offers no transparent huge pages here")
-def test_importing_the_package_puts_large_tensors_on_huge_pages_unless_the_user_said_no():
-    """semalign_ds sets THP_MEM_ALLOC_ENABLE=1 before torch's first allocation: 256 MiB of fresh tensors then
-    fault in 2 MiB pages (a few hundred faults), where 4 KiB pages take 65,536. A user's 0 is kept."""
-    def run(env):
-        env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
-        out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True, env=env)
-        setting, faults = out.stdout.split()
-        return setting, int(faults)
-    default, off = run({}), run({"THP_MEM_ALLOC_ENABLE": "0"})
-    assert default[0] == "1" and off[0] == "0"
-    assert off[1] >= 60_000, off  # 4 x 64 MiB / 4 KiB = 65,536 faults, plus the allocator's own
-    assert default[1] <= off[1] / 8, (default, off)
