@@ -1,0 +1,151 @@
+"""What two ranks in lockstep can gain on this host: a plain model's forward (no DeepSpeed, the whole model in
+each process, one thread each) on 1 rank, and on 2 ranks run three ways:
+
+  free       each rank its own batch, nothing shared during the forward (the host's own ceiling for this work)
+  lockstep   a barrier before every decoder layer: the coupling that ZeRO-3's per-layer parameter gather imposes,
+             with nothing moved
+  gathered   lockstep through SharedGather instead of a barrier: before every layer, each rank gathers a buffer
+             of that layer's size from the two ranks' halves into newly allocated memory, as ZeRO-3 does on one
+             host (semalign_ds.distributed.gather_into), with the source run's 1 MiB mmap threshold
+  reused     the same gathers into one buffer allocated once: what the new memory's page faults cost
+
+    python benchmarks/lockstep.py                       # synthetic:llama-1.5b, batch 16 x 128: about 20 minutes
+    python benchmarks/lockstep.py --batch 4 --seq 64    # a quick look
+
+Speed-up = 2 x (seconds per forward on 1 rank) / (seconds per forward on 2 ranks, the slower rank): the most that
+attribution and the activation cache, which are such forwards (and backwards) of the ZeRO-3 source, can gain from
+a second rank here. The table goes to benchmarks/lockstep.md with the device, versions, date and load average.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "launchers"))
+RESULTS = os.path.join(ROOT, "benchmarks", "lockstep.md")
+MODES = ("free", "lockstep", "gathered", "reused")
+
+
+def _forward_seconds(model, ids, iters):
+    """Seconds per forward: the median of `iters` after one untimed warm-up (of an even count, the upper one)."""
+    times = []
+    for i in range(iters + 1):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(ids)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _rank(rank, world, port, args, queue):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    from transformers import AutoModelForCausalLM
+
+    from semalign_ds import models, summary
+    from semalign_ds.distributed import SharedGather
+    model = AutoModelForCausalLM.from_pretrained(models.resolve(args.source)[0], dtype=torch.float32).eval()
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq),
+                        generator=torch.Generator().manual_seed(rank + 1))
+    shared = SharedGather.open() if world > 1 else None
+    halves = [torch.randn(-(-sum(p.numel() for p in layer.parameters()) // world)) for layer in model.model.layers]
+    reused = torch.empty(max(h.numel() for h in halves) * world)
+    mode = {"now": "free"}
+
+    def before_layer(layer_index):
+        def hook(module, inputs):
+            if mode["now"] == "lockstep":
+                dist.barrier()
+            elif mode["now"] == "gathered":
+                out = torch.empty(halves[layer_index].numel() * world)  # new memory, as ZeRO-3 allocates it
+                shared.gather(out, halves[layer_index])
+            elif mode["now"] == "reused":
+                shared.gather(reused[:halves[layer_index].numel() * world], halves[layer_index])
+        return hook
+
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(before_layer(i))
+    rows = []
+    for name in (MODES if world > 1 else ("alone",)):
+        mode["now"] = name
+        summary.map_large_allocations(name in ("gathered", "reused"))
+        dist.barrier()
+        seconds = torch.tensor([_forward_seconds(model, ids, args.iters)])
+        every = [torch.zeros(1) for _ in range(world)]
+        dist.all_gather(every, seconds)
+        rows.append((world, name, [float(t) for t in every]))
+    summary.map_large_allocations(False)
+    if rank == 0:
+        queue.put(rows)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure(world, args):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, world, port, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    rows = queue.get(timeout=3600)
+    for p in procs:
+        p.join()
+    return rows
+
+
+def table(rows):
+    alone = next(max(t) for w, name, t in rows if w == 1)
+    lines = ["| ranks | mode | s per forward (each rank) | speed-up over 1 rank |", "|---|---|---|---|"]
+    for w, name, t in rows:
+        lines.append(f"| {w} | {name} | {' / '.join(f'{x:.2f}' for x in t)} | {w * alone / max(t):.2f}x |")
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--source", default="synthetic:llama-1.5b", help="model spec (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=16, help="sequences per forward and rank (default: %(default)s)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--iters", type=int, default=2, help="timed forwards per mode, after one warm-up "
+                                                        "(default: %(default)s)")
+    p.add_argument("--results", default=RESULTS, help="(default: %(default)s)")
+    p.add_argument("--no-results", action="store_true", help="print the table only")
+    args = p.parse_args(argv)
+    import benchmark  # launchers/benchmark.py: versions and device name
+
+    from semalign_ds import models
+    models.resolve(args.source)  # a synthetic model is written once, before anything is timed
+    load = os.getloadavg()[0]
+    rows = measure(1, args) + measure(2, args)
+    info = benchmark.versions()
+    lines = ["# Two ranks in lockstep: the host's ceiling for a ZeRO-3 source's forwards", "",
+             f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}, {benchmark.device_name()}, "
+             f"{os.cpu_count()} cores, load average {load:.2f} before / {os.getloadavg()[0]:.2f} after, torch "
+             f"{info['torch']}, transformers {info['transformers']}, one thread per rank; {args.source} in float32, "
+             f"batches of {args.batch} x {args.seq} tokens, upper median of {args.iters} forwards after a warm-up; "
+             f"`{' '.join(['python benchmarks/lockstep.py'] + list(sys.argv[1:] if argv is None else argv))}`.", ""] + table(rows)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_results:
+        with open(args.results, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
