@@ -56,19 +56,25 @@ def _rank(rank, world, port, queue):
     dist.destroy_process_group()
 
 
-def measure(world):
+def spawn_ranks(target, world, *args, timeout=600):
+    """Run target(rank, world, port, *args, queue) in `world` spawned processes (gloo on loopback, a free port);
+    returns what rank 0 puts on the queue."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, queue)) for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    rows = queue.get(timeout=600)
+    rows = queue.get(timeout=timeout)
     for p in procs:
         p.join()
     return rows
+
+
+def measure(world):
+    return spawn_ranks(_rank, world)
 
 
 def main():

@@ -21,17 +21,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import socket
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "launchers"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from collectives import spawn_ranks  # noqa: E402  (benchmarks/collectives.py)
+
 RESULTS = os.path.join(ROOT, "benchmarks", "lockstep.md")
 MODES = ("free", "lockstep", "gathered", "reused")
 
@@ -92,21 +93,6 @@ def _rank(rank, world, port, args, queue):
     dist.destroy_process_group()
 
 
-def measure(world, args):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    rows = queue.get(timeout=3600)
-    for p in procs:
-        p.join()
-    return rows
-
-
 def table(rows):
     alone = next(max(t) for w, name, t in rows if w == 1)
     lines = ["| ranks | mode | s per forward (each rank) | speed-up over 1 rank |", "|---|---|---|---|"]
@@ -131,7 +117,7 @@ def main(argv=None):
     from semalign_ds import models
     models.resolve(args.source)  # a synthetic model is written once, before anything is timed
     load = os.getloadavg()[0]
-    rows = measure(1, args) + measure(2, args)
+    rows = spawn_ranks(_rank, 1, args, timeout=3600) + spawn_ranks(_rank, 2, args, timeout=3600)
     info = benchmark.versions()
     lines = ["# Two ranks in lockstep: the host's ceiling for a ZeRO-3 source's forwards", "",
              f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}, {benchmark.device_name()}, "
