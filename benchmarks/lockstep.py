@@ -1,5 +1,5 @@
 """What two ranks in lockstep can gain on this host: a plain model's forward (no DeepSpeed, the whole model in
-each process, one thread each) on 1 rank, and on 2 ranks run three ways:
+each process, one thread each) on 1 rank, and on 2 ranks run four ways:
 
   free       each rank its own batch, nothing shared during the forward (the host's own ceiling for this work)
   lockstep   a barrier before every decoder layer: the coupling that ZeRO-3's per-layer parameter gather imposes,
@@ -60,6 +60,9 @@ def _rank(rank, world, port, args, queue):
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq),
                         generator=torch.Generator().manual_seed(rank + 1))
     shared = SharedGather.open() if world > 1 else None
+    if world > 1 and shared is None:
+        raise SystemExit("lockstep.py gathers through shared memory: /dev/shm needs room for "
+                         f"{SharedGather.file_bytes(world) * 4 / 2**20:.0f} MiB (SharedGather.open)")
     halves = [torch.randn(-(-sum(p.numel() for p in layer.parameters()) // world)) for layer in model.model.layers]
     reused = torch.empty(max(h.numel() for h in halves) * world)
     mode = {"now": "free"}
@@ -86,7 +89,6 @@ def _rank(rank, world, port, args, queue):
         every = [torch.zeros(1) for _ in range(world)]
         dist.all_gather(every, seconds)
         rows.append((world, name, [float(t) for t in every]))
-    summary.map_large_allocations(False)
     if rank == 0:
         queue.put(rows)
     dist.barrier()
@@ -112,6 +114,8 @@ def main(argv=None):
     p.add_argument("--results", default=RESULTS, help="(default: %(default)s)")
     p.add_argument("--no-results", action="store_true", help="print the table only")
     args = p.parse_args(argv)
+    if min(args.batch, args.seq, args.iters) < 1:
+        p.error("--batch, --seq and --iters must be at least 1")
     import benchmark  # launchers/benchmark.py: versions and device name
 
     from semalign_ds import models
