@@ -114,7 +114,7 @@ def test_records_are_on_disk_as_soon_as_written(tmp_path):
 
 
 def fake_context(tmp_path, budget=60.0, mode="cuda"):
-    args = dc.parse_args([str(tmp_path / "out"), "--budget-s", str(budget)])
+    args = dc.parse_args([str(tmp_path / "out"), "--budget-s", str(budget), "--workdir", str(tmp_path / "work")])
     res = dc.Results(tmp_path / "out", "NVIDIA H200" if mode == "cuda" else "cpu x86_64", mode=mode)
     ctx = dc.Context(args, res, dc.plan(cpu=mode != "cuda"), mode)
     ctx.versions = {"torch": "2.11.0", "triton": "3.6.0", "cuda": "12.8", "driver": "570.1",
