@@ -22,11 +22,12 @@ memory, host and device together (semalign_ds/dryrun.py, Phase.held: the runtime
 source phases, the source head's gathered copy, the data, what ZeRO-3 holds gathered, and in the stages the
 cached rows and frontiers); the marked rows exceed 80 GB in that sum.
 - Attribution fits at 2,048 tokens because both configs set attribution_recompute: its backward keeps each source
-  layer's input and one layer's activations at a time, for one more forward of every layer: 4.6-9.0 GiB for the
-  13B source at 2 sequences and 5.0-8.5 GiB for the 70B one at 1. Without it the backward keeps every layer's
+  layer's input and one layer's activations at a time, for one more forward of every layer: 4.0-4.1 GiB for the
+  13B source at 2 sequences and 4.5-4.7 GiB for the 70B one at 1. Without it the backward keeps every layer's
   activations (ZeRO-3 shards parameters, not activations): 92 and 147 GiB per rank, whatever the world size (the
-  dry run says so in a note). The column grows with the world size: the NLL projects every rank's positions on
-  this rank's vocabulary rows and forms their [positions, d] float32 gradient, 5.0 GiB for 13B at 64 ranks.
+  dry run says so in a note). The column does not grow with the world size: the NLL takes one rank's positions
+  at a time on this rank's vocabulary rows (it took every rank's at once before, with their [positions, d]
+  float32 gradient: 9.0 GiB for 13B at 64 ranks).
 - The cache's activation column is mostly host memory: each rank holds one cache shard's rows (cache_shard_examples
   64 x 2,048 positions x (L_t d_t + d_s) float32, 71-76 GiB here) until the shard is written. cache_shard_examples 8
   brings it to about 9 GiB. On the device, the cache holds the partition and what one ZeRO-3 forward gathers (it

@@ -465,19 +465,33 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
-    """t reduced in place over the ranks, wherever t lives (NCCL reduces only GPU tensors: a CPU t goes through
-    this rank's GPU and back)."""
+def _in_place(t: torch.Tensor, collective) -> torch.Tensor:
+    """collective(t) in place, wherever t lives (NCCL takes only GPU tensors: a CPU t goes through this rank's GPU
+    and back)."""
     if not dist.is_initialized():
         return t
     dev = comm_device()
     if t.device == dev:
-        dist.all_reduce(t, op=op)
+        collective(t)
     else:
         moved = t.to(dev)
-        dist.all_reduce(moved, op=op)
+        collective(moved)
         t.copy_(moved)
     return t
+
+
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+    return _in_place(t, lambda u: dist.all_reduce(u, op=op))
+
+
+def broadcast_(t: torch.Tensor, src: int) -> torch.Tensor:
+    """t of rank src into t on every rank (the same shape everywhere)."""
+    return _in_place(t, lambda u: dist.broadcast(u, src=src))
+
+
+def reduce_sum_to(t: torch.Tensor, dst: int) -> torch.Tensor:
+    """The sum over the ranks of t, into t on rank dst (on the others t is left undefined)."""
+    return _in_place(t, lambda u: dist.reduce(u, dst=dst, op=dist.ReduceOp.SUM))
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -488,16 +502,23 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return _all_reduce(t, dist.ReduceOp.MAX)
 
 
+def row_counts(n: int) -> list:
+    """[n of rank 0, n of rank 1, ...] on every rank."""
+    if not dist.is_initialized():
+        return [n]
+    mine = torch.tensor([n], dtype=torch.int64, device=comm_device())
+    sizes = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, mine)
+    return [int(c) for c in sizes]
+
+
 def all_gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, list]:
     """(every rank's x concatenated along dim 0 in rank order, each rank's row count): the ranks' x may differ in
     their first dimension only."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x, [x.shape[0]]
     home, x = x.device, x.to(comm_device())
-    counts = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
-    sizes = [torch.empty_like(counts) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, counts)
-    counts = [int(c) for c in sizes]
+    counts = row_counts(x.shape[0])
     most = max(max(counts), 1)
     padded = x.contiguous()
     if x.shape[0] != most:  # the ranks' shapes must agree: pad to the longest

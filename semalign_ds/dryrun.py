@@ -322,13 +322,16 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
         attr_tokens = tokens.tokens * n_attr / tokens.examples
         attr_loss = tokens.loss_positions * n_attr / tokens.examples
         # every layer's saved activations (recomputed: every layer's input, and one layer's activations at a time),
-        # one chunk of float32 logits (vocab_parallel.nll: of every rank's positions on this rank's 1/world of the
-        # vocabulary, a 16-bit product first) and the [positions, d] float32 gradient it forms, and the gradient
-        # of the state the backward is at (each layer's score is taken from it as it is formed, none is kept)
+        # one chunk of float32 logits (vocab_parallel.nll: of one rank's positions on this rank's 1/world of the
+        # vocabulary, a 16-bit product first), the [positions, d] float32 gradient it forms, under ZeRO-3 also
+        # another rank's positions and its part of their gradient, and the gradient of the state the backward is
+        # at (each layer's score is taken from it as it is formed, none is kept)
         state, layer = ab * seq * src.width * b, _activations(ab, seq, src.width, src.heads, b)
         layers_act = src.layers * state + layer if cfg.attribution_recompute else src.layers * layer
-        rows, cols = ab * seq * (world if zero_src else 1), -(-vocab // world) if zero_src else vocab
-        nll = min(rows, vocab_parallel.chunk_rows(cols)) * cols * (4 if b == 4 else 4 + b) + rows * src.width * 4
+        rows, cols = ab * seq, -(-vocab // world) if zero_src else vocab
+        others = rows * src.width * (b + 4) if zero_src else 0
+        nll = (min(rows, vocab_parallel.chunk_rows(cols)) * cols * (4 if b == 4 else 4 + b) + rows * src.width * 4
+               + others)
         out.append(Phase("attribution", src_held, 0, layers_act + nll + state,
                          budget.cost(model_s, attr_tokens, attr_loss, mean_len,
                                      src.layers * (2 if cfg.attribution_recompute else 1), src.layers, 1, 1,

@@ -9,11 +9,12 @@ per-token values:
 
 - `embed`: every rank looks up all ranks' token ids in its rows (zeros elsewhere) and a sum all-reduce completes
   the [tokens, d] embeddings, each rank keeping its own.
-- `nll`: every rank projects all ranks' states x [N, d] on its rows, logits [N, V / R]; the softmax's maximum
-  and normaliser and the target's logit are all-reduced per token, so each token's -log p(target) is exact. It
-  runs in chunks of rows (logits of CHUNK_BYTES at most), and when the states need a gradient each chunk forms
-  (p - onehot) on its rows and multiplies by them; the [N, d] result, summed over the ranks, is every token's
-  gradient for an upstream gradient of one, each rank keeping its own rows; the backward scales them.
+- `nll`: each rank's states x [N_r, d] in turn are broadcast from it and projected by every rank on its rows,
+  logits [N_r, V / R]; the softmax's maximum and normaliser and the target's logit are all-reduced per token, so
+  each token's -log p(target) is exact. It runs in chunks of rows (logits of CHUNK_BYTES at most), and when the
+  states need a gradient each chunk forms (p - onehot) on its rows and multiplies by them; the [N_r, d] results,
+  summed into rank r, are its tokens' gradients for an upstream gradient of one; the backward scales them. A rank
+  holds its own positions and one other rank's at a time, whatever the number of ranks.
 
 On one rank (or a head held whole) the same code runs without collectives. Every call is collective when the
 rows are `parallel`: all ranks make it, in the same order (ZeRO-3's forwards are lockstepped anyway).
@@ -114,43 +115,37 @@ def chunk_rows(columns):
 class _NLL(torch.autograd.Function):
     """Chunks of rows at a time, so that the logits never exist for all N rows at once; when x needs a gradient,
     each chunk's (p - onehot) W is formed right away and kept ([N, d], not the [N, V / R] softmax), and the backward
-    only scales it by the upstream gradient (d nll_i / d x_i does not depend on it): no collective there."""
+    only scales it by the upstream gradient (d nll_i / d x_i does not depend on it): no collective there. When the
+    rows are parallel, the ranks' positions go one rank's at a time: broadcast from it, projected on every rank's
+    rows, and their gradient parts summed into it, so that a rank holds its own positions and one other rank's,
+    never every rank's."""
 
     @staticmethod
     def forward(ctx, x, targets, rows):
-        w = rows.weight
-        xs, counts = _gather(x, rows)
-        ts = _gather(targets, rows)[0]
         acc = torch.promote_types(x.dtype, torch.float32)
         grad = ctx.needs_input_grad[0]
-        out = torch.empty(xs.shape[0], dtype=acc, device=xs.device)
-        dx = xs.new_empty(xs.shape, dtype=acc) if grad else None
-        step = chunk_rows(w.shape[0])
-        for a in range(0, xs.shape[0], step):  # the same chunks on every rank: their collectives pair up
-            b = min(a + step, xs.shape[0])
-            t = ts[a:b]
-            z = (xs[a:b] @ w.T).to(acc)  # [chunk, V / R]: this rank's logits of every rank's tokens
-            m = z.amax(dim=1) if z.shape[1] else z.new_full((z.shape[0],), float("-inf"))
-            _reduce(m, rows, distributed.all_reduce_max)
-            mine = ((t >= rows.lo) & (t < rows.hi)).nonzero()[:, 0]
-            picked = torch.zeros_like(m)
-            picked[mine] = z[mine, t[mine] - rows.lo] - m[mine]
-            _reduce(picked, rows, distributed.all_reduce_sum)  # the target's logit - max, from the rank holding it
-            z.sub_(m[:, None]).exp_()
-            total = _reduce(z.sum(dim=1), rows, distributed.all_reduce_sum)
-            out[a:b] = torch.log(total) - picked
-            if grad:
-                z.div_(total[:, None])  # softmax over the whole vocabulary, this rank's columns
-                z[mine, t[mine] - rows.lo] -= 1
-                # the softmax tail of real LM logits is denormal floats, several times slower in the matmul below
-                z.masked_fill_(z.abs() < 1e-30, 0.0)
-                dx[a:b] = z.to(w.dtype) @ w  # this rank's part of these tokens' gradients
-        start = sum(counts[:distributed.rank()]) if rows.parallel else 0
+        x, targets = x.detach().contiguous(), targets.contiguous()
+        me = distributed.rank() if rows.parallel else 0
+        counts = distributed.row_counts(x.shape[0]) if rows.parallel else [x.shape[0]]
+        out = torch.empty(x.shape[0], dtype=acc, device=x.device)
+        dx = x.new_empty(x.shape, dtype=acc) if grad else None
+        for r, n in enumerate(counts):  # the same order and chunks on every rank: their collectives pair up
+            if n == 0:
+                continue
+            xr, tr = (x, targets) if r == me else (x.new_empty((n, x.shape[1])), targets.new_empty(n))
+            if rows.parallel:
+                distributed.broadcast_(xr, r)
+                distributed.broadcast_(tr, r)
+            dr = (dx if r == me else x.new_empty((n, x.shape[1]), dtype=acc)) if grad else None
+            nll_r = _positions(xr, tr, rows, acc, dr)
+            if r == me:
+                out.copy_(nll_r)
+            if grad and rows.parallel:
+                distributed.reduce_sum_to(dr, r)
         if grad:
-            _reduce(dx, rows, distributed.all_reduce_sum)
-            ctx.save_for_backward(dx[start:start + x.shape[0]])
+            ctx.save_for_backward(dx)
             ctx.dtype = x.dtype
-        return out[start:start + x.shape[0]]
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -158,8 +153,32 @@ class _NLL(torch.autograd.Function):
         return (dx * grad.to(dx.dtype)[:, None]).to(ctx.dtype), None, None
 
 
-def _gather(t, rows):
-    return distributed.all_gather_rows(t) if rows.parallel else (t, [t.shape[0]])
+def _positions(x, t, rows, acc, dx=None):
+    """-log p(t) of one rank's positions x [n, d] over the whole vocabulary, and, into dx, this rank's part of
+    their gradient ((p - onehot) on its rows, times its rows)."""
+    w = rows.weight
+    out = torch.empty(x.shape[0], dtype=acc, device=x.device)
+    step = chunk_rows(w.shape[0])
+    for a in range(0, x.shape[0], step):
+        b = min(a + step, x.shape[0])
+        tc = t[a:b]
+        z = (x[a:b] @ w.T).to(acc)  # [chunk, V / R]: this rank's logits of these positions
+        m = z.amax(dim=1) if z.shape[1] else z.new_full((z.shape[0],), float("-inf"))
+        _reduce(m, rows, distributed.all_reduce_max)
+        mine = ((tc >= rows.lo) & (tc < rows.hi)).nonzero()[:, 0]
+        picked = torch.zeros_like(m)
+        picked[mine] = z[mine, tc[mine] - rows.lo] - m[mine]
+        _reduce(picked, rows, distributed.all_reduce_sum)  # the target's logit - max, from the rank holding it
+        z.sub_(m[:, None]).exp_()
+        total = _reduce(z.sum(dim=1), rows, distributed.all_reduce_sum)
+        out[a:b] = torch.log(total) - picked
+        if dx is not None:
+            z.div_(total[:, None])  # softmax over the whole vocabulary, this rank's columns
+            z[mine, tc[mine] - rows.lo] -= 1
+            # the softmax tail of real LM logits is denormal floats, several times slower in the matmul below
+            z.masked_fill_(z.abs() < 1e-30, 0.0)
+            dx[a:b] = z.to(w.dtype) @ w
+    return out
 
 
 def _reduce(t, rows, op):

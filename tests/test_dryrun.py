@@ -67,11 +67,16 @@ def test_numbers_match_a_hand_computation(tmp_path):
     # frozen weights: a backward costs once its forward; the head forward and back at every loss position
     attr_n = N * 4 / 9
     assert attr.flops == pytest.approx((2 * lm_s + 2 * T * ds) * 2 * Ls * attr_n + 2 * V * ds * 2 * attr_n, rel=1e-12)
-    # every layer's saved activations, the logits (float32, after their bfloat16 product: W ranks' positions on
-    # 1/W of the vocabulary, in one chunk here) and the float32 gradient they form for W ranks' positions, the
-    # gradient of the one state the backward is at (each layer's score is taken from it, none is kept)
-    nll = 5 * T * V * (4 + 2) + W * 5 * T * ds * 4
+    # every layer's saved activations, the logits (float32, after their bfloat16 product: one rank's positions on
+    # 1/W of the vocabulary, in one chunk here), the float32 gradient they form, another rank's positions (bfloat16)
+    # and its part of their gradient, whatever W; the gradient of the one state the backward is at (each layer's
+    # score is taken from it, none is kept)
+    nll = 5 * T * V // W * (4 + 2) + 5 * T * ds * 4 + 5 * T * ds * (2 + 4)
     assert attr.activation_bytes == pytest.approx(Ls * act(5, T, ds, 4, b) + nll + 5 * T * ds * b, rel=1e-12)
+    # more ranks: fewer vocabulary columns each, and no more positions held
+    at8 = dryrun.phase_of(dryrun.plan(config_mod.from_dict({**values, "batch_size": 24}), world=8).phases,
+                          "attribution").activation_bytes
+    assert at8 == pytest.approx(attr.activation_bytes - 5 * T * (V // W - V // 8) * (4 + 2), rel=1e-12)
     # recomputed: every layer's input and one layer's activations at a time, for one more forward of every layer
     rc = dryrun.phase_of(dryrun.plan(config_mod.from_dict({**values, "attribution_recompute": True}), 2).phases,
                          "attribution")

@@ -21,7 +21,7 @@ def main(folder):
     share = -(-vocab // world)
     lo, hi = min(rank * share, vocab), min((rank + 1) * share, vocab)
     out = {"rank": rank}
-    vocab_parallel.CHUNK_BYTES = 4 * share * 4  # 14 rows in all (5 + 9): chunks of 4, the last of 2
+    vocab_parallel.CHUNK_BYTES = 4 * share * 4  # chunks of 4 rows: 5 = 4 + 1 and 9 = 4 + 4 + 1
     for dtype, name in ((torch.float64, "float64"), (torch.float32, "float32")):
         rows = vocab_parallel.Rows(w[lo:hi].to(dtype), lo, vocab, parallel=True)
         mine = torch.Generator().manual_seed(100 + rank)  # each rank its own tokens, as many as 5 + 4 rank
