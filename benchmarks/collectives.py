@@ -1,6 +1,7 @@
-"""CPU collectives under gloo: gloo's all-gather against semalign_ds.distributed's two replacements (one broadcast
-per rank; SharedGather, through shared memory, what ranks on one host use), with gloo's all-reduce beside them, at
-2 and 4 ranks, one thread each.
+"""CPU collectives under gloo: gloo's all-gather against semalign_ds.distributed's replacements (one broadcast per
+rank; SharedGather, what ranks on one host use: through slots of a shared file, or reading the other ranks' shares
+straight from their memory where the host allows it), with gloo's all-reduce beside them, at 2 and 4 ranks, one
+thread each.
 
     python benchmarks/collectives.py            # prints the table, writes benchmarks/collectives.md
 
@@ -32,14 +33,16 @@ def _rank(rank, world, port, queue):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     from semalign_ds.distributed import SharedGather, gather_into  # gather_into: broadcasts (no init())
-    shared = SharedGather.open()
+    shared, slotted = SharedGather.open(), SharedGather.open(direct=False)
     rows = []
     for mib in SIZES_MIB:
         share = torch.randn(mib * 2**20 // 4)
         out = torch.empty(share.numel() * world)
         ops = {"gloo all_gather_into_tensor": lambda: dist.all_gather_into_tensor(out, share),
                "gather_into (broadcasts)": lambda: gather_into(out, share),
-               "SharedGather (shared memory)": lambda: shared.gather(out, share),
+               "SharedGather (shared slots)": lambda: slotted.gather(out, share),
+               "SharedGather (reads from the other ranks" + ("" if shared.pids else ": refused here, slots") + ")":
+                   lambda: shared.gather(out, share),
                "gloo all_reduce": lambda: dist.all_reduce(share)}
         for name, op in ops.items():
             op()  # the first call sets up gloo's buffers

@@ -892,7 +892,8 @@ def commit_into(results_dir, repo):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("out", nargs="?", type=Path, help="results folder (created; records are appended)")
     p.add_argument("--cpu", "--dry", dest="cpu", action="store_true",
                    help="the same code paths at tiny sizes on CPU (Triton's interpreter for the kernels)")

@@ -1,13 +1,18 @@
 """What two ranks in lockstep can gain on this host: a plain model's forward (no DeepSpeed, the whole model in
-each process, one thread each) on 1 rank, and on 2 ranks run four ways:
+each process, one thread each) on 1 rank, and on 2 ranks run six ways:
 
   free       each rank its own batch, nothing shared during the forward (the host's own ceiling for this work)
   lockstep   a barrier before every decoder layer: the coupling that ZeRO-3's per-layer parameter gather imposes,
              with nothing moved
-  gathered   lockstep through SharedGather instead of a barrier: before every layer, each rank gathers a buffer
-             of that layer's size from the two ranks' halves into newly allocated memory, as ZeRO-3 does on one
-             host (semalign_ds.distributed.gather_into), with the source run's 1 MiB mmap threshold
-  reused     the same gathers into one buffer allocated once: what the new memory's page faults cost
+  mapped     lockstep with the source run's 1 MiB mmap threshold (semalign_ds.summary.map_large_allocations):
+             every allocation of 1 MiB or more, the forward's activations included, is a new mapping, its pages
+             faulted in as they are first touched
+  slots      lockstep through SharedGather's shared slots instead of a barrier: before every layer, each rank
+             gathers a buffer of that layer's size from the two ranks' halves into newly allocated memory, each
+             half copied into a slot and out again, with the source run's 1 MiB mmap threshold
+  gathered   the same, each rank reading the other's half straight from its memory (one copy): SharedGather.open(direct=True),
+             where the host allows it
+  reused     the gathers of `gathered` into one buffer allocated once: what the new memory's page faults cost
 
     python benchmarks/lockstep.py                       # synthetic:llama-1.5b, batch 16 x 128: about 20 minutes
     python benchmarks/lockstep.py --batch 4 --seq 64    # a quick look
@@ -34,7 +39,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from collectives import spawn_ranks  # noqa: E402  (benchmarks/collectives.py)
 
 RESULTS = os.path.join(ROOT, "benchmarks", "lockstep.md")
-MODES = ("free", "lockstep", "gathered", "reused")
+MODES = ("free", "lockstep", "mapped", "slots", "gathered", "reused")
 
 
 def _forward_seconds(model, ids, iters):
@@ -60,7 +65,8 @@ def _rank(rank, world, port, args, queue):
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq),
                         generator=torch.Generator().manual_seed(rank + 1))
     shared = SharedGather.open() if world > 1 else None
-    if world > 1 and shared is None:
+    slotted = SharedGather.open(direct=False) if world > 1 else None
+    if world > 1 and (shared is None or slotted is None):
         raise SystemExit("lockstep.py gathers through shared memory: /dev/shm needs room for "
                          f"{SharedGather.file_bytes(world) * 4 / 2**20:.0f} MiB (SharedGather.open)")
     halves = [torch.randn(-(-sum(p.numel() for p in layer.parameters()) // world)) for layer in model.model.layers]
@@ -69,11 +75,11 @@ def _rank(rank, world, port, args, queue):
 
     def before_layer(layer_index):
         def hook(module, inputs):
-            if mode["now"] == "lockstep":
+            if mode["now"] in ("lockstep", "mapped"):
                 dist.barrier()
-            elif mode["now"] == "gathered":
+            elif mode["now"] in ("slots", "gathered"):
                 out = torch.empty(halves[layer_index].numel() * world)  # new memory, as ZeRO-3 allocates it
-                shared.gather(out, halves[layer_index])
+                (slotted if mode["now"] == "slots" else shared).gather(out, halves[layer_index])
             elif mode["now"] == "reused":
                 shared.gather(reused[:halves[layer_index].numel() * world], halves[layer_index])
         return hook
@@ -81,14 +87,16 @@ def _rank(rank, world, port, args, queue):
     for i, layer in enumerate(model.model.layers):
         layer.register_forward_pre_hook(before_layer(i))
     rows = []
-    for name in (MODES if world > 1 else ("alone",)):
+    for name in (args.modes if world > 1 else ("alone",)):
         mode["now"] = name
-        summary.map_large_allocations(name in ("gathered", "reused"))
+        summary.map_large_allocations(name not in ("alone", "free", "lockstep"))
         dist.barrier()
         seconds = torch.tensor([_forward_seconds(model, ids, args.iters)])
         every = [torch.zeros(1) for _ in range(world)]
         dist.all_gather(every, seconds)
-        rows.append((world, name, [float(t) for t in every]))
+        direct = name not in ("gathered", "reused") or shared.pids is not None
+        rows.append((world, name if direct else f"{name} (slots: this host refuses direct reads)",
+                     [float(t) for t in every]))
     if rank == 0:
         queue.put(rows)
     dist.barrier()
@@ -105,12 +113,15 @@ def table(rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--source", default="synthetic:llama-1.5b", help="model spec (default: %(default)s)")
     p.add_argument("--batch", type=int, default=16, help="sequences per forward and rank (default: %(default)s)")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--iters", type=int, default=2, help="timed forwards per mode, after one warm-up "
                                                         "(default: %(default)s)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), metavar="MODE",
+                   help=f"2-rank modes to run, in this order (default: all: {' '.join(MODES)})")
     p.add_argument("--results", default=RESULTS, help="(default: %(default)s)")
     p.add_argument("--no-results", action="store_true", help="print the table only")
     args = p.parse_args(argv)

@@ -681,7 +681,8 @@ def append_rows(path, per_seed, args, cores, threads):
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", default=DEFAULT_CONFIG,
                    help="the job's config (default: launchers/configs/depth-kd.yaml, output KD on the depth pair)")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],

@@ -285,7 +285,8 @@ def main(argv=None):
     if argv[:1] == ["--plain-worker"]:
         return plain_forward(argv[1])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", default=os.path.join(ROOT, "launchers", "configs", "acl.yaml"),
                    help="config file (default: the embedded default, %(default)s)")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="config override (repeatable)")

@@ -330,7 +330,8 @@ def plot_csv(path, results_csv):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--source", default="synthetic:llama-0.5b", help="source model spec (default: %(default)s)")
     p.add_argument("--target", default=None, help="target model spec (default: --keep-layers of the source)")
     p.add_argument("--keep-layers", type=int, nargs="+", default=[0, 23],

@@ -80,8 +80,8 @@ def test_two_ranks_equal_the_whole_matrix(tmp_path):
     """Each of 2 ranks its rows and its own tokens (5 and 9): NLL and gradient within float64 rounding and float32's
     tolerance of the reference over the whole matrix, the embedding exact; rows_of cuts a ZeRO-3 partition into
     each rank's rows, a view when the partition is whole rows, a copy when a row is split; DeepSpeed's all-gathers
-    go through distributed.gather_into (shared memory, in pieces too; broadcasts) and equal every rank's share in
-    order; the shared file is unlinked once mapped."""
+    go through distributed.gather_into (shared memory: read from the other rank's memory, or through slots, in
+    pieces too; broadcasts) and equal every rank's share in order; the shared file is unlinked once mapped."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "tests.vocab_parallel_ranks", str(tmp_path)], env=env, cwd=ROOT,
@@ -99,6 +99,6 @@ def test_two_ranks_equal_the_whole_matrix(tmp_path):
     assert [(p["37"]["lo"], p["37"]["hi"], p["37"]["view"]) for p in parts] == [(0, 18, False), (18, 36, False)]
     assert all(p[n]["equal"] and p[n]["parallel"] for p in parts for n in ("38", "37"))
     assert all(r["gather"] == {"routed": True, "separate": True, "in_place_async": True, "shared_memory": True,
-                               "in_pieces": True, "unlinked": True, "bfloat16_in_pieces": True, "other_hosts": True,
+                               "in_pieces": True, "unlinked": True, "slots": True, "direct": True, "direct_odd": True, "bfloat16_in_pieces": True, "other_hosts": True,
                                "broadcasts": True}
                for r in ranks), ranks

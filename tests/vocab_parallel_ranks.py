@@ -90,7 +90,13 @@ def gathers(rank, world):
     # elements (40 bytes: five float64; 6: three bfloat16 of an odd share of 11)
     room = distributed._shm_free() >= 4 * distributed.SharedGather.file_bytes(world)  # else: broadcasts
     found["shared_memory"] = (distributed._shared["gather"] is not None) == room
-    small = distributed.SharedGather.open(slot_bytes=40)
+    shared = distributed._shared["gather"]
+    found["slots"] = shared is None or shared.pids is None  # the trainer's gathers go through the slots
+    direct = distributed.SharedGather.open()  # reads the others' shares straight from their memory
+    out = torch.full((world * 7, 3), float("nan"), dtype=torch.float64)
+    direct.gather(out, shares[rank].clone())
+    found["direct"] = direct.pids is not None and bool(torch.equal(out, ref))
+    small = distributed.SharedGather.open(slot_bytes=40, direct=False)
     out = torch.empty(world * 7, 3, dtype=torch.float64)
     small.gather(out, shares[rank].clone())
     found["in_pieces"] = bool(torch.equal(out, ref))
@@ -98,8 +104,12 @@ def gathers(rank, world):
     found["unlinked"] = not os.path.exists(small.path)  # once every rank has mapped it
     halves = [torch.randn(11, generator=torch.Generator().manual_seed(300 + r)).bfloat16() for r in range(world)]
     out = torch.empty(world * 11, dtype=torch.bfloat16)
-    distributed.SharedGather.open(slot_bytes=6).gather(out, halves[rank])
+    distributed.SharedGather.open(slot_bytes=6, direct=False).gather(out, halves[rank])
     found["bfloat16_in_pieces"] = bool(torch.equal(out, torch.cat(halves)))
+    direct = distributed.SharedGather.open(slot_bytes=40)
+    out = torch.full((world * 11,), float("nan"), dtype=torch.bfloat16)
+    direct.gather(out, halves[rank])
+    found["direct_odd"] = direct.pids is not None and bool(torch.equal(out, torch.cat(halves)))
     real = distributed.socket.gethostname
     distributed.socket.gethostname = lambda: f"node{rank}"  # ranks on two hosts: no shared memory
     found["other_hosts"] = distributed.SharedGather.open() is None
