@@ -160,6 +160,9 @@ class Config(BaseModel):
     source_sharding: Literal["zero3", "replicated", "auto"] = _f(
         "zero3", "with several ranks, the source partitioned under ZeRO-3, or whole on every rank (replicated: "
                  "data parallel, nothing gathered); auto: the one the dry run finds smaller per rank")
+    source_shared_memory: bool = _f(True, "on CPU, ranks on one host keep the ZeRO-3 source's partitions in one file "
+                                          "in /dev/shm and map each other's instead of gathering copies (false: "
+                                          "gathered as on several hosts)")
     collective_timeout_minutes: Float = _f(30.0, "a rank that waits longer on the others stops with an error", gt=0)
     # --- output --------------------------------------------------------------------------------------------
     output_dir: str = _f("runs/default", "run directory; an existing run there is resumed")
@@ -178,7 +181,8 @@ class Config(BaseModel):
     # keys that change nothing computed: a resumed run may differ in these
     RUN_ONLY_KEYS: ClassVar[tuple] = (
         "output_dir", "log_every", "device", "eval_batch_size", "attribution_batch_size", "checkpoint_every",
-        "loss_backend", "collective_timeout_minutes", "report_to", "source_sharding")
+        "loss_backend", "collective_timeout_minutes", "report_to", "source_sharding",
+        "source_shared_memory")
     # keys that change only how the target trains, not what the source side computes (evaluation before training,
     # attribution, alignment; the cache too, where cache.contents agrees)
     TRAINING_KEYS: ClassVar[tuple] = (

@@ -326,6 +326,9 @@ def gather_into(output_tensor, input_tensor, group=None, async_op=False):
     each rank of 2 on this project's 2-core machine, the broadcasts 1.13-1.37 (0.36-0.41 and 0.74-0.88 at 4 ranks;
     8-256 MiB shares, benchmarks/collectives.md); NCCL has its own and does not come here."""
     w, me = dist.get_world_size(group), dist.get_rank(group)
+    weights = _shared["weights"]
+    if weights is not None and w == weights.world and weights.gather(output_tensor, input_tensor):
+        return _Works([]) if async_op else None
     shared = _shared["gather"]
     if shared is not None and w == shared.world and me == shared.rank:
         shared.gather(output_tensor, input_tensor, group)
@@ -337,7 +340,34 @@ def gather_into(output_tensor, input_tensor, group=None, async_op=False):
     return works if async_op else works.wait() and None
 
 
-_shared = {"gather": None}
+_shared = {"gather": None, "weights": None}
+
+
+def share_partitions(model, exclude=()):
+    """Put the frozen ZeRO-3 `model`'s partitions in one shared file when every rank is on this host, so that its
+    gathers map the other ranks' partitions instead of copying them (shared_weights.py; a collective call); the
+    SharedPartitions, or None where the ranks gather as before."""
+    if not one_host():
+        return None
+    from semalign_ds import shared_weights
+    _shared["weights"] = shared_weights.attach(model, exclude)
+    return _shared["weights"]
+
+
+def one_host():
+    """Whether every rank is on this host (and /dev/shm had room for SharedGather's slots)."""
+    return _shared["gather"] is not None
+
+
+def shares_partitions():
+    return _shared["weights"] is not None
+
+
+def unshare_partitions():
+    """Drop the shared file of share_partitions (its memory goes once the model's partitions are freed too)."""
+    weights, _shared["weights"] = _shared["weights"], None
+    if weights is not None:
+        weights.close()
 
 
 class SharedGather:
@@ -644,6 +674,7 @@ def shard(n, r=None, w=None):
 
 def shutdown():
     _shared["gather"] = None
+    unshare_partitions()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

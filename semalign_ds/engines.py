@@ -165,8 +165,9 @@ def device_memory():
 # ---------------------------------------------------------------------------------------------------------------
 # the source under ZeRO-3
 
-def sharded_source(spec, gguf_file, dtype, seed, ds):
-    """(model, engine): the source built partitioned (no rank ever holds it whole) and its inference engine."""
+def sharded_source(spec, gguf_file, dtype, seed, ds, shared=False):
+    """(model, engine): the source built partitioned (no rank ever holds it whole) and its inference engine. shared:
+    on ranks of one host, its partitions go in one shared file and its gathers map them (shared_weights.py)."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -191,6 +192,11 @@ def sharded_source(spec, gguf_file, dtype, seed, ds):
             del zero3
     engine, *_ = deepspeed.initialize(model=model, config=ds)
     engine.eval()
+    if shared and distributed.world() > 1 and not torch.cuda.is_available():
+        # the embedding and the head are read as this rank's rows, never gathered (vocab_parallel.py): they stay
+        # out, so that the rows, which outlive the model, do not keep the whole file
+        adapter = models.Adapter(model)
+        distributed.share_partitions(model, exclude=(adapter.embed_tokens.weight, adapter.head.weight))
     return model, engine
 
 
@@ -277,6 +283,7 @@ def release_source(engine):
         return
     module = engine.module
     engine.destroy()
+    distributed.unshare_partitions()
     # both are private to DeepSpeed: guarded, a later version may not have them
     try:
         from deepspeed.runtime.zero import parameter_offload

@@ -498,12 +498,15 @@ def load_source(s):
         phase_memory(s, "before_source")
         if s.device.type == "cpu":
             summary.map_large_allocations(True)
-        source, runner = engines.sharded_source(cfg.source, cfg.source_gguf_file, cfg.dtype, cfg.seed, ds)
+        source, runner = engines.sharded_source(cfg.source, cfg.source_gguf_file, cfg.dtype, cfg.seed, ds,
+                                                shared=cfg.source_shared_memory)
         held = engines.parameter_bytes_on_this_rank(source)
         share = held / (n_params * s.dtype.itemsize)
         s.monitor.log("memory", {"source_param_bytes_rank0": held, "source_param_fraction_rank0": share}, 0)
+        how = ("; the ranks map each other's partitions from /dev/shm instead of gathering them"
+               if distributed.shares_partitions() else "")
         s.monitor.print(f"source under ZeRO-3 on {s.world} ranks: {held / 2**20:.1f} MiB of parameters on rank 0 "
-                        f"({100 * share:.0f}% of the model)")
+                        f"({100 * share:.0f}% of the model){how}")
     else:
         source = models.load_model(cfg.source, cfg.source_gguf_file, cfg.dtype, cfg.seed).to(s.device)
         runner = None

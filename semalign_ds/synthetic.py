@@ -48,6 +48,7 @@ class Shape(NamedTuple):
 SHAPES = {
     "llama-tiny": Shape(64, 4, 128, 4, 2, tied=False, shard_bytes=4 << 20),  # tests: several 4 MiB shards
     "llama-tiny-tied": Shape(64, 3, 128, 4, 2, shard_bytes=4 << 20),  # tests: the head is the embedding
+    "llama-tiny-odd": Shape(36, 3, 92, 2, 1, shard_bytes=4 << 20),  # tests: no tensor fills whole pages
     "llama-0.4b": Shape(1024, 16, 5120, 16, 4),  # a target: 0.34B, 16 layers (no more than any source here)
     "llama-0.5b": Shape(896, 24, 4864, 14, 2),  # Qwen2.5-0.5B's body: 0.40B
     "llama-1b": Shape(2048, 16, 8192, 32, 8),  # Llama-3.2-1B: 1.07B

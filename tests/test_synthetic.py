@@ -124,3 +124,36 @@ def test_zero3_source_loads_partitioned_on_two_ranks(cache):
     for r in ranks:
         assert r["max_abs_diff"] == 0.0 and r["head_equal"] and r["freed"]
         assert 0.45 < r["share"] < 0.55  # not the whole model (small tensors are padded to the world size)
+
+
+def test_shared_partitions_compute_what_copied_gathers_do(cache):
+    """Ranks on one host with the source's partitions in one file in /dev/shm (distributed.share_partitions):
+    forwards and attribution's scores (with and without recomputed layers) equal, bit for bit, those of the same
+    source whose gathers copy through SharedGather. Every gather is a
+    mapping, none goes through the slots (each region padded to whole pages); after a batch no layer stays mapped, and once the source is dropped
+    nothing of the file does. A rank's write into its mapping of a gathered parameter reaches no other rank and
+    not the file. Where /dev/shm has no room, every rank gathers as before."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+    spec = "synthetic:llama-tiny-odd"
+    models.resolve(spec)  # written once, before the ranks start
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "tests.shared_weights_ranks", spec], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    for r in ranks:
+        assert r["same"] == {"states": True, "plain": True, "recompute": True} and r["smallest"] > 0, r
+        # the reference copied its gathers; here only the token ids (for the embedding's rows) go through the slots
+        assert len(r["copied_slot_gathers"]) > 3 * 9 and r["copied_maps"] == 0, r
+        assert r["maps"] > 3 * 9 and set(r["slot_gathers"]) == {"torch.int64"}, r  # 3 layers of 9 tensors
+        # after the batch: the whole file once, and one mapping per tensor still gathered (with recomputed layers
+        # ZeRO-3 keeps at most the last layer it ran); none once the source is dropped
+        assert r["gathered_tensors"] <= 9 and r["mapped_after"] == 1 + r["gathered_tensors"], r
+        assert r["mapped_released"] == 0 and r["vocab_in_file"] is False, r  # the embedding: rows, not gathered
+        assert r["cow"] == {"unchanged": True, "has_sevens": False, "own_equal": True}, r
+        assert r["fallback"], r
