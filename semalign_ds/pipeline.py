@@ -503,8 +503,12 @@ def load_source(s):
         held = engines.parameter_bytes_on_this_rank(source)
         share = held / (n_params * s.dtype.itemsize)
         s.monitor.log("memory", {"source_param_bytes_rank0": held, "source_param_fraction_rank0": share}, 0)
-        how = ("; the ranks map each other's partitions from /dev/shm instead of gathering them"
-               if distributed.shares_partitions() else "")
+        how = ""
+        if distributed.shares_partitions():
+            how = "; the ranks map each other's partitions from /dev/shm instead of gathering them"
+        elif cfg.source_shared_memory and s.device.type == "cpu" and distributed.one_host():
+            how = (f"; /dev/shm has no room for the source (up to {n_params * s.dtype.itemsize * 1.1 / 2**30:.1f} GiB), "
+                   f"so its gathers copy (source_shared_memory)")
         s.monitor.print(f"source under ZeRO-3 on {s.world} ranks: {held / 2**20:.1f} MiB of parameters on rank 0 "
                         f"({100 * share:.0f}% of the model){how}")
     else:
