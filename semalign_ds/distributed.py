@@ -407,33 +407,19 @@ class SharedGather:
         None (and gather_into broadcasts); with direct, reading the others' shares straight from their memory
         where that works. The file is unlinked once every rank has mapped it: nothing is left behind, whatever ends
         the run."""
-        import secrets
         w, me = dist.get_world_size(), dist.get_rank()
         size = cls.file_bytes(w, slot_bytes)
         here = (socket.gethostname(), _boot_id())
         hosts = [None] * w
         dist.all_gather_object(hosts, here)
-        path = None
-        if me == 0 and all(h == here for h in hosts) and _shm_free() >= 4 * size:
-            path = f"/dev/shm/semalign-ds-{os.getpid()}-{secrets.token_hex(4)}"
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                os.ftruncate(fd, size)
-                os.close(fd)
-            except OSError:
-                path = None
-        path = broadcast_object(path)
+        path = shm_file("", size, room=4, allowed=all(h == here for h in hosts))
         shared = None
         if path is not None:
             try:
                 shared = cls(path, w, me, slot_bytes)
             except (OSError, RuntimeError):
                 shared = None
-        ok = torch.tensor([float(shared is not None)])
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if me == 0 and path is not None:
-            os.unlink(path)
-        if ok.item() != 1.0:
+        if not agreed(shared is not None, path):
             return None
         if direct and shared.slot % 8 == 0:
             shared.pids = _readable_peers()
@@ -513,6 +499,33 @@ def _readable_peers():
     agreed = torch.tensor([float(ok)])
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # probe stays alive until every rank has read it
     return [pid for pid, _, _ in peers] if agreed.item() == 1.0 else None
+
+
+def shm_file(tag, size, room, allowed=True):
+    """The path of a new file of `size` bytes in /dev/shm (named semalign-ds-TAGPID-RANDOM), made by rank 0 where
+    `allowed` there and /dev/shm has `room` times `size` free; None on every rank otherwise (a collective call).
+    Pass the path to agreed() once every rank has opened or mapped it."""
+    import secrets
+    path = None
+    if dist.get_rank() == 0 and allowed and size and _shm_free() >= room * size:
+        path = f"/dev/shm/semalign-ds-{tag}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            os.ftruncate(fd, size)
+            os.close(fd)
+        except OSError:
+            path = None
+    return broadcast_object(path)
+
+
+def agreed(ok, path=None):
+    """Whether `ok` holds on every rank (a collective call); rank 0 then unlinks the shm_file at `path`, which every
+    rank has opened or failed to: nothing is left behind, whatever ends the run."""
+    flag = torch.tensor([float(ok)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if dist.get_rank() == 0 and path is not None:
+        os.unlink(path)
+    return flag.item() == 1.0
 
 
 def _boot_id():

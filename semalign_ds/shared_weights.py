@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import secrets
 
 import torch
 import torch.distributed as dist
@@ -74,33 +73,15 @@ class SharedPartitions:
         return True
 
 
-def _free_bytes():
-    import shutil
-    try:
-        return shutil.disk_usage("/dev/shm").free
-    except OSError:
-        return 0
-
-
 def attach(model, exclude=()):
     """Every rank's SharedPartitions for the ZeRO-3 `model`'s parameters but `exclude` (a collective call, after
-    its partitions are loaded and before its first forward), or None on every rank when /dev/shm cannot hold the model with a tenth to spare
-    or a rank cannot map the file: then its gathers copy as before. The caller checks that the ranks share a
-    host."""
+    its partitions are loaded and before its first forward), or None on every rank when /dev/shm cannot hold
+    them with a tenth to spare or a rank cannot map the file: then its gathers copy as before. The caller checks
+    that the ranks share a host."""
+    from semalign_ds import distributed
     w, me = dist.get_world_size(), dist.get_rank()
     regions, size = layout(model, w, exclude)
-    path = None
-    if me == 0 and size and _free_bytes() >= 1.1 * size:
-        path = f"/dev/shm/semalign-ds-source-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            os.ftruncate(fd, size)
-            os.close(fd)
-        except OSError:
-            path = None
-    box = [path]
-    dist.broadcast_object_list(box, src=0)
-    path = box[0]
+    path = distributed.shm_file("source-", size, room=1.1)
     fd = whole = None
     if path is not None:
         try:
@@ -108,11 +89,7 @@ def attach(model, exclude=()):
             whole = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
         except OSError:
             fd = whole = None
-    ok = torch.tensor([float(whole is not None)])
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if me == 0 and path is not None:
-        os.unlink(path)
-    if ok.item() != 1.0:
+    if not distributed.agreed(whole is not None, path):
         if fd is not None:
             os.close(fd)
         return None

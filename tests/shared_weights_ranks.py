@@ -2,7 +2,7 @@
 (distributed.share_partitions) must compute what the same source computes with its gathers copied, bit for bit:
 forwards, and attribution's backward with and without recomputed layers. Its gathers must be mappings (none
 through SharedGather), the other ranks' partitions mapped only while in use, and a write to a gathered parameter
-must not reach another rank. Prints one JSON line per rank."""
+must not reach another rank. Prints one JSON line per rank (from rank 0)."""
 import gc
 import json
 import re
@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from semalign_ds import attribution, distributed, engines, shared_weights
+from semalign_ds import attribution, distributed, engines
 from tests.zero3_load import gathered, partitioned
 
 
@@ -88,16 +88,21 @@ def main(spec):
     same = {k: all(torch.equal(a, b) for a, b in zip(copied[k], mapped[k])) if k == "states"
             else bool(torch.equal(copied[k], mapped[k])) for k in ("states", "plain", "recompute")}
     # no room in /dev/shm: every rank gathers as before
-    room, shared_weights._free_bytes = shared_weights._free_bytes, lambda: 0
+    room, distributed._shm_free = distributed._shm_free, lambda: 0
     model, engine, *_ = partitioned(spec)
     fallback = distributed.share_partitions(model)
-    shared_weights._free_bytes = room
+    distributed._shm_free = room
     engines.release_source(engine)
-    print(json.dumps({"rank": distributed.rank(), "same": same, "smallest": float(mapped["plain"].min()),
-                      **{k: mapped[k] for k in ("maps", "slot_gathers", "mapped_after", "gathered_after",
-                                                 "gathered_tensors", "vocab_in_file")}, "mapped_released": released,
-                      "copied_slot_gathers": copied["slot_gathers"], "copied_maps": copied["maps"],
-                      "cow": cow, "fallback": fallback is None}), flush=True)
+    result = {"rank": distributed.rank(), "same": same, "smallest": float(mapped["plain"].min()),
+              **{k: mapped[k] for k in ("maps", "slot_gathers", "mapped_after", "gathered_after",
+                                         "gathered_tensors", "vocab_in_file")}, "mapped_released": released,
+              "copied_slot_gathers": copied["slot_gathers"], "copied_maps": copied["maps"],
+              "cow": cow, "fallback": fallback is None}
+    results = [None] * distributed.world()
+    torch.distributed.all_gather_object(results, result)
+    if distributed.rank() == 0:  # one process prints: lines of two would interleave
+        for r in results:
+            print(json.dumps(r), flush=True)
     distributed.shutdown()
 
 
