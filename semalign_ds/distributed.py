@@ -343,15 +343,11 @@ def gather_into(output_tensor, input_tensor, group=None, async_op=False):
 _shared = {"gather": None, "weights": None}
 
 
-def share_partitions(model, exclude=()):
-    """Put the frozen ZeRO-3 `model`'s partitions in one shared file when every rank is on this host, so that its
-    gathers map the other ranks' partitions instead of copying them (shared_weights.py; a collective call); the
-    SharedPartitions, or None where the ranks gather as before."""
-    if not one_host():
-        return None
-    from semalign_ds import shared_weights
-    _shared["weights"] = shared_weights.attach(model, exclude)
-    return _shared["weights"]
+def use_partitions(weights):
+    """Let the gathers map the frozen source's partitions from `weights` (a shared_weights.SharedPartitions made
+    by shared_weights.share), or copy as before where it is None."""
+    _shared["weights"] = weights
+    return weights
 
 
 def one_host():
@@ -364,7 +360,7 @@ def shares_partitions():
 
 
 def unshare_partitions():
-    """Drop the shared file of share_partitions (its memory goes once the model's partitions are freed too)."""
+    """Drop the shared file of shared_weights.share (its memory goes once the model's partitions are freed too)."""
     weights, _shared["weights"] = _shared["weights"], None
     if weights is not None:
         weights.close()

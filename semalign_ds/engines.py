@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from semalign_ds import distributed
+from semalign_ds import distributed, shared_weights
 from semalign_ds.config import ConfigError
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -196,7 +196,7 @@ def sharded_source(spec, gguf_file, dtype, seed, ds, shared=False):
         # the embedding and the head are read as this rank's rows, never gathered (vocab_parallel.py): they stay
         # out, so that the rows, which outlive the model, do not keep the whole file
         adapter = models.Adapter(model)
-        distributed.share_partitions(model, exclude=(adapter.embed_tokens.weight, adapter.head.weight))
+        shared_weights.share(model, exclude=(adapter.embed_tokens.weight, adapter.head.weight))
     return model, engine
 
 

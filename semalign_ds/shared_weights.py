@@ -21,6 +21,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from semalign_ds import distributed
+
 PAGE = mmap.ALLOCATIONGRANULARITY
 
 
@@ -78,7 +80,6 @@ def attach(model, exclude=()):
     its partitions are loaded and before its first forward), or None on every rank when /dev/shm cannot hold
     them with a tenth to spare or a rank cannot map the file: then its gathers copy as before. The caller checks
     that the ranks share a host."""
-    from semalign_ds import distributed
     w, me = dist.get_world_size(), dist.get_rank()
     regions, size = layout(model, w, exclude)
     path = distributed.shm_file("source-", size, room=1.1)
@@ -96,3 +97,10 @@ def attach(model, exclude=()):
     shared = SharedPartitions(fd, whole, regions, w, me)
     dist.barrier()  # every partition is in the file before any rank maps another's
     return shared
+
+
+def share(model, exclude=()):
+    """Put the frozen ZeRO-3 `model`'s partitions in one shared file when every rank is on this host, so that its
+    gathers map the other ranks' partitions instead of copying them (a collective call); the SharedPartitions, or
+    None where the ranks gather as before."""
+    return distributed.use_partitions(attach(model, exclude) if distributed.one_host() else None)

@@ -1,5 +1,5 @@
 """Run under torchrun (2 ranks): a ZeRO-3 source whose partitions are shared through /dev/shm
-(distributed.share_partitions) must compute what the same source computes with its gathers copied, bit for bit:
+(shared_weights.share) must compute what the same source computes with its gathers copied, bit for bit:
 forwards, and attribution's backward with and without recomputed layers. Its gathers must be mappings (none
 through SharedGather), the other ranks' partitions mapped only while in use, and a write to a gathered parameter
 must not reach another rank. Prints one JSON line per rank (from rank 0)."""
@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from semalign_ds import attribution, distributed, engines
+from semalign_ds import attribution, distributed, engines, shared_weights
 from tests.zero3_load import gathered, partitioned
 
 
@@ -25,7 +25,7 @@ def run(spec, share):
     held after the batch, numel left gathered, and the SharedPartitions (or None)."""
     model, engine, adapter, head = partitioned(spec)
     vocab = (adapter.embed_tokens.weight, adapter.head.weight)  # as engines.sharded_source leaves them out
-    shared = distributed.share_partitions(model, exclude=vocab) if share else None
+    shared = shared_weights.share(model, exclude=vocab) if share else None
     slotted = []  # the dtypes gathered through the slots
     slots = distributed._shared["gather"]
     original = slots.gather
@@ -90,7 +90,7 @@ def main(spec):
     # no room in /dev/shm: every rank gathers as before
     room, distributed._shm_free = distributed._shm_free, lambda: 0
     model, engine, *_ = partitioned(spec)
-    fallback = distributed.share_partitions(model)
+    fallback = shared_weights.share(model)
     distributed._shm_free = room
     engines.release_source(engine)
     result = {"rank": distributed.rank(), "same": same, "smallest": float(mapped["plain"].min()),

@@ -127,7 +127,7 @@ def test_zero3_source_loads_partitioned_on_two_ranks(cache):
 
 
 def test_shared_partitions_compute_what_copied_gathers_do(cache):
-    """Ranks on one host with the source's partitions in one file in /dev/shm (distributed.share_partitions):
+    """Ranks on one host with the source's partitions in one file in /dev/shm (shared_weights.share):
     forwards and attribution's scores (with and without recomputed layers) equal, bit for bit, those of the same
     source whose gathers copy through SharedGather. Every gather is a
     mapping, none goes through the slots (each region padded to whole pages); after a batch no layer stays mapped, and once the source is dropped

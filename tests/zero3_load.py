@@ -13,6 +13,15 @@ import torch
 from semalign_ds import distributed, engines, models, vocab_parallel
 
 
+def say(result):
+    """Every rank's `result` as a JSON line each, printed by rank 0 alone: lines of two processes can interleave."""
+    results = [None] * distributed.world()
+    torch.distributed.all_gather_object(results, result)
+    if distributed.rank() == 0:
+        for r in results:
+            print(json.dumps(r), flush=True)
+
+
 def main(specs):
     import deepspeed
     torch.set_num_threads(1)
@@ -41,10 +50,9 @@ def main(specs):
         engines.release_source(engine)
         del model, engine, got
         gc.collect()
-        print(json.dumps({**result, "freed": alive() is None}), flush=True)
-    print(json.dumps({"rank": distributed.rank(), "trace": {str(new): gathered_after_cache(specs[0], new)
-                                                            for new in (False, True)}}), flush=True)
-    print(json.dumps({"rank": distributed.rank(), "recompute": recomputed(specs[0])}), flush=True)
+        say({**result, "freed": alive() is None})
+    say({"rank": distributed.rank(), "trace": {str(new): gathered_after_cache(specs[0], new) for new in (False, True)}})
+    say({"rank": distributed.rank(), "recompute": recomputed(specs[0])})
     distributed.shutdown()
 
 
