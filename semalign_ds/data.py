@@ -216,9 +216,9 @@ def _read_json(path, name):
     return records
 
 
-# ranks own the sequences i = r (mod world) (distributed.shard); a global batch holds as many of each residue
-# modulo BALANCE_GROUPS (or the largest power of two dividing the batch size, if smaller), so that at 1, 2, 4 or 8
-# ranks each rank computes the same number of a batch's sequences
+# ranks own whole residue classes modulo BALANCE_GROUPS (or the largest power of two dividing the batch size, if
+# smaller; owned()), and a global batch holds as many of each class, so that at 1, 2, 4 or 8 ranks each rank computes
+# the same number of a batch's sequences
 BALANCE_GROUPS = 8
 
 
@@ -244,6 +244,34 @@ def batch_order(n, batch_size, steps, seed, stage):
         while len(streams[c]) < steps * per:
             streams[c] += members[torch.randperm(len(members), generator=gen)].tolist()
     return [[streams[j % g][s * per + j // g] for j in range(batch_size)] for s in range(steps)]
+
+
+def owned(work, batch_size, rank, world):
+    """The sequences (increasing) that rank `rank` of `world` trains on and keeps the frontier of, given each
+    sequence's `work` (a number to even out over the ranks). batch_order's residue classes modulo G are dealt out whole,
+    G / world to each rank, so every batch still gives each rank batch_size / world sequences; of the ways to deal
+    them, the one whose busiest rank has the least summed work (the first such, so every rank finds the same).
+    Strided (i = rank mod world) where world does not divide G."""
+    n = len(work)
+    g = balance_groups(n, batch_size)
+    if g % world:
+        return list(range(rank, n, world))
+    load = [float(sum(work[c::g])) for c in range(g)]
+    best = min(_deals(list(range(g)), g // world), key=lambda deal: max(sum(load[c] for c in part) for part in deal))
+    return [i for i in range(n) if i % g in best[rank]]
+
+
+def _deals(classes, size):
+    """Every way to split `classes` into groups of `size`, each group listed with its smallest class first, the
+    groups in the order of their first class."""
+    if not classes:
+        yield []
+        return
+    first, rest = classes[0], classes[1:]
+    for others in itertools.combinations(rest, size - 1):
+        left = [c for c in rest if c not in others]
+        for deal in _deals(left, size):
+            yield [(first,) + others] + deal
 
 
 def index_batches(n, batch_size):

@@ -300,9 +300,32 @@ def _skip_shm_comm(cuda):
 
 def _gather_by_broadcasts():
     """DeepSpeed's all-gathers (ZeRO-3's parameter gathers, ZeRO-1/2's updated partitions) as gather_into():
-    with gloo they are most of what a second rank costs a ZeRO-3 source on CPU."""
+    with gloo they are most of what a second rank costs a ZeRO-3 source on CPU. Its all-reduces (ZeRO-2's
+    gradients) through reduce_into() where every rank is on this host."""
     from deepspeed import comm
-    comm.comm.cdb.all_gather_function = gather_into
+    backend = comm.comm.cdb
+    backend.all_gather_function = gather_into
+    plain = backend.all_reduce
+
+    def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if backend._reduce_op(op) == dist.ReduceOp.SUM and reduce_into(tensor, group):
+            return _Works([]) if async_op else None
+        return plain(tensor, op, group, async_op)
+
+    backend.all_reduce = all_reduce
+
+
+def reduce_into(tensor, group=None):
+    """Sum `tensor` over the ranks in place through SharedGather's slots when every rank is on this host and it is a
+    contiguous floating-point tensor on the CPU (True; the same bits on every rank), else False: the caller reduces
+    it as before. gloo's all-reduce of a 2-rank ZeRO-2 stage's gradients (74 MB) took 0.13 s."""
+    shared = _shared["gather"]
+    if (shared is None or tensor.device.type != "cpu" or not tensor.is_floating_point() or not tensor.is_contiguous()
+            or shared.slot % tensor.element_size() or dist.get_world_size(group) != shared.world
+            or dist.get_rank(group) != shared.rank):
+        return False
+    shared.reduce(tensor, group)
+    return True
 
 
 class _Works:
@@ -442,6 +465,22 @@ class SharedGather:
             dist.barrier(group)
             for r in others:
                 out[r, start:start + n].copy_(slots[r, :n])
+
+
+    def reduce(self, tensor, group=None):
+        """Sum the contiguous CPU `tensor` over the ranks in place: each rank copies a piece into its slot and, after
+        a barrier, sums every slot's piece in rank order (so every rank gets the same bits). The two sets of slots
+        are used in turn, as in gather."""
+        flat = tensor.view(-1)
+        per = self.slot // flat.element_size()
+        for start in range(0, flat.numel(), per):
+            n = min(per, flat.numel() - start)
+            slots = self.slots[self.turn].view(flat.dtype)  # [world, per]
+            self.turn ^= 1
+            piece = flat[start:start + n]
+            slots[self.rank, :n].copy_(piece)
+            dist.barrier(group)
+            torch.sum(slots[:, :n], dim=0, out=piece)
 
 
 class _IOVec(ctypes.Structure):

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from semalign_ds import data
@@ -271,6 +272,35 @@ def test_batch_order_gives_every_rank_an_equal_share_of_each_batch(n, batch_size
     assert data.batch_order(n, batch_size, steps + 4, 5, 2)[:steps] == order
     assert set(i for b in order for i in b) == set(range(n))
     assert order != data.batch_order(n, batch_size, steps, 5, 3) != data.batch_order(n, batch_size, steps, 6, 2)
+
+
+@pytest.mark.parametrize("n,batch_size", [(64, 32), (37, 12), (53, 8), (13, 6)])
+def test_owned_deals_whole_classes_with_the_least_busy_busiest_rank(n, batch_size):
+    """data.owned: the ranks' sequences partition the set, each rank gets batch_size / world of every batch, and
+    the busiest rank's work is the least any deal of whole residue classes (G / world per rank) allows: checked
+    against every assignment of classes to ranks. Where the world does not divide G, strided."""
+    import itertools
+    g = data.balance_groups(n, batch_size)
+    work = (torch.rand(n, generator=torch.Generator().manual_seed(n)) * 100 + 1).tolist()
+    order = data.batch_order(n, batch_size, 4, seed=1, stage=3)
+    load = [sum(work[c::g]) for c in range(g)]
+    for world in (w for w in (1, 2, 4, 8) if g % w == 0):
+        shares = [data.owned(work, batch_size, r, world) for r in range(world)]
+        assert sorted(i for m in shares for i in m) == list(range(n))
+        assert all(m == sorted(m) for m in shares)
+        for m in shares:
+            classes = {i % g for i in m}
+            assert len(classes) == g // world and m == [i for i in range(n) if i % g in classes]
+            assert all(sum(i in set(m) for i in b) == batch_size // world for b in order)
+        best = min(max(sum(load[c] for c in range(g) if a[c] == r) for r in range(world))
+                   for a in set(itertools.permutations([r for r in range(world) for _ in range(g // world)])))
+        got = max(sum(work[i] for i in m) for m in shares)
+        assert abs(got - best) < 1e-9 * best
+        strided = max(sum(work[r::world]) for r in range(world))
+        assert got <= strided + 1e-9 * strided
+    if g < 4:
+        assert data.owned(work, batch_size, 1, 4) == list(range(1, n, 4))
+    assert data.owned(work, batch_size, 0, 3) == list(range(0, n, 3))
 
 
 def test_batch_order_is_an_epoch_of_each_residue_class_when_the_groups_divide_the_set():

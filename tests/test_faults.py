@@ -178,6 +178,21 @@ def test_damaged_files_are_recomputed_or_named(killed_runs, tmp_path, where, nam
             in_process(out)
 
 
+def test_a_frontier_of_other_sequences_is_recomputed(killed_runs, tmp_path, golden):
+    """A frontier file whose checksum holds but whose sequences are not this rank's (a run of another version, which
+    dealt the sequences out otherwise): recomputed, not read as if the rows were this rank's."""
+    from semalign_ds import rundir
+    out = tmp_path / "run"
+    shutil.copytree(killed_runs["stage"], out)
+    path = str(out / "frontier" / "frontier-1.rank0of1.safetensors")
+    saved = rundir.load_tensors(path)
+    members = saved["members"].tolist()
+    assert members == list(range(len(members)))
+    rundir.save_tensors(path, {"states": saved["states"], "members": saved["members"].roll(1)})  # same positions
+    in_process(out)
+    assert checksum(out) == golden(1)
+
+
 # --- ranks and launchers ---------------------------------------------------------------------------------------
 def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path, golden):
     out = tmp_path / "run"

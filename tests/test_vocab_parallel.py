@@ -102,3 +102,5 @@ def test_two_ranks_equal_the_whole_matrix(tmp_path):
                                "in_pieces": True, "unlinked": True, "slots": True, "direct": True, "direct_odd": True, "bfloat16_in_pieces": True, "other_hosts": True,
                                "broadcasts": True}
                for r in ranks), ranks
+    assert all(r["reduce"] == {f"{n}_{p}": True for n in ("float64", "float32", "bfloat16") for p in ("whole", "pieces")}
+               | {"gloo": True} for r in ranks), ranks

@@ -45,6 +45,7 @@ def main(folder):
                      "whole": bool(torch.equal(vocab_parallel.whole(rows).double(), w[:vocab].to(dtype).double()))}
     out["partition"] = partitioned(w)
     out["gather"] = gathers(rank, world)
+    out["reduce"] = reduces(rank, world)
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
     distributed.shutdown()
@@ -119,6 +120,43 @@ def gathers(rank, world):
     distributed.gather_into(out, shares[rank].clone())
     found["broadcasts"] = bool(torch.equal(out, ref))
     distributed._shared["gather"] = saved
+    return found
+
+
+def reduces(rank, world):
+    """DeepSpeed's all-reduce (ZeRO-2's gradients) sums through shared memory (distributed.reduce_into) on one
+    host: odd sizes in float64, float32 and bfloat16, whole and in pieces of a few elements, synchronous and
+    asynchronous, against the float64 sum of the 2 ranks' tensors rounded once (float64 and float32 exact, bfloat16
+    within 2^-8 of it), the same bits on every rank; other operations and integer tensors go to gloo."""
+    from deepspeed import comm
+    found = {}
+    for name, dtype in (("float64", torch.float64), ("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        xs = [(torch.randn(5, 31, generator=torch.Generator().manual_seed(400 + r), dtype=torch.float64) * (r + 2))
+              .to(dtype) for r in range(world)]
+        exact = sum(x.double() for x in xs)
+        for pieces, slot in (("whole", None), ("pieces", 24)):
+            saved = distributed._shared["gather"]
+            shared = saved if slot is None else distributed.SharedGather.open(slot_bytes=slot, direct=False)
+            distributed._shared["gather"] = shared
+            calls, reduce = [], shared.reduce
+            shared.reduce = lambda t, g=None: calls.append(t.numel()) or reduce(t, g)
+            got = xs[rank].clone()
+            if pieces == "pieces":
+                comm.all_reduce(got, async_op=True).wait()
+            else:
+                comm.all_reduce(got)
+            shared.reduce = reduce
+            distributed._shared["gather"] = saved
+            everyone = [None] * world
+            torch.distributed.all_gather_object(everyone, got.view(torch.uint8).tolist())
+            close = (torch.equal(got, exact.to(dtype)) if dtype != torch.bfloat16
+                     else bool(((got.double() - exact).abs() <= exact.abs() * 2 ** -8).all()))
+            found[f"{name}_{pieces}"] = close and calls == [5 * 31] and all(e == everyone[0] for e in everyone)
+    ints = torch.arange(7) * (rank + 1)
+    comm.all_reduce(ints)
+    biggest = torch.tensor([float(rank)])
+    comm.all_reduce(biggest, op=comm.ReduceOp.MAX)
+    found["gloo"] = ints.tolist() == [i * sum(range(1, world + 1)) for i in range(7)] and biggest.item() == world - 1
     return found
 
 
