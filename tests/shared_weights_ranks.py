@@ -4,14 +4,13 @@ forwards, and attribution's backward with and without recomputed layers. Its gat
 through SharedGather), the other ranks' partitions mapped only while in use, and a write to a gathered parameter
 must not reach another rank. Prints one JSON line per rank (from rank 0)."""
 import gc
-import json
 import re
 import sys
 
 import torch
 
 from semalign_ds import attribution, distributed, engines, shared_weights
-from tests.zero3_load import gathered, partitioned
+from tests.zero3_load import gathered, partitioned, say
 
 
 def mappings():
@@ -98,11 +97,7 @@ def main(spec):
                                          "gathered_tensors", "vocab_in_file")}, "mapped_released": released,
               "copied_slot_gathers": copied["slot_gathers"], "copied_maps": copied["maps"],
               "cow": cow, "fallback": fallback is None}
-    results = [None] * distributed.world()
-    torch.distributed.all_gather_object(results, result)
-    if distributed.rank() == 0:  # one process prints: lines of two would interleave
-        for r in results:
-            print(json.dumps(r), flush=True)
+    say(result)
     distributed.shutdown()
 
 
