@@ -44,19 +44,25 @@ def batch_scores(adapter, ids, attn, loss_mask, head, runner=None, recompute=Fal
 
 def phase(s, src, runner, head_s):
     """Scores of every source layer over the first attribution_examples examples, data-parallel over ranks (every
-    rank returns the same scores)."""
+    rank returns the same scores): batches of similar lengths (data.length_batches), whole batches per rank."""
     import time
 
     from semalign_ds import distributed
-    from semalign_ds.data import index_batches
+    from semalign_ds.data import length_batches
     cfg = s.cfg
     n = len(s.data) if cfg.attribution_examples is None else min(cfg.attribution_examples, len(s.data))
-    mine = distributed.shard(n)
-    batches = [[mine[j] for j in b] for b in index_batches(len(mine), cfg.attribution_batch_size)]
+    # ranks wait for each other after every batch (the head's rows are shared), so a step costs its longest batch:
+    # the scale benchmark's 16 examples (embedded:stdlib) in batches of 4 padded to 1,896 tokens on 1 rank and
+    # 1,016 on 2 (the slower rank's) with strided shares; by length, 1,452 and 852
+    steps = length_batches(s.data.lengths[:n].tolist(), cfg.attribution_batch_size, s.world)[s.rank]
+    collective = runner is not None and s.world > 1
+    # every rank as many forwards (distributed.lockstep's rule, ZeRO-3 gathers collectively): where a rank has no
+    # batch at a step it runs the shortest example, its result dropped
+    shortest = [int(s.data.lengths[:n].argmin())] if n else [0]
+    jobs = [(b, True) if b else (shortest, False) for b in steps if b or collective]
     sums = torch.zeros(s.n_source + 1, dtype=torch.float64)  # scores per layer, and tokens
     t0 = time.time()
-    for idx, real in s.bar(distributed.lockstep(batches, collective=runner is not None and s.world > 1),
-                           desc="attribution"):
+    for idx, real in s.bar(jobs, desc="attribution"):
         ids, attn, loss = (t.to(s.device) for t in s.data.batch(idx, s.pad_id))
         scores = batch_scores(src, ids, attn, loss, head_s, runner, cfg.attribution_recompute)
         if real:

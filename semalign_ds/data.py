@@ -274,6 +274,36 @@ def _deals(classes, size):
             yield [(first,) + others] + deal
 
 
+def length_batches(lengths, batch_size, world):
+    """[rank] -> that rank's batches, step by step (indices into `lengths`; None where a rank has none at a step),
+    for ranks that wait for each other after every batch: a step costs its largest batch's size x its longest
+    example in padded tokens. The examples longest first, world * batch_size per step (each step's batches of about
+    the same length, each padding little); the one short step, if any, where it pads least, its longest examples
+    in the smaller batches. The same on every rank."""
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    per = world * batch_size
+    full, rest = divmod(len(order), per)
+
+    def split(step):  # ranks 0..extra-1 take q + 1 examples, the others q: those the longest
+        q, extra = divmod(len(step), world)
+        cut = (world - extra) * q
+        small, big = step[:cut], step[cut:]
+        return [big[r::extra] if r < extra else small[r - extra::world - extra] or None for r in range(world)]
+
+    def steps(short_at):
+        sizes = [per] * full
+        if rest:
+            sizes.insert(short_at, rest)
+        starts = [sum(sizes[:k]) for k in range(len(sizes))]
+        return [split(order[a:a + size]) for a, size in zip(starts, sizes)]
+
+    def padded(plan):
+        return sum(max(len(b) * int(lengths[b[0]]) for b in step if b) for step in plan)
+
+    best = min((steps(k) for k in range(full + 1 if rest else 1)), key=padded)
+    return [[step[r] for step in best] for r in range(world)]
+
+
 def index_batches(n, batch_size):
     """Positions 0..n-1 in consecutive batches of at most batch_size."""
     return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]

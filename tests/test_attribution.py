@@ -69,6 +69,10 @@ class _Examples:
     def __len__(self):
         return len(self.ids)
 
+    @property
+    def lengths(self):
+        return torch.tensor([len(x) for x in self.ids])
+
     def batch(self, indices, pad_id):
         length = max(len(self.ids[i]) for i in indices)
         ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
@@ -90,7 +94,7 @@ def test_phase_scores_do_not_depend_on_the_batch_size(batch_size, recompute):
     logged = {}
     s = SimpleNamespace(cfg=SimpleNamespace(attribution_examples=None, attribution_batch_size=batch_size,
                                             attribution_recompute=recompute), data=data,
-                        device="cpu", pad_id=0, world=1, n_source=4, bar=lambda it, **kw: it,
+                        device="cpu", pad_id=0, rank=0, world=1, n_source=4, bar=lambda it, **kw: it,
                         monitor=SimpleNamespace(log=lambda tag, values, step: logged.update({tag: values})))
     ad = models.Adapter(model)
     ours = torch.tensor(attribution.phase(s, ad, None, ad.head.weight), dtype=torch.float64)

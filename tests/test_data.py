@@ -303,6 +303,41 @@ def test_owned_deals_whole_classes_with_the_least_busy_busiest_rank(n, batch_siz
     assert data.owned(work, batch_size, 0, 3) == list(range(0, n, 3))
 
 
+@pytest.mark.parametrize("n,batch_size", [(7, 3), (8, 3), (37, 4), (53, 5), (13, 6), (3, 4)])
+def test_length_batches_pad_the_least(n, batch_size):
+    """data.length_batches: every rank as many steps, each example once, batches of at most batch_size, longest
+    first; the padded tokens (per step, the largest batch's size x its longest example) no more than strided shares
+    batched per rank, as before, and on 1 rank and 2 the least of any split of 7 or 8 examples into batches of
+    those sizes (every order tried)."""
+    import itertools
+    lengths = torch.randint(3, 129, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+
+    def cost(steps):  # steps: [step] -> the ranks' batches at that step
+        return sum(max((len(b) * max(lengths[i] for i in b) for b in step if b), default=0) for step in steps)
+
+    for world in (1, 2, 4):
+        deal = data.length_batches(lengths, batch_size, world)
+        assert len(deal) == world and len({len(m) for m in deal}) == 1
+        steps = list(zip(*deal))
+        batches = [b for step in steps for b in step if b]
+        assert sorted(i for b in batches for i in b) == list(range(n))
+        assert all(len(b) <= batch_size for b in batches)
+        for k in range(len(steps) - 1):  # longest first
+            assert min(lengths[i] for b in steps[k] if b for i in b) >= max(lengths[i] for b in steps[k + 1] if b
+                                                                           for i in b)
+        mine = [list(range(r, n, world)) for r in range(world)]
+        strided = [[m[k:k + batch_size] for m in mine] for k in range(0, len(mine[0]), batch_size)]
+        assert cost(steps) <= cost(strided)
+        if n <= 8 and world <= 2:
+            shape = [[len(b) if b else 0 for b in step] for step in steps]
+            best = None
+            for p in itertools.permutations(range(n)):
+                it = iter(p)
+                trial = [[[next(it) for _ in range(k)] for k in step] for step in shape]
+                best = cost(trial) if best is None else min(best, cost(trial))
+            assert cost(steps) == best
+
+
 def test_batch_order_is_an_epoch_of_each_residue_class_when_the_groups_divide_the_set():
     order = data.batch_order(64, 16, 8, seed=0, stage=1)  # 2 epochs of 4 batches
     for epoch in (order[:4], order[4:]):
