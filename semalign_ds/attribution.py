@@ -54,12 +54,10 @@ def phase(s, src, runner, head_s):
     # ranks wait for each other after every batch (the head's rows are shared), so a step costs its longest batch:
     # the scale benchmark's 16 examples (embedded:stdlib) in batches of 4 padded to 1,896 tokens on 1 rank and
     # 1,016 on 2 (the slower rank's) with strided shares; by length, 1,452 and 852
-    steps = length_batches(s.data.lengths[:n].tolist(), cfg.attribution_batch_size, s.world)[s.rank]
-    collective = runner is not None and s.world > 1
-    # every rank as many forwards (distributed.lockstep's rule, ZeRO-3 gathers collectively): where a rank has no
-    # batch at a step it runs the shortest example, its result dropped
-    shortest = [int(s.data.lengths[:n].argmin())] if n else [0]
-    jobs = [(b, True) if b else (shortest, False) for b in steps if b or collective]
+    lengths = s.data.lengths[:n].tolist()
+    steps = length_batches(lengths, cfg.attribution_batch_size, s.world)[s.rank]
+    shortest = [min(range(n), key=lengths.__getitem__)] if n else [0]  # where a rank has no batch at a step
+    jobs = distributed.lockstep(steps, runner is not None and s.world > 1, filler=shortest)
     sums = torch.zeros(s.n_source + 1, dtype=torch.float64)  # scores per layer, and tokens
     t0 = time.time()
     for idx, real in s.bar(jobs, desc="attribution"):

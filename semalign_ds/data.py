@@ -281,6 +281,7 @@ def length_batches(lengths, batch_size, world):
     the same length, each padding little); the one short step, if any, where it pads least, its longest examples
     in the smaller batches. The same on every rank."""
     order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    longest = [int(lengths[i]) for i in order]
     per = world * batch_size
     full, rest = divmod(len(order), per)
 
@@ -290,18 +291,29 @@ def length_batches(lengths, batch_size, world):
         small, big = step[:cut], step[cut:]
         return [big[r::extra] if r < extra else small[r - extra::world - extra] or None for r in range(world)]
 
-    def steps(short_at):
-        sizes = [per] * full
-        if rest:
-            sizes.insert(short_at, rest)
-        starts = [sum(sizes[:k]) for k in range(len(sizes))]
-        return [split(order[a:a + size]) for a, size in zip(starts, sizes)]
+    short_at = 0
+    if rest:  # the padded tokens with the short step k-th, for every k: the full steps before it start at i * per,
+        # those after it at rest + i * per (one pass over each series, not a plan per place)
+        q, extra = divmod(rest, world)
+        cut = (world - extra) * q
 
-    def padded(plan):
-        return sum(max(len(b) * int(lengths[b[0]]) for b in step if b) for step in plan)
+        def short(a):
+            return max(q * longest[a] if q else 0, (q + 1) * longest[a + cut] if extra else 0)
 
-    best = min((steps(k) for k in range(full + 1 if rest else 1)), key=padded)
-    return [[step[r] for step in best] for r in range(world)]
+        before = [0]
+        for i in range(full):
+            before.append(before[-1] + batch_size * longest[i * per])
+        after = [0]
+        for i in reversed(range(full)):
+            after.append(after[-1] + batch_size * longest[rest + i * per])
+        cost = [before[k] + short(k * per) + after[full - k] for k in range(full + 1)]
+        short_at = cost.index(min(cost))
+    sizes = [per] * full
+    if rest:
+        sizes.insert(short_at, rest)
+    starts = itertools.accumulate([0] + sizes[:-1])
+    steps = [split(order[a:a + size]) for a, size in zip(starts, sizes)]
+    return [[step[r] for step in steps] for r in range(world)]
 
 
 def index_batches(n, batch_size):

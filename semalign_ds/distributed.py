@@ -706,11 +706,17 @@ def lockstep(batches, collective=True, filler=None):
     """This rank's `batches` as (batch, real) pairs, padded with repeats of its first batch (real=False) so that
     every rank runs as many as the busiest one. The one place that knows the rule: under ZeRO-3 every forward
     gathers parameters collectively, and under ZeRO-2 every backward reduces gradients collectively, so a rank
-    that stops early hangs the others. A rank with no batch of its own repeats `filler` (default `[0]`)."""
+    that stops early hangs the others. A rank with no batch of its own repeats `filler` (default `[0]`). A None in
+    `batches` (this rank has no batch at a step where others have one) is a repeat too, of `filler` when given,
+    else of the first batch; without `collective` it is dropped."""
+    if not collective:
+        return [(b, True) for b in batches if b is not None]
     batches = list(batches)
-    most = max(all_gather_object(len(batches))) if collective else len(batches)
-    filler = batches[0] if batches else ([0] if filler is None else filler)
-    return [(b, True) for b in batches] + [(filler, False)] * (most - len(batches))
+    real = [b for b in batches if b is not None]
+    most = max(all_gather_object(len(batches)))
+    gap = filler if filler is not None else (real[0] if real else [0])
+    pad = real[0] if real else gap
+    return [(gap, False) if b is None else (b, True) for b in batches] + [(pad, False)] * (most - len(batches))
 
 
 def shard(n, r=None, w=None):

@@ -303,7 +303,7 @@ def test_owned_deals_whole_classes_with_the_least_busy_busiest_rank(n, batch_siz
     assert data.owned(work, batch_size, 0, 3) == list(range(0, n, 3))
 
 
-@pytest.mark.parametrize("n,batch_size", [(7, 3), (8, 3), (37, 4), (53, 5), (13, 6), (3, 4)])
+@pytest.mark.parametrize("n,batch_size", [(7, 3), (8, 3), (37, 4), (53, 5), (13, 6), (3, 4), (301, 2)])
 def test_length_batches_pad_the_least(n, batch_size):
     """data.length_batches: every rank as many steps, each example once, batches of at most batch_size, longest
     first; the padded tokens (per step, the largest batch's size x its longest example) no more than strided shares
@@ -328,6 +328,24 @@ def test_length_batches_pad_the_least(n, batch_size):
         mine = [list(range(r, n, world)) for r in range(world)]
         strided = [[m[k:k + batch_size] for m in mine] for k in range(0, len(mine[0]), batch_size)]
         assert cost(steps) <= cost(strided)
+        # the short step's place: the least of every place, each plan built whole (the longest first, dealt in turn,
+        # the short step's longest examples in its smaller batches)
+        order = sorted(range(n), key=lambda i: (-lengths[i], i))
+        per = world * batch_size
+        full, rest = divmod(n, per)
+        places = []
+        for k in range(full + 1 if rest else 1):
+            sizes = [per] * full + ([] if not rest else [rest])
+            sizes = sizes[:k] + sizes[full:] + sizes[k:full] if rest else sizes
+            plan, a = [], 0
+            for size in sizes:
+                q, extra = divmod(size, world)
+                step = order[a:a + size]
+                plan.append([step[(world - extra) * q:][r::extra] if r < extra else
+                             step[:(world - extra) * q][r - extra::world - extra] for r in range(world)])
+                a += size
+            places.append(cost(plan))
+        assert cost(steps) == min(places)
         if n <= 8 and world <= 2:
             shape = [[len(b) if b else 0 for b in step] for step in steps]
             best = None
@@ -336,6 +354,17 @@ def test_length_batches_pad_the_least(n, batch_size):
                 trial = [[[next(it) for _ in range(k)] for k in step] for step in shape]
                 best = cost(trial) if best is None else min(best, cost(trial))
             assert cost(steps) == best
+
+
+def test_lockstep_fills_gaps_and_pads_to_the_busiest_rank():
+    """distributed.lockstep on one process: a None (no batch at that step) becomes a repeat of `filler`, or of the
+    first batch, marked not real; without collective it is dropped; the other batches stay in order."""
+    from semalign_ds import distributed
+    assert distributed.lockstep([None, [3, 4], [5]], filler=[9]) == [([9], False), ([3, 4], True), ([5], True)]
+    assert distributed.lockstep([None, [3, 4], [5]]) == [([3, 4], False), ([3, 4], True), ([5], True)]
+    assert distributed.lockstep([None], filler=[9]) == [([9], False)]
+    assert distributed.lockstep([None, [3, 4]], collective=False, filler=[9]) == [([3, 4], True)]
+    assert distributed.lockstep([[1], [2]]) == [([1], True), ([2], True)]
 
 
 def test_batch_order_is_an_epoch_of_each_residue_class_when_the_groups_divide_the_set():
