@@ -42,30 +42,49 @@ def batch_scores(adapter, ids, attn, loss_mask, head, runner=None, recompute=Fal
     return torch.stack(scores, dim=1)
 
 
+def independent(runner, head):
+    """Whether a rank's forwards and NLLs need no other rank, so that ranks need not keep step: a source whole on
+    every rank, or a ZeRO-3 source on one host whose partitions and vocabulary rows every rank reads in place
+    (shared_weights.py)."""
+    from semalign_ds import distributed, engines
+    return runner is None or (distributed.shares_partitions() and not head.collective and engines.can_run_apart())
+
+
 def phase(s, src, runner, head_s):
     """Scores of every source layer over the first attribution_examples examples, data-parallel over ranks (every
-    rank returns the same scores): batches of similar lengths (data.length_batches), whole batches per rank."""
+    rank returns the same scores): batches of similar lengths, whole batches per rank; where ranks need not keep
+    step (independent), each rank its own batches (data.rank_batches), else the same number in steps
+    (data.length_batches)."""
+    import contextlib
     import time
 
-    from semalign_ds import distributed
-    from semalign_ds.data import length_batches
+    from semalign_ds import distributed, engines
+    from semalign_ds.data import length_batches, rank_batches
     cfg = s.cfg
     n = len(s.data) if cfg.attribution_examples is None else min(cfg.attribution_examples, len(s.data))
-    # ranks wait for each other after every batch (the head's rows are shared), so a step costs its longest batch:
-    # the scale benchmark's 16 examples (embedded:stdlib) in batches of 4 padded to 1,896 tokens on 1 rank and
-    # 1,016 on 2 (the slower rank's) with strided shares; by length, 1,452 and 852
     lengths = s.data.lengths[:n].tolist()
-    steps = length_batches(lengths, cfg.attribution_batch_size, s.world)[s.rank]
-    shortest = [min(range(n), key=lengths.__getitem__)] if n else [0]  # where a rank has no batch at a step
-    jobs = distributed.lockstep(steps, runner is not None and s.world > 1, filler=shortest)
+    apart = independent(runner, head_s)
+    if apart:
+        # the busiest rank's padded tokens and batches as few as can be: the scale benchmark's 16 examples
+        # (embedded:stdlib) in batches of at most 4: 1,319 padded tokens in 6 batches on 1 rank, 673 in 3 on
+        # the busier of 2
+        jobs = [(b, True) for b in rank_batches(lengths, cfg.attribution_batch_size, s.world)[s.rank]]
+    else:
+        # ranks wait for each other at every batch (ZeRO-3's gathers, the head's rows), so a step costs its
+        # longest batch: the same 16 examples in batches of 4 padded to 1,452 tokens on 1 rank and 852 on the
+        # slower of 2 (1,896 and 1,016 with strided shares)
+        steps = length_batches(lengths, cfg.attribution_batch_size, s.world)[s.rank]
+        shortest = [min(range(n), key=lengths.__getitem__)] if n else [0]  # where a rank has no batch at a step
+        jobs = distributed.lockstep(steps, runner is not None and s.world > 1, filler=shortest)
     sums = torch.zeros(s.n_source + 1, dtype=torch.float64)  # scores per layer, and tokens
     t0 = time.time()
-    for idx, real in s.bar(jobs, desc="attribution"):
-        ids, attn, loss = (t.to(s.device) for t in s.data.batch(idx, s.pad_id))
-        scores = batch_scores(src, ids, attn, loss, head_s, runner, cfg.attribution_recompute)
-        if real:
-            sums[:-1] += scores.sum(0).double().cpu()
-            sums[-1] += int(attn.sum())
+    with engines.ranks_apart() if apart and runner is not None else contextlib.nullcontext():
+        for idx, real in s.bar(jobs, desc="attribution"):
+            ids, attn, loss = (t.to(s.device) for t in s.data.batch(idx, s.pad_id))
+            scores = batch_scores(src, ids, attn, loss, head_s, runner, cfg.attribution_recompute)
+            if real:
+                sums[:-1] += scores.sum(0).double().cpu()
+                sums[-1] += int(attn.sum())
     distributed.all_reduce_sum(sums)
     seconds = time.time() - t0
     s.monitor.log("attribution", {"tokens_per_s": float(sums[-1]) / seconds, "seconds": seconds}, 0)

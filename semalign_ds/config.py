@@ -109,8 +109,9 @@ class Config(BaseModel):
     pairing: Literal["attribution", "uniform"] = _f("attribution", "how target layers are paired with source layers")
     pairing_lambda: Float = _f(0.5, "depth penalty of the attribution DP, on scores scaled to max 1", ge=0)
     attribution_examples: Optional[Int] = _f(None, "examples used for attribution (null: all)", ge=1)
-    attribution_batch_size: Int = _f(2, "sequences per forward and backward in attribution, per rank (the "
-                                        "backward holds every layer's activations of them)", ge=1)
+    attribution_batch_size: Int = _f(2, "the most sequences per forward and backward in attribution, per rank "
+                                        "(batches are cut by length to pad little; the backward holds every "
+                                        "layer's activations of them)", ge=1)
     attribution_recompute: bool = _f(False, "attribution's backward recomputes each source layer instead of keeping "
                                             "its activations: one layer's activations for one more forward")
     # --- alignment -----------------------------------------------------------------------------------------
@@ -160,8 +161,9 @@ class Config(BaseModel):
     source_sharding: Literal["zero3", "replicated", "auto"] = _f(
         "zero3", "with several ranks, the source partitioned under ZeRO-3, or whole on every rank (replicated: "
                  "data parallel, nothing gathered); auto: the one the dry run finds smaller per rank")
-    source_shared_memory: bool = _f(True, "on CPU, ranks on one host keep the ZeRO-3 source's partitions in one file "
-                                          "in /dev/shm and map each other's instead of gathering copies (false: "
+    source_shared_memory: bool = _f(True, "on CPU, ranks on one host keep the ZeRO-3 source's partitions (and its "
+                                          "vocabulary rows) in files in /dev/shm and read each other's in place "
+                                          "instead of gathering copies, so attribution's ranks run apart (false: "
                                           "gathered as on several hosts)")
     collective_timeout_minutes: Float = _f(30.0, "a rank that waits longer on the others stops with an error", gt=0)
     # --- output --------------------------------------------------------------------------------------------

@@ -316,6 +316,75 @@ def length_batches(lengths, batch_size, world):
     return [[step[r] for step in steps] for r in range(world)]
 
 
+BATCH_TOKENS = 32  # what a batch costs besides its tokens, in tokens' worth (each batch reads every weight once)
+
+
+def cheapest_batches(indices, lengths, batch_size, overhead=BATCH_TOKENS, cap=None):
+    """`indices` cut into batches of at most batch_size (and, but for single examples, at most `cap` padded
+    tokens), longest first, with the least padded tokens (size x longest) plus `overhead` per batch: (that cost,
+    the batches). Exact: consecutive runs of the longest-first order are optimal for this cost, and the best cut
+    is found by dynamic programming from the short end."""
+    order = sorted(indices, key=lambda i: (-int(lengths[i]), i))
+    n = len(order)
+    best, cut = [0] * (n + 1), [n] * (n + 1)
+    for i in range(n - 1, -1, -1):  # ties: the larger batch
+        longest = int(lengths[order[i]])
+        best[i], end = min((best[i + k] + k * longest + overhead, -(i + k))
+                           for k in range(1, min(batch_size, n - i) + 1) if k == 1 or cap is None or k * longest <= cap)
+        cut[i] = -end
+    batches, i = [], 0
+    while i < n:
+        batches.append(order[i:cut[i]])
+        i = cut[i]
+    return best[0], batches
+
+
+def rank_batches(lengths, batch_size, world, overhead=BATCH_TOKENS):
+    """[rank] -> that rank's batches (indices into `lengths`) for ranks that do not wait for each other: a rank
+    costs its batches' padded tokens (size x longest) plus `overhead` per batch (cheapest_batches), and the
+    busiest rank sets the time. No batch pads to more tokens than the largest of the batches one rank would make,
+    so that a rank's activations are never more than one rank's. Those batches go largest first to the least
+    loaded rank; then single examples move, or two swap, between the busiest rank and another while that lowers
+    the larger of their two costs. The same on every rank."""
+    n = len(lengths)
+    _, one = cheapest_batches(range(n), lengths, batch_size, overhead)
+    if world == 1:
+        return [one]
+    cap = max((len(b) * int(lengths[b[0]]) for b in one), default=0)
+
+    def cost(sub):
+        return cheapest_batches(sub, lengths, batch_size, overhead, cap)[0]
+
+    sets, load = [[] for _ in range(world)], [0] * world
+    for b in sorted(one, key=lambda b: (-len(b) * int(lengths[b[0]]), b[0])):
+        r = load.index(min(load))
+        sets[r] = sorted(sets[r] + b)
+        load[r] = cost(sets[r])
+    # cost evaluations (each O(n x batch_size)): every move and swap for tens of examples, bounded for thousands
+    budget = min(5_000, max(64, 20_000_000 // max(1, n * batch_size)))
+    while budget > 0:
+        busy = load.index(max(load))
+        best = None
+        for r in range(world):
+            if r == busy:
+                continue
+            trades = itertools.chain((((i,), ()) for i in sets[busy]),
+                                     (((i,), (j,)) for i in sets[busy] for j in sets[r]))
+            for give, take in trades:
+                if budget <= 0:
+                    break
+                budget -= 2
+                here = [k for k in sets[busy] if k not in give] + list(take)
+                there = [k for k in sets[r] if k not in take] + list(give)
+                a, b = cost(here), cost(there)
+                if max(a, b) < load[busy] and (best is None or max(a, b) < best[0]):
+                    best = (max(a, b), r, sorted(here), sorted(there), a, b)
+        if best is None:
+            break
+        _, r, sets[busy], sets[r], load[busy], load[r] = best
+    return [cheapest_batches(s, lengths, batch_size, overhead, cap)[1] for s in sets]
+
+
 def index_batches(n, batch_size):
     """Positions 0..n-1 in consecutive batches of at most batch_size."""
     return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]

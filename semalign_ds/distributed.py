@@ -363,7 +363,7 @@ def gather_into(output_tensor, input_tensor, group=None, async_op=False):
     return works if async_op else works.wait() and None
 
 
-_shared = {"gather": None, "weights": None}
+_shared = {"gather": None, "weights": None, "rows": None}
 
 
 def use_partitions(weights):
@@ -371,6 +371,17 @@ def use_partitions(weights):
     by shared_weights.share), or copy as before where it is None."""
     _shared["weights"] = weights
     return weights
+
+
+def use_rows(rows):
+    """Let vocab_parallel read every rank's rows of the source's vocabulary matrices in place from `rows` (a
+    shared_weights.SharedPartitions made by shared_weights.share_rows), or exchange values as before where None."""
+    _shared["rows"] = rows
+    return rows
+
+
+def shared_rows():
+    return _shared["rows"]
 
 
 def one_host():
@@ -385,6 +396,7 @@ def shares_partitions():
 def unshare_partitions():
     """Drop the shared file of shared_weights.share (its memory goes once the model's partitions are freed too)."""
     weights, _shared["weights"] = _shared["weights"], None
+    _shared["rows"] = None  # the rows read from it keep it open as long as they live
     if weights is not None:
         weights.close()
 

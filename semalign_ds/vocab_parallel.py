@@ -17,7 +17,10 @@ per-token values:
   holds its own positions and one other rank's at a time, whatever the number of ranks.
 
 On one rank (or a head held whole) the same code runs without collectives. Every call is collective when the
-rows are `parallel`: all ranks make it, in the same order (ZeRO-3's forwards are lockstepped anyway).
+rows are `parallel`: all ranks make it, in the same order (ZeRO-3's forwards are lockstepped anyway). Where the
+ranks share a host and the matrices are in a shared file (shared_weights.share_rows), each rank reads every rank's
+rows in place instead (`Rows.mapped`): the lookup as on one rank, the NLL over the whole vocabulary a block of
+rows at a time (`_streamed`), no collective, so ranks need not keep step.
 """
 from __future__ import annotations
 
@@ -36,10 +39,20 @@ class Rows:
     lo: int
     vocab: int
     parallel: bool = False
+    mapped: object = None  # parallel rows in a shared file: a function (lo, hi) -> rows [lo, hi), read in place
 
     @property
     def hi(self):
         return self.lo + self.weight.shape[0]
+
+    @property
+    def collective(self):
+        """Whether using these rows takes every rank (each call made by all, in the same order)."""
+        return self.parallel and self.mapped is None
+
+    def local(self):
+        """Rows to use on this rank alone: these when not parallel, else every rank's, read in place."""
+        return Rows(self.mapped(0, self.vocab), 0, self.vocab) if self.parallel and self.mapped else self
 
 
 def rows_of(param: torch.Tensor, vocab: int | None = None, device=None) -> Rows:
@@ -50,12 +63,15 @@ def rows_of(param: torch.Tensor, vocab: int | None = None, device=None) -> Rows:
     total, width = param.ds_shape if partitioned else param.shape
     vocab = total if vocab is None else min(vocab, total)
     part, world, rank = getattr(param, "ds_tensor", None), distributed.world(), distributed.rank()
+    mapped = None
     if not partitioned:
         lo, weight = 0, param.detach()[:vocab]
     elif part.numel() % width == 0:
         n = part.numel() // width
         lo = min(rank * n, vocab)
         weight = part.detach().view(n, width)[:min(n, vocab - lo)]
+        shared = distributed.shared_rows()
+        mapped = shared.reader(param) if shared is not None and world > 1 else None
     else:
         from semalign_ds import engines
         share = -(-vocab // world)
@@ -64,7 +80,7 @@ def rows_of(param: torch.Tensor, vocab: int | None = None, device=None) -> Rows:
             weight = param.detach()[lo:min(lo + share, vocab)].clone()
     if device is not None:
         weight = weight.to(device)
-    return Rows(weight, lo, vocab, parallel=partitioned and world > 1)
+    return Rows(weight, lo, vocab, parallel=partitioned and world > 1, mapped=mapped)
 
 
 def source_rows(adapter, vocab=None, device=None, zero3=False) -> Rows:
@@ -74,21 +90,24 @@ def source_rows(adapter, vocab=None, device=None, zero3=False) -> Rows:
     head = rows_of(adapter.head.weight, vocab, device)
     if zero3:
         tied = adapter.embed_tokens.weight is adapter.head.weight
-        adapter.embedding_lookup = functools.partial(embed, head if tied else rows_of(adapter.embed_tokens.weight,
-                                                                                      None, device))
+        embedding = head if tied else rows_of(adapter.embed_tokens.weight, None, device)
+        if embedding.collective != head.collective:  # both read in place or neither: ranks apart meet no collective
+            head.mapped = embedding.mapped = None
+        adapter.embedding_lookup = functools.partial(embed, embedding)
     return head
 
 
 def whole(rows: Rows) -> torch.Tensor:
     """The whole [vocab, d] matrix on every rank (collective when parallel): for writing it, not for computing."""
-    if not rows.parallel:
-        return rows.weight
+    if not rows.collective:
+        return rows.local().weight
     return distributed.all_gather_rows(rows.weight)[0]
 
 
 def embed(rows: Rows, ids: torch.Tensor) -> torch.Tensor:
     """The rows of `ids` [...]: [..., d], looked up across the ranks when parallel."""
-    if not rows.parallel:
+    if not rows.collective:
+        rows = rows.local()
         return torch.nn.functional.embedding(ids - rows.lo, rows.weight)
     flat, counts = distributed.all_gather_rows(ids.reshape(-1))
     mine = (flat >= rows.lo) & (flat < rows.hi)
@@ -101,10 +120,13 @@ def embed(rows: Rows, ids: torch.Tensor) -> torch.Tensor:
 
 def nll(x: torch.Tensor, targets: torch.Tensor, rows: Rows) -> torch.Tensor:
     """-log softmax(x W^T)[target] per row of x [n, d] (targets [n]), in float32 or wider; differentiable in x."""
+    if x.shape[0] != targets.shape[0]:
+        raise ValueError(f"nll: {x.shape[0]} states and {targets.shape[0]} targets; give one target per state")
     return _NLL.apply(x, targets, rows)
 
 
 CHUNK_BYTES = 128 * 2**20  # the most one chunk of float32 logits takes
+BLOCK_BYTES = 32 * 2**20  # the most of a matrix read in place (Rows.mapped) that one NLL block maps
 
 
 def chunk_rows(columns):
@@ -125,6 +147,13 @@ class _NLL(torch.autograd.Function):
         acc = torch.promote_types(x.dtype, torch.float32)
         grad = ctx.needs_input_grad[0]
         x, targets = x.detach().contiguous(), targets.contiguous()
+        if rows.parallel and rows.mapped is not None:  # every rank's rows read in place: no collective
+            dx = x.new_empty(x.shape, dtype=acc) if grad else None
+            out = _streamed(x, targets, rows, acc, dx)
+            if grad:
+                ctx.save_for_backward(dx)
+                ctx.dtype = x.dtype
+            return out
         me = distributed.rank() if rows.parallel else 0
         counts = distributed.row_counts(x.shape[0]) if rows.parallel else [x.shape[0]]
         out = torch.empty(x.shape[0], dtype=acc, device=x.device)
@@ -178,6 +207,49 @@ def _positions(x, t, rows, acc, dx=None):
             # the softmax tail of real LM logits is denormal floats, several times slower in the matmul below
             z.masked_fill_(z.abs() < 1e-30, 0.0)
             dx[a:b] = z.to(w.dtype) @ w
+    return out
+
+
+def _streamed(x, t, rows, acc, dx=None):
+    """-log p(t) of positions x [n, d] over the whole vocabulary of rows read in place (rows.mapped), a block of
+    rows (BLOCK_BYTES) at a time, and into dx their gradient: a first pass over the blocks takes each position's
+    running maximum, normaliser and target logit (online log-sum-exp), a second forms (p - onehot) W block by
+    block. A rank maps one block of the matrix at a time and holds its logits, not the other ranks' rows whole
+    (at 1.5B and 2 ranks that held 144 MiB more at attribution's peak); the projections run twice."""
+    n, d = x.shape
+    per = max(1, BLOCK_BYTES // (d * rows.weight.element_size()))
+    blocks = [(lo, min(lo + per, rows.vocab)) for lo in range(0, rows.vocab, per)]
+    step = chunk_rows(per)
+    m = torch.full((n,), float("-inf"), dtype=acc, device=x.device)
+    total = torch.zeros(n, dtype=acc, device=x.device)
+    picked = torch.zeros(n, dtype=acc, device=x.device)
+    for lo, hi in blocks:
+        w = rows.mapped(lo, hi)
+        for a in range(0, n, step):
+            b = min(a + step, n)
+            z = (x[a:b] @ w.T).to(acc)
+            new = torch.maximum(m[a:b], z.amax(dim=1))
+            total[a:b] = total[a:b] * torch.exp(m[a:b] - new) + torch.exp(z - new[:, None]).sum(dim=1)
+            m[a:b] = new
+            tc = t[a:b]
+            mine = ((tc >= lo) & (tc < hi)).nonzero()[:, 0]
+            picked[a + mine] = z[mine, tc[mine] - lo]
+        del w  # the other ranks' pages of this block are unmapped with it
+    out = torch.log(total) + m - picked
+    if dx is not None:
+        dx.zero_()
+        for lo, hi in blocks:
+            w = rows.mapped(lo, hi)
+            for a in range(0, n, step):
+                b = min(a + step, n)
+                z = (x[a:b] @ w.T).to(acc)
+                z.sub_(m[a:b, None]).exp_().div_(total[a:b, None])  # softmax over the whole vocabulary, this block
+                tc = t[a:b]
+                mine = ((tc >= lo) & (tc < hi)).nonzero()[:, 0]
+                z[mine, tc[mine] - lo] -= 1
+                z.masked_fill_(z.abs() < 1e-30, 0.0)  # denormal floats: see _positions
+                dx[a:b] += z.to(w.dtype) @ w
+            del w
     return out
 
 

@@ -371,3 +371,74 @@ def test_batch_order_is_an_epoch_of_each_residue_class_when_the_groups_divide_th
     order = data.batch_order(64, 16, 8, seed=0, stage=1)  # 2 epochs of 4 batches
     for epoch in (order[:4], order[4:]):
         assert sorted(i for b in epoch for i in b) == list(range(64))
+
+
+def _set_partitions(items):
+    """Every partition of `items` into blocks (lists)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _set_partitions(rest):
+        for k in range(len(part)):
+            yield part[:k] + [[first] + part[k]] + part[k + 1:]
+        yield [[first]] + part
+
+
+@pytest.mark.parametrize("overhead", [0, 9])
+def test_cheapest_batches_is_the_least_of_every_split(overhead):
+    """data.cheapest_batches: each example once, batches of at most batch_size (and, with a cap, of at most cap
+    padded tokens unless single), longest first, and its cost (padded tokens, size x longest, plus `overhead` per
+    batch) the least over every partition of 7 examples into such batches, not only runs of the sorted order;
+    fresh random lengths with ties."""
+    g = torch.Generator().manual_seed(70 + overhead)
+    for trial in range(6):
+        lengths = torch.randint(2, 40, (7,), generator=g).tolist()
+        lengths[trial % 7] = lengths[(trial + 3) % 7]  # a tie
+        subset = [i for i in range(7) if i != trial % 3] if trial % 2 else list(range(7))  # indices not 0..n-1
+        def price(bs):
+            return sum(len(b) * max(lengths[i] for i in b) + overhead for b in bs)
+
+        def fits(b, cap):
+            return len(b) <= 3 and (len(b) == 1 or cap is None or len(b) * max(lengths[i] for i in b) <= cap)
+        for cap in (None, 2 * max(lengths)):  # at most batches of 2 of the longest
+            cost, batches = data.cheapest_batches(subset, lengths, 3, overhead, cap)
+            assert sorted(i for b in batches for i in b) == sorted(subset) and all(fits(b, cap) for b in batches)
+            assert cost == price(batches)
+            assert all(min(lengths[i] for i in a) >= max(lengths[i] for i in b) for a, b in zip(batches, batches[1:]))
+            best = min(price(p) for p in _set_partitions(subset) if all(fits(b, cap) for b in p))
+            assert cost == best, (lengths, subset, batches, cap)
+
+
+def test_rank_batches_balance_independent_ranks():
+    """data.rank_batches: every example once, each rank's batches the cheapest of its examples with none larger (in
+    padded tokens) than 1 rank's largest, the busiest rank's cost never above the lockstep plan's (length_batches: the sum of every step's largest batch) nor above 1 rank's
+    cost / world rounded up by one example's batch; the same result each call; on 1 rank, cheapest_batches. The scale
+    benchmark's 16 lengths at batches of 4, 1 and 2 ranks: the figures its comment gives."""
+    bench = [92, 128, 33, 79, 107, 62, 25, 48, 126, 44, 91, 85, 31, 106, 87, 128]
+    g = torch.Generator().manual_seed(80)
+    cases = [(bench, 4, 1), (bench, 4, 2), (bench, 4, 4)]
+    cases += [(torch.randint(3, 129, (n,), generator=g).tolist(), b, w)
+              for n, b, w in ((1, 4, 2), (5, 2, 4), (23, 3, 2), (40, 4, 2), (37, 5, 3), (64, 8, 4))]
+    for lengths, bsz, world in cases:
+        def price(bs, over=data.BATCH_TOKENS):
+            return sum(len(b) * max(lengths[i] for i in b) + over for b in bs)
+        deal = data.rank_batches(lengths, bsz, world)
+        assert deal == data.rank_batches(lengths, bsz, world) and len(deal) == world
+        assert sorted(i for m in deal for b in m for i in b) == list(range(len(lengths)))
+        one = data.cheapest_batches(range(len(lengths)), lengths, bsz)
+        cap = max(price([b], 0) for b in one[1])  # no batch larger than one rank's largest
+        for mine in deal:
+            assert all(len(b) == 1 or price([b], 0) <= cap for b in mine)
+            assert [sorted(b) for b in mine] == [sorted(b) for b in data.cheapest_batches(
+                [i for b in mine for i in b], lengths, bsz, cap=None if world == 1 else cap)[1]]
+        busiest = max(price(m) for m in deal)
+        steps = list(zip(*data.length_batches(lengths, bsz, world)))
+        lockstep = sum(max(price([b]) for b in step if b) for step in steps)
+        assert busiest <= lockstep, (lengths, bsz, world)
+        assert busiest <= one[0] / world + bsz * max(lengths) + data.BATCH_TOKENS, (lengths, bsz, world)
+        if world == 1:
+            assert deal == [data.cheapest_batches(range(len(lengths)), lengths, bsz)[1]]
+    padded = [[sum(len(b) * max(bench[i] for i in b) for b in m) for m in data.rank_batches(bench, 4, w)]
+              for w in (1, 2)]
+    assert padded[0] == [1319] and max(padded[1]) == 667, padded

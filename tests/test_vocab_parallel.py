@@ -47,6 +47,43 @@ def test_nll_and_its_gradient_equal_cross_entropy_in_float64(dtype, chunk, monke
     assert torch.equal(again, got.detach())
 
 
+@pytest.mark.parametrize("block", [None, 7])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rows_read_in_place_stream_blocks_with_no_collective(dtype, block, monkeypatch):
+    """Parallel rows whose matrix is read in place (Rows.mapped, as from a shared file): the NLL takes the whole
+    vocabulary a block of rows at a time in two passes (blocks of 7 of 53 rows, chunks of 3 of 17 positions: both
+    ends short) and equals cross-entropy in float64 within each dtype's tolerance, its gradient too, with no
+    collective (no process group here); the lookup and whole() read the matrix; every read is of rows in range."""
+    w, x, targets, upstream = _case(dtype, seed=5)
+    w = w.to(dtype)
+    reads = []
+
+    def mapped(lo=0, hi=None):
+        hi = len(w) if hi is None else hi
+        reads.append((lo, hi))
+        return w[lo:hi]
+    if block:
+        monkeypatch.setattr(vocab_parallel, "BLOCK_BYTES", block * w.shape[1] * w.element_size())
+        monkeypatch.setattr(vocab_parallel, "CHUNK_BYTES", 4 * block * 3)
+    rows = vocab_parallel.Rows(w[20:40], 20, len(w), parallel=True, mapped=mapped)
+    assert not rows.collective and vocab_parallel.Rows(w[20:40], 20, len(w), parallel=True).collective
+    xd = x.to(dtype).requires_grad_(True)
+    got = vocab_parallel.nll(xd, targets, rows)
+    (got * upstream.to(got.dtype)).sum().backward()
+    ref_x = xd.detach().double().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(ref_x @ w.double().T, targets, reduction="none")
+    (ref * upstream).sum().backward()
+    assert (got.detach().double() - ref).abs().max() <= TOL[dtype] * ref.abs().max()
+    assert (xd.grad.double() - ref_x.grad).abs().max() <= TOL[dtype] * ref_x.grad.abs().max()
+    blocks = sorted(set(reads))
+    assert blocks[0][0] == 0 and blocks[-1][1] == len(w) and all(0 <= a < b <= len(w) for a, b in blocks)
+    if block:
+        assert len(blocks) == 8 and reads == blocks + blocks  # two passes over 8 blocks
+    ids = torch.randint(0, len(w), (3, 4))
+    assert torch.equal(vocab_parallel.embed(rows, ids), w[ids])
+    assert torch.equal(vocab_parallel.whole(rows), w)
+
+
 def test_embed_looks_rows_up():
     w = torch.randn(29, 7, dtype=torch.float64)
     ids = torch.randint(0, 29, (3, 5))
@@ -81,7 +118,9 @@ def test_two_ranks_equal_the_whole_matrix(tmp_path):
     tolerance of the reference over the whole matrix, the embedding exact; rows_of cuts a ZeRO-3 partition into
     each rank's rows, a view when the partition is whole rows, a copy when a row is split; DeepSpeed's all-gathers
     go through distributed.gather_into (shared memory: read from the other rank's memory, or through slots, in
-    pieces too; broadcasts) and equal every rank's share in order; the shared file is unlinked once mapped."""
+    pieces too; broadcasts) and equal every rank's share in order; the shared file is unlinked once mapped. Rows
+    in a shared file (share_rows) are read in place: the NLL, its gradient and the embedding as above with no
+    collective, rank 1 making twice the calls of rank 0."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "tests.vocab_parallel_ranks", str(tmp_path)], env=env, cwd=ROOT,
@@ -98,6 +137,12 @@ def test_two_ranks_equal_the_whole_matrix(tmp_path):
     assert [(p["38"]["lo"], p["38"]["hi"], p["38"]["view"]) for p in parts] == [(0, 19, True), (19, 36, True)]
     assert [(p["37"]["lo"], p["37"]["hi"], p["37"]["view"]) for p in parts] == [(0, 18, False), (18, 36, False)]
     assert all(p[n]["equal"] and p[n]["parallel"] for p in parts for n in ("38", "37"))
+    for r in ranks:  # rows read in place from a shared file: rank 1 made twice rank 0's calls, none collective
+        m = r["mapped"]
+        assert m["shared"] and not m["collective"] and m["own"] and m["whole"], m
+        assert (m["lo"], m["hi"]) == ((0, 19) if r["rank"] == 0 else (19, 36)), m
+        assert len(m["nll"]) == len(m["grad"]) == len(m["embed"]) == 1 + r["rank"], m
+        assert max(m["nll"] + m["grad"]) <= TOL[torch.float32] and max(m["embed"]) == 0, m
     assert all(r["gather"] == {"routed": True, "separate": True, "in_place_async": True, "shared_memory": True,
                                "in_pieces": True, "unlinked": True, "slots": True, "direct": True, "direct_odd": True, "bfloat16_in_pieces": True, "other_hosts": True,
                                "broadcasts": True}

@@ -44,6 +44,7 @@ def main(folder):
                      "embed": float((emb.double() - w[ids]).abs().max()), "shape": list(emb.shape),
                      "whole": bool(torch.equal(vocab_parallel.whole(rows).double(), w[:vocab].to(dtype).double()))}
     out["partition"] = partitioned(w)
+    out["mapped"] = mapped(w, rank)
     out["gather"] = gathers(rank, world)
     out["reduce"] = reduces(rank, world)
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
@@ -66,6 +67,46 @@ def partitioned(w):
         view = rows.weight.untyped_storage().data_ptr() == emb.weight.ds_tensor.untyped_storage().data_ptr()
         found[n] = {"lo": rows.lo, "hi": rows.hi, "view": view, "parallel": rows.parallel,
                     "equal": bool(torch.equal(rows.weight, w[rows.lo:rows.hi].float()))}
+    return found
+
+
+def mapped(w, rank):
+    """A ZeRO-3 partitioned matrix of 38 rows cut to 36, its partitions in a shared file (shared_weights.share_rows):
+    rows_of keeps this rank's rows a view of the file and reads every rank's in place; the NLL (chunks of 4 rows,
+    blocks of 5 rows of the matrix),
+    its gradient and the embedding need no collective: rank 1 makes twice the calls rank 0 makes, each against a
+    float64 reference over the whole matrix; whole() is the matrix."""
+    import deepspeed
+
+    from semalign_ds import shared_weights
+    ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    with deepspeed.zero.Init(config_dict_or_path=ds):
+        emb = torch.nn.Embedding(38, w.shape[1])
+    with deepspeed.zero.GatheredParameters([emb.weight], modifier_rank=0):
+        emb.weight.data.copy_(w[:38].float())
+    vocab_parallel.BLOCK_BYTES = 5 * w.shape[1] * 4  # blocks of 5 rows: 36 = 7 x 5 + 1
+    shared = shared_weights.share_rows(emb, [emb.weight])
+    rows = vocab_parallel.rows_of(emb.weight, 36)
+    ref_w = w[:36].float().double()
+    found = {"shared": shared is not None, "collective": rows.collective, "lo": rows.lo, "hi": rows.hi,
+             "own": bool(torch.equal(rows.weight, w[rows.lo:rows.hi].float())),
+             "whole": bool(torch.equal(vocab_parallel.whole(rows).double(), ref_w)), "nll": [], "grad": [],
+             "embed": []}
+    for call in range(1 + rank):  # no rank waits for another
+        g = torch.Generator().manual_seed(500 + 10 * rank + call)
+        n = 7 + 2 * call
+        x = torch.randn(n, w.shape[1], generator=g).requires_grad_(True)
+        targets = torch.randint(0, 36, (n,), generator=g)
+        got = vocab_parallel.nll(x, targets, rows)
+        got.sum().backward()
+        ref_x = x.detach().double().requires_grad_(True)
+        ref = torch.nn.functional.cross_entropy(ref_x @ ref_w.T, targets, reduction="none")
+        ref.sum().backward()
+        found["nll"].append(float((got.detach().double() - ref).abs().max() / ref.abs().max()))
+        found["grad"].append(float((x.grad.double() - ref_x.grad).abs().max() / ref_x.grad.abs().max()))
+        ids = torch.randint(0, 36, (2, 5 + call), generator=g)
+        found["embed"].append(float((vocab_parallel.embed(rows, ids).double() - ref_w[ids]).abs().max()))
+    distributed.barrier()
     return found
 
 
