@@ -343,9 +343,9 @@ def rank_batches(lengths, batch_size, world, overhead=BATCH_TOKENS):
     """[rank] -> that rank's batches (indices into `lengths`) for ranks that do not wait for each other: a rank
     costs its batches' padded tokens (size x longest) plus `overhead` per batch (cheapest_batches), and the
     busiest rank sets the time. No batch pads to more tokens than the largest of the batches one rank would make,
-    so that a rank's activations are never more than one rank's. Those batches go largest first to the least
-    loaded rank; then single examples move, or two swap, between the busiest rank and another while that lowers
-    the larger of their two costs. The same on every rank."""
+    so that a rank's activations are never more than one rank's. Those batches (cut smaller where there are fewer
+    than ranks) go largest first to the least loaded rank; then single examples move, or two swap, between the
+    busiest rank and another while that lowers the larger of their two costs. The same on every rank."""
     n = len(lengths)
     _, one = cheapest_batches(range(n), lengths, batch_size, overhead)
     if world == 1:
@@ -355,11 +355,15 @@ def rank_batches(lengths, batch_size, world, overhead=BATCH_TOKENS):
     def cost(sub):
         return cheapest_batches(sub, lengths, batch_size, overhead, cap)[0]
 
+    # the first deal: batches small enough that every rank can get one (else one rank's), largest first
+    pieces = cheapest_batches(range(n), lengths, min(batch_size, max(1, -(-n // world))), overhead)[1]
     sets, load = [[] for _ in range(world)], [0] * world
-    for b in sorted(one, key=lambda b: (-len(b) * int(lengths[b[0]]), b[0])):
+    for b in sorted(pieces, key=lambda b: (-len(b) * int(lengths[b[0]]), b[0])):
         r = load.index(min(load))
-        sets[r] = sorted(sets[r] + b)
-        load[r] = cost(sets[r])
+        sets[r] += b
+        load[r] += len(b) * int(lengths[b[0]]) + overhead
+    sets = [sorted(m) for m in sets]
+    load = [cost(m) for m in sets]
     # cost evaluations (each O(n x batch_size)): every move and swap for tens of examples, bounded for thousands
     budget = min(5_000, max(64, 20_000_000 // max(1, n * batch_size)))
     while budget > 0:
