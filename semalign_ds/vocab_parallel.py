@@ -147,30 +147,11 @@ class _NLL(torch.autograd.Function):
         acc = torch.promote_types(x.dtype, torch.float32)
         grad = ctx.needs_input_grad[0]
         x, targets = x.detach().contiguous(), targets.contiguous()
-        if rows.parallel and rows.mapped is not None:  # every rank's rows read in place: no collective
-            dx = x.new_empty(x.shape, dtype=acc) if grad else None
-            out = _streamed(x, targets, rows, acc, dx)
-            if grad:
-                ctx.save_for_backward(dx)
-                ctx.dtype = x.dtype
-            return out
-        me = distributed.rank() if rows.parallel else 0
-        counts = distributed.row_counts(x.shape[0]) if rows.parallel else [x.shape[0]]
-        out = torch.empty(x.shape[0], dtype=acc, device=x.device)
         dx = x.new_empty(x.shape, dtype=acc) if grad else None
-        for r, n in enumerate(counts):  # the same order and chunks on every rank: their collectives pair up
-            if n == 0:
-                continue
-            xr, tr = (x, targets) if r == me else (x.new_empty((n, x.shape[1])), targets.new_empty(n))
-            if rows.parallel:
-                distributed.broadcast_(xr, r)
-                distributed.broadcast_(tr, r)
-            dr = (dx if r == me else x.new_empty((n, x.shape[1]), dtype=acc)) if grad else None
-            nll_r = _positions(xr, tr, rows, acc, dr)
-            if r == me:
-                out.copy_(nll_r)
-            if grad and rows.parallel:
-                distributed.reduce_sum_to(dr, r)
+        if rows.parallel and not rows.collective:  # every rank's rows read in place: no collective
+            out = _streamed(x, targets, rows, acc, dx)
+        else:
+            out = _by_rank(x, targets, rows, acc, dx)
         if grad:
             ctx.save_for_backward(dx)
             ctx.dtype = x.dtype
@@ -180,6 +161,29 @@ class _NLL(torch.autograd.Function):
     def backward(ctx, grad):
         dx, = ctx.saved_tensors
         return (dx * grad.to(dx.dtype)[:, None]).to(ctx.dtype), None, None
+
+
+def _by_rank(x, targets, rows, acc, dx=None):
+    """-log p(target) of this rank's positions and, into dx, their gradient: when the rows are parallel, each
+    rank's positions in turn, broadcast from it, projected on every rank's rows, their gradient parts summed into
+    it (the same order and chunks on every rank: their collectives pair up)."""
+    me = distributed.rank() if rows.parallel else 0
+    counts = distributed.row_counts(x.shape[0]) if rows.parallel else [x.shape[0]]
+    out = torch.empty(x.shape[0], dtype=acc, device=x.device)
+    for r, n in enumerate(counts):
+        if n == 0:
+            continue
+        xr, tr = (x, targets) if r == me else (x.new_empty((n, x.shape[1])), targets.new_empty(n))
+        if rows.parallel:
+            distributed.broadcast_(xr, r)
+            distributed.broadcast_(tr, r)
+        dr = (dx if r == me else x.new_empty((n, x.shape[1]), dtype=acc)) if dx is not None else None
+        nll_r = _positions(xr, tr, rows, acc, dr)
+        if r == me:
+            out.copy_(nll_r)
+        if dx is not None and rows.parallel:
+            distributed.reduce_sum_to(dr, r)
+    return out
 
 
 def _positions(x, t, rows, acc, dx=None):
