@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from semalign_ds import distributed, models, objectives, pruning, rundir, summary, vocab_parallel
 from semalign_ds.alignment import align, source_direction
 from semalign_ds.config import ConfigError
-from semalign_ds.data import index_batches
+from semalign_ds.data import cheapest_batches, deal
 from semalign_ds.faults import fault_point
 from semalign_ds.losses import fisher_topk_support
 
@@ -224,10 +224,21 @@ def write_source_head(s, head_s):
     distributed.barrier()
 
 
+def independent(runner):
+    """Whether a rank's cache forwards need no other rank (attribution.independent, without a head)."""
+    from semalign_ds import engines
+    return runner is None or (distributed.shares_partitions() and engines.can_run_apart())
+
+
 def phase(s, src, runner, plan, m, tgt=None, head_t=None):
     """Run the source over the transfer set once and write the cache's shards (the source head: write_source_head);
-    shards already written and intact are kept. Every rank writes its own shards and issues the same number of
-    forwards (ZeRO-3 gathers collectively)."""
+    shards already written and intact are kept. Every rank writes its own shards (data.deal by their cost); where
+    its forwards need no other rank (independent) it runs them at its own pace and ranks agree on a stop at the
+    end, else every rank issues the same number of forwards (ZeRO-3 gathers collectively) and they agree on a stop
+    after each."""
+    import contextlib
+
+    from semalign_ds import engines
     cfg = s.cfg
     store = ActivationCache(s.rd.path("cache"), len(s.data), cfg.cache_shard_examples)
     kinds = contents(cfg)
@@ -256,39 +267,57 @@ def phase(s, src, runner, plan, m, tgt=None, head_t=None):
     store.open(header)  # every rank checks the manifest
     todo = store.pending(recompute_corrupt=s.main) if s.main else None
     todo = distributed.broadcast_object(todo)
-    mine = todo[s.rank::s.world]
-    batches = [(i, b) for i in mine for b in index_batches(len(range(*store.shard_range(i))), cfg.eval_batch_size)]
-    jobs = distributed.lockstep(batches, collective=s.world > 1, filler=(0, [0]))
+    # every pending shard cut into its cheapest batches (the same whatever the world), the shards dealt to the
+    # ranks by what those cost: at 1.5B on 2 ranks (32 examples, shards of 8, batches of 8), consecutive batches
+    # and every other shard gave rank 0 56% of the tokens and cost 1.25x an even split
+    lengths = s.data.lengths
+    cut = {i: cheapest_batches(range(*store.shard_range(i)), lengths, cfg.eval_batch_size) for i in todo}
+    mine = [todo[j] for j in deal([cut[i][0] for i in todo], s.world)[s.rank]]
+    batches = [(i, b) for i in mine for b in cut[i][1]]
+    apart = independent(runner)
+    shortest = [min(range(len(lengths)), key=lengths.__getitem__)] if len(lengths) else [0]
+    jobs = distributed.lockstep(batches, collective=s.world > 1 and not apart, filler=(None, shortest))
     t0, tokens = time.time(), 0
-    rows, filled = None, 0  # the shard being written: its rows per key, allocated once; how many are filled
-    for j, ((shard, local), real) in enumerate(s.bar(jobs, desc="activation cache")):
-        start = store.shard_range(shard)[0]
-        idx = [start + x for x in local]
-        ids, attn, loss = (t.to(s.device) for t in s.data.batch(idx, s.pad_id))
-        with torch.no_grad():
-            out = batch_entries(src, ids, attn, loss, plan["pairs"], m, cfg.normalize_source, runner,
-                                source_states, topk, aligned_input)
-        if distributed.stop_agreed():  # SIGUSR1: keep the shards written so far and stop
-            raise distributed.Preempted("activation cache: stopped on request, the shards written so far are kept; "
-                                        "rerun the same command to resume")
-        if not real:
-            continue
-        tokens += int(attn.sum())
-        if rows is None:  # a new shard (its batches are consecutive): its row count is known, so fill in place
-            total = int(s.data.loss_counts[slice(*store.shard_range(shard))].sum())
-            rows = {k: torch.empty((total, *v.shape[1:]), dtype=v.dtype) for k, v in out.items()}
-        n = len(out["source_final"])
-        for k, v in out.items():
-            rows[k][filled:filled + n] = v
-        filled += n
-        if j + 1 == len(batches) or batches[j + 1][0] != shard:  # the shard is complete
-            if filled != len(rows["source_final"]):
-                raise RuntimeError(f"activation cache: shard {shard} got {filled} rows, its examples have "
-                                   f"{len(rows['source_final'])} loss positions")
-            store.write(shard, rows)
-            rows, filled = None, 0
-            summary.release_memory()
-            fault_point("cache_shard", s.rank)
+    rows, filled, stopped = None, 0, False  # the shard being written: its rows per key, allocated once; how many
+    with engines.ranks_apart() if apart and runner is not None else contextlib.nullcontext():
+        for j, ((shard, idx), real) in enumerate(s.bar(jobs, desc="activation cache")):
+            if apart and distributed.stop_requested():  # SIGUSR1: this rank stops here, the ranks agree below
+                stopped = True
+                break
+            ids, attn, loss = (t.to(s.device) for t in s.data.batch(idx, s.pad_id))
+            with torch.no_grad():
+                out = batch_entries(src, ids, attn, loss, plan["pairs"], m, cfg.normalize_source, runner,
+                                    source_states, topk, aligned_input)
+            if not apart and distributed.stop_agreed():  # SIGUSR1: every rank stops after the same batch
+                stopped = True
+                break
+            if not real:
+                continue
+            tokens += int(attn.sum())
+            lo, hi = store.shard_range(shard)
+            if rows is None:  # a new shard (its batches are consecutive): its row count is known, so fill in place
+                counts = s.data.loss_counts[lo:hi].long()
+                first = torch.cumsum(counts, 0) - counts  # each example's first row in the shard
+                rows = {k: torch.empty((int(counts.sum()), *v.shape[1:]), dtype=v.dtype) for k, v in out.items()}
+            # a batch's rows are its examples' loss positions, example by example in the batch's order
+            dest = torch.cat([torch.arange(int(first[i - lo]), int(first[i - lo] + counts[i - lo])) for i in idx])
+            if len(dest) != len(out["source_final"]):
+                raise RuntimeError(f"activation cache: a batch of shard {shard} gave {len(out['source_final'])} "
+                                   f"rows, its examples have {len(dest)} loss positions")
+            for k, v in out.items():
+                rows[k][dest] = v
+            filled += len(dest)
+            if j + 1 == len(batches) or batches[j + 1][0] != shard:  # the shard is complete
+                if filled != len(rows["source_final"]):
+                    raise RuntimeError(f"activation cache: shard {shard} got {filled} rows, its examples have "
+                                       f"{len(rows['source_final'])} loss positions")
+                store.write(shard, rows)
+                rows, filled = None, 0
+                summary.release_memory()
+                fault_point("cache_shard", s.rank)
+    if distributed.all_reduce_sum(torch.tensor([float(stopped)]))[0] > 0:  # once, every rank: any rank stopped
+        raise distributed.Preempted("activation cache: stopped on request, the shards written so far are kept; "
+                                    "rerun the same command to resume")
     seconds = time.time() - t0
     total = float(distributed.all_reduce_sum(torch.tensor([tokens], dtype=torch.float64))[0])
     s.monitor.log("cache", {"tokens_per_s_rank0": tokens / max(seconds, 1e-9),

@@ -389,6 +389,40 @@ def rank_batches(lengths, batch_size, world, overhead=BATCH_TOKENS):
     return [cheapest_batches(s, lengths, batch_size, overhead, cap)[1] for s in sets]
 
 
+def deal(costs, world):
+    """[rank] -> the positions of `costs` that rank takes, for ranks that do not wait for each other (the busiest
+    sets the time): largest first to the least loaded rank, then one item moves, or two swap, between the busiest
+    rank and another while that lowers the larger of their two loads. The same on every rank (ties by position)."""
+    sets, load = [[] for _ in range(world)], [0] * world
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = load.index(min(load))
+        sets[r].append(i)
+        load[r] += costs[i]
+    budget = 2_000_000  # trades weighed: all of them for hundreds of items, a bounded search for more
+    while budget > 0:
+        busy = load.index(max(load))
+        best = None
+        for r in range(world):
+            for i in sets[busy] if r != busy else ():
+                for j in [None] + sets[r]:
+                    budget -= 1
+                    d = costs[i] - (0 if j is None else costs[j])
+                    top = max(load[busy] - d, load[r] + d)
+                    if d > 0 and top < load[busy] and (best is None or top < best[0]):
+                        best = (top, r, i, j, d)
+        if best is None:
+            break
+        _, r, i, j, d = best
+        sets[busy].remove(i)
+        sets[r].append(i)
+        if j is not None:
+            sets[r].remove(j)
+            sets[busy].append(j)
+        load[busy] -= d
+        load[r] += d
+    return [sorted(m) for m in sets]
+
+
 def index_batches(n, batch_size):
     """Positions 0..n-1 in consecutive batches of at most batch_size."""
     return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]

@@ -95,3 +95,37 @@ def test_batch_entries_match_the_whole_states(aligned_input, source_states):
     for key in want:
         assert got[key].shape[0] == int(loss.sum())
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_shard_rows_are_in_example_order(tmp_path):
+    """The cache cuts a shard into its cheapest batches, longest examples first, and puts each batch's rows back in
+    example order: every row of a shard equals that example's entries computed alone, shards of 7 in batches of 3
+    over examples of unequal lengths (float32: the batch shapes differ, so the last bits may)."""
+    from safetensors.torch import load_file
+
+    from semalign_ds import data as data_mod
+    from semalign_ds import models
+    from semalign_ds.cache import batch_entries
+    out = tmp_path / "run"
+    cfg = tiny_config(out, eval_data=None, stage_steps=1, max_examples=17, cache_shard_examples=7,
+                      eval_batch_size=3)
+    pipeline.run(cfg)
+    pairs = json.loads((out / "plan.json").read_text())["pairs"]
+    m = load_file(out / "alignment.safetensors")["M"]
+    flat = load_file(out / "data" / "transfer.safetensors")
+    tokens = data_mod.TokenizedSet(flat["ids"], flat["loss"], flat["offsets"])
+    order = [i for b in data_mod.cheapest_batches(range(7), tokens.lengths, 3)[1] for i in b]
+    assert order != sorted(order)  # lengths that the cheapest cut reorders
+    ad = models.Adapter(models.load_model(cfg.source, dtype="float32", seed=cfg.seed))
+    for shard, (lo, hi) in enumerate([(0, 7), (7, 14), (14, 17)]):
+        got = load_file(out / "cache" / f"shard-{shard:05d}.safetensors")
+        want = {}
+        for i in range(lo, hi):
+            ids, attn, loss = tokens.batch([i], data_mod.pad_id(models.load_tokenizer(cfg.source)))
+            with torch.no_grad():
+                one = batch_entries(ad, ids, attn, loss, pairs, m, cfg.normalize_source)
+            for k, v in one.items():
+                want.setdefault(k, []).append(v)
+        for k, parts in want.items():
+            torch.testing.assert_close(got[k], torch.cat(parts), rtol=1e-5, atol=1e-5)

@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import pytest
@@ -442,3 +443,30 @@ def test_rank_batches_balance_independent_ranks():
     padded = [[sum(len(b) * max(bench[i] for i in b) for b in m) for m in data.rank_batches(bench, 4, w)]
               for w in (1, 2)]
     assert padded[0] == [1319] and max(padded[1]) == 667, padded
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_deal_balances_items_over_ranks(seed):
+    """data.deal: every item to exactly one rank, the same on every call; the busiest rank no busier than the
+    largest-first deal or strided shares, and no single move or swap between it and another rank lowers the larger
+    of their two loads; within 4/3 of the best split found by trying every assignment (small cases)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, world = int(torch.randint(3, 10, (1,), generator=gen)), int(torch.randint(2, 4, (1,), generator=gen))
+    costs = torch.randint(1, 1000, (n,), generator=gen).tolist()
+    sets = data.deal(costs, world)
+    assert sets == data.deal(costs, world) and len(sets) == world
+    assert sorted(i for s in sets for i in s) == list(range(n))
+    load = [sum(costs[i] for i in s) for s in sets]
+    busy = max(load)
+    assert busy <= max(sum(costs[r::world]) for r in range(world))
+    b = load.index(busy)
+    for r in range(world):
+        if r == b:
+            continue
+        for i in sets[b]:
+            for j in [None] + sets[r]:
+                d = costs[i] - (0 if j is None else costs[j])
+                assert not (d > 0 and max(busy - d, load[r] + d) < busy)
+    best = min(max(sum(c for c, w in zip(costs, a) if w == r) for r in range(world))
+               for a in itertools.product(range(world), repeat=n))
+    assert busy <= best * 4 / 3 + 1e-9

@@ -109,6 +109,28 @@ def test_killed_runs_resume_to_the_same_target(runs, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
 
 
+def test_a_stop_request_on_one_rank_stops_the_cache_on_both(runs, tmp_path):
+    """SIGUSR1 to rank 1 alone, after its first cache shard. The ranks cache apart (each its own shards, at its own
+    pace): rank 1 stops before its next batch, rank 0 finishes its shards, and at the phase's end they agree to
+    stop, both with the stop message; the same command again writes the shards left, and the cache equals one
+    rank's."""
+    out = tmp_path / "stopped"
+    proc, _ = torchrun(out, fault="cache_shard:1:1:usr1")
+    assert proc.returncode != 0
+    assert proc.stderr.count("activation cache: stopped on request") == 2, proc.stderr[-3000:]
+    state = json.loads((out / "state.json").read_text())
+    assert "cache" not in state["done"]
+    done = [f for f in os.listdir(out / "cache") if f.startswith("shard-") and f.endswith(".safetensors")]
+    assert 0 < len(done) < 4
+    proc, _ = torchrun(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for f in sorted(os.listdir(runs[0] / "cache")):
+        if f.startswith("shard-") and f.endswith(".safetensors"):
+            a, b = load_file(runs[0] / "cache" / f), load_file(out / "cache" / f)
+            for k in a:
+                torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
+
+
 def test_a_dead_rank_ends_the_run(tmp_path):
     """Rank 1 dies in the middle of a stage; rank 0 must not hang in its next collective."""
     proc, seconds = torchrun(tmp_path / "dead", fault="stage_step:3:1", timeout=240)

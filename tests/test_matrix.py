@@ -71,10 +71,12 @@ def test_baselines_on_2_ranks_match_1_rank(method, tmp_path):
         assert proc.returncode == 0, proc.stderr[-4000:]
         runs[world] = weights(tmp_path / f"w{world}")
         first[world] = first_losses(tmp_path / f"w{world}")
-    # every phase's first step: the same loss but for the order of float32 sums (wrong averaging: tens of percent)
+    # every phase's first step: the same loss but for the order of float32 sums (wrong averaging: tens of percent);
+    # a later stage's first step runs through the layers the earlier stages trained, whose Adam steps amplify the
+    # sums' order (layerwise, stage 3: 1.8e-6 relative, with caches equal to the bit on 1 and 2 ranks)
     assert first[1].keys() == first[2].keys() and first[1]
     for tag, loss in first[1].items():
-        assert first[2][tag] == pytest.approx(loss, rel=1e-6), tag
+        assert first[2][tag] == pytest.approx(loss, rel=1e-6 if tag == "stage_1" else 1e-5), tag
     for k in runs[1]:  # after the steps: the sums' order, amplified by Adam in near-zero coordinates (layerwise, the
         # largest difference 1.1e-3 of a norm, in layer 2's q_proj, with the sequences dealt to the ranks by loss
         # positions, and 2.6e-4 dealt out strided; the first steps' losses agree within 3e-8): compare norms
