@@ -51,7 +51,7 @@ def test_nll_and_its_gradient_equal_cross_entropy_in_float64(dtype, chunk, monke
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_rows_read_in_place_stream_blocks_with_no_collective(dtype, block, monkeypatch):
     """Parallel rows whose matrix is read in place (Rows.mapped, as from a shared file): the NLL takes the whole
-    vocabulary a block of rows at a time in two passes (blocks of 7 of 53 rows, chunks of 3 of 17 positions: both
+    vocabulary a block of rows at a time in one pass (blocks of 7 of 53 rows, chunks of 3 of 17 positions: both
     ends short) and equals cross-entropy in float64 within each dtype's tolerance, its gradient too, with no
     collective (no process group here); the lookup and whole() read the matrix; every read is of rows in range."""
     w, x, targets, upstream = _case(dtype, seed=5)
@@ -78,7 +78,7 @@ def test_rows_read_in_place_stream_blocks_with_no_collective(dtype, block, monke
     blocks = sorted(set(reads))
     assert blocks[0][0] == 0 and blocks[-1][1] == len(w) and all(0 <= a < b <= len(w) for a, b in blocks)
     if block:
-        assert len(blocks) == 8 and reads == blocks + blocks  # two passes over 8 blocks
+        assert len(blocks) == 8 and reads == blocks  # one pass over 8 blocks
     ids = torch.randint(0, len(w), (3, 4))
     assert torch.equal(vocab_parallel.embed(rows, ids), w[ids])
     assert torch.equal(vocab_parallel.whole(rows), w)
