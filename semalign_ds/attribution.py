@@ -46,8 +46,8 @@ def independent(runner, head):
     """Whether a rank's forwards and NLLs need no other rank, so that ranks need not keep step: a source whole on
     every rank, or a ZeRO-3 source on one host whose partitions and vocabulary rows every rank reads in place
     (shared_weights.py)."""
-    from semalign_ds import distributed, engines
-    return runner is None or (distributed.shares_partitions() and not head.collective and engines.can_run_apart())
+    from semalign_ds import engines
+    return engines.forwards_apart(runner) and (runner is None or not head.collective)
 
 
 def phase(s, src, runner, head_s):

@@ -224,16 +224,10 @@ def write_source_head(s, head_s):
     distributed.barrier()
 
 
-def independent(runner):
-    """Whether a rank's cache forwards need no other rank (attribution.independent, without a head)."""
-    from semalign_ds import engines
-    return runner is None or (distributed.shares_partitions() and engines.can_run_apart())
-
-
 def phase(s, src, runner, plan, m, tgt=None, head_t=None):
     """Run the source over the transfer set once and write the cache's shards (the source head: write_source_head);
     shards already written and intact are kept. Every rank writes its own shards (data.deal by their cost); where
-    its forwards need no other rank (independent) it runs them at its own pace and ranks agree on a stop at the
+    its forwards need no other rank (engines.forwards_apart) it runs them at its own pace and ranks agree on a stop at the
     end, else every rank issues the same number of forwards (ZeRO-3 gathers collectively) and they agree on a stop
     after each."""
     import contextlib
@@ -270,12 +264,12 @@ def phase(s, src, runner, plan, m, tgt=None, head_t=None):
     # every pending shard cut into its cheapest batches (the same whatever the world), the shards dealt to the
     # ranks by what those cost: at 1.5B on 2 ranks (32 examples, shards of 8, batches of 8), consecutive batches
     # and every other shard gave rank 0 56% of the tokens and cost 1.25x an even split
-    lengths = s.data.lengths
+    lengths, loss_counts = s.data.lengths, s.data.loss_counts  # both computed over the whole set: once
     cut = {i: cheapest_batches(range(*store.shard_range(i)), lengths, cfg.eval_batch_size) for i in todo}
     mine = [todo[j] for j in deal([cut[i][0] for i in todo], s.world)[s.rank]]
     batches = [(i, b) for i in mine for b in cut[i][1]]
-    apart = independent(runner)
-    shortest = [min(range(len(lengths)), key=lengths.__getitem__)] if len(lengths) else [0]
+    apart = engines.forwards_apart(runner)
+    shortest = [int(lengths.argmin())] if len(lengths) else [0]
     jobs = distributed.lockstep(batches, collective=s.world > 1 and not apart, filler=(None, shortest))
     t0, tokens = time.time(), 0
     rows, filled, stopped = None, 0, False  # the shard being written: its rows per key, allocated once; how many
@@ -296,7 +290,7 @@ def phase(s, src, runner, plan, m, tgt=None, head_t=None):
             tokens += int(attn.sum())
             lo, hi = store.shard_range(shard)
             if rows is None:  # a new shard (its batches are consecutive): its row count is known, so fill in place
-                counts = s.data.loss_counts[lo:hi].long()
+                counts = loss_counts[lo:hi]
                 first = torch.cumsum(counts, 0) - counts  # each example's first row in the shard
                 rows = {k: torch.empty((int(counts.sum()), *v.shape[1:]), dtype=v.dtype) for k, v in out.items()}
             # a batch's rows are its examples' loss positions, example by example in the batch's order

@@ -330,6 +330,13 @@ def can_run_apart():
     return _trace_check() is not None
 
 
+def forwards_apart(runner):
+    """Whether a rank's source forwards need no other rank, so that ranks need not keep step: a source whole on
+    every rank (no runner), or a ZeRO-3 source on one host whose partitions every rank reads in place
+    (shared_weights.py) and whose forwards ranks_apart can start alone."""
+    return runner is None or (distributed.shares_partitions() and can_run_apart())
+
+
 @contextlib.contextmanager
 def ranks_apart():
     """Within the block a ZeRO-3 forward's start is not collective. While DeepSpeed records the order in which a
