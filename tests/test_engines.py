@@ -83,6 +83,46 @@ def test_the_prefetch_bucket_auto_is_zero_on_cpu_and_deepspeeds_default_on_cuda(
     assert engines.fill(given, 3, 2, "float32")["zero_optimization"]["stage3_prefetch_bucket_size"] == 123
 
 
+def test_reduce_scatter_auto_is_false_on_cpu_and_deepspeeds_default_on_cuda(monkeypatch):
+    shipped = engines.load_ds_config(engines.default_config_path("target_zero2"), "target")
+    assert shipped["zero_optimization"]["reduce_scatter"] == "auto"
+    for cuda, want in ((False, False), (True, True)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        assert engines.fill(shipped, 3, 2, "float32")["zero_optimization"]["reduce_scatter"] is want
+    given = {"zero_optimization": {"stage": 2, "reduce_scatter": True}}
+    assert engines.fill(given, 3, 2, "float32")["zero_optimization"]["reduce_scatter"] is True
+
+
+def _adamw_reference(p, g, m, v, step, lr, wd, betas=(0.9, 0.999), eps=1e-8):
+    """One AdamW update in float64 (decoupled weight decay, bias-corrected moments): the new (p, m, v)."""
+    p = p * (1 - lr * wd)
+    m = betas[0] * m + (1 - betas[0]) * g
+    v = betas[1] * v + (1 - betas[1]) * g * g
+    m_hat, v_hat = m / (1 - betas[0] ** step), v / (1 - betas[1] ** step)
+    return p - lr * m_hat / (v_hat.sqrt() + eps), m, v
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (torch.float64, 1e-12)])
+def test_the_stage_optimizer_is_fused_adamw_and_matches_the_update_in_float64(dtype, tol):
+    torch.manual_seed(11)
+    cfg = type("Cfg", (), {"lr": 3e-3, "weight_decay": 0.07})()
+    params = [torch.nn.Parameter(torch.randn(shape, dtype=dtype)) for shape in ((7, 13), (5,), (3, 11, 2))]
+    opt = engines.adamw(params, cfg)
+    assert opt.defaults["fused"] is True  # CPU parameters: torch's fused kernel
+    ref = [(p.detach().double().clone(), torch.zeros_like(p, dtype=torch.float64),
+            torch.zeros_like(p, dtype=torch.float64)) for p in params]
+    for step in range(1, 4):  # fresh gradients each step, never zeros
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        ref = [_adamw_reference(r, g.double(), m, v, step, cfg.lr, cfg.weight_decay)
+               for (r, m, v), g in zip(ref, grads)]
+        for p, (r, _, _) in zip(params, ref):
+            torch.testing.assert_close(p.detach().double(), r, rtol=tol, atol=tol)
+    assert engines.adamw([torch.nn.Parameter(torch.randn(3, device="meta"))], cfg).defaults["fused"] is None
+
+
 def test_inconsistent_batch_sizes_are_refused():
     with pytest.raises(ConfigError, match="batch sizes disagree"):
         engines.fill({"train_batch_size": 10, "train_micro_batch_size_per_gpu": 3}, 3, 2, "float32")
