@@ -51,7 +51,7 @@ REDUCED = {"data": "embedded:stdlib", "max_examples": 32, "attribution_examples"
 COLUMNS = ["date", "device", "cores", "load_1m", "source", "target", "settings", "world", "phase", "seconds", "tokens",
            "tokens_per_s_total", "peak_rss_mib_per_rank", "peak_rss_mib_max", "rank0_phase_peak_mib_run",
            "dryrun_peak_mib_per_rank", "torch", "deepspeed", "transformers", "python", "commit", "host_gflops_alone",
-           "host_speedup_ceiling", "host_new_pages_gib_s"]
+           "host_speedup_ceiling", "host_new_pages_gib_s", "host_free_gib"]
 
 
 # --- sampling every rank's memory from outside -----------------------------------------------------------------
@@ -164,15 +164,26 @@ print(n / 4 / (time.time() - t0))
 """
 
 
+def free_gib():
+    """The machine's free memory (MemFree, GiB; None where /proc/meminfo has none). Memory that the page cache
+    holds counts as available but not free: once a run has used up the free memory, each new page waits on reclaim
+    (the 1.5B pair's stages at 2 ranks slowed by up to half from the tenth stage on with 7.5 of 24 GiB free)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("MemFree:")) / 2**20
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
 def host_ceiling(world):
     """(GFLOP/s of one process alone, the speed-up of world processes at once over it, GiB/s of new pages one
     process touches: memory that a phase allocates, frees and allocates again costs this, and a virtual machine's
-    host can make it several times slower while the GEMM runs as fast as ever). The pages are 4 KiB ones, the same
-    measure in every row, whatever THP_MEM_ALLOC_ENABLE the runs are given."""
+    host can make it several times slower while the GEMM runs as fast as ever; free memory, free_gib). The pages
+    are 4 KiB ones, the same measure in every row, whatever THP_MEM_ALLOC_ENABLE the runs are given."""
     alone = host_rates(1)[0]
     pages = float(subprocess.run([sys.executable, "-c", _PAGES], capture_output=True, text=True,
                                  env=dict(os.environ, OMP_NUM_THREADS="1", THP_MEM_ALLOC_ENABLE="0")).stdout)
-    return alone, (sum(host_rates(world)) / alone if world > 1 else 1.0), pages
+    return alone, (sum(host_rates(world)) / alone if world > 1 else 1.0), pages, free_gib()
 
 
 # --- one world size --------------------------------------------------------------------------------------------
@@ -245,7 +256,8 @@ def table(results):
         lines.append(row)
     for r in results:
         lines.append(f"world {r['world']}: host before it {r['host'][0]:.1f} GFLOP/s alone, {r['host'][1]:.2f}x with "
-                     f"{r['world']} at once, new pages {r['host'][2]:.2f} GiB/s")
+                     f"{r['world']} at once, new pages {r['host'][2]:.2f} GiB/s, "
+                     f"{benchmark._num(r['host'][3], '.1f')} GiB free")
         lines.append(f"world {r['world']}: {r['wall']:.0f} s wall, load average {r['load']:.2f}; rank 0's own "
                      f"memory/PHASE peaks: " + ", ".join(f"{k} {v:.0f}" for k, v in r["rank0"].items()))
         if r.get("dryrun"):
@@ -271,6 +283,7 @@ def write_rows(path, results, args, info):
             rows.append({**common, "load_1m": f"{r['load']:.2f}", "world": r["world"], "phase": name,
                          "host_gflops_alone": f"{r['host'][0]:.1f}", "host_speedup_ceiling": f"{r['host'][1]:.2f}",
                          "host_new_pages_gib_s": f"{r['host'][2]:.2f}",
+                         "host_free_gib": benchmark._num(r["host"][3], ".1f"),
                          "seconds": benchmark._num(p.get("seconds"), ".2f"), "tokens": p.get("tokens") or "",
                          "tokens_per_s_total": benchmark._num(p.get("tokens_per_s_total"), ".1f"),
                          "peak_rss_mib_per_rank": ";".join(f"{m:.0f}" for m in peaks),
@@ -362,7 +375,8 @@ def main(argv=None):
     for world in args.world:
         host = host_ceiling(world)  # how fast this machine is just before the run, alone and `world` at once
         print(f"[world {world}] host: one process {host[0]:.1f} GFLOP/s; {world} at once {host[1]:.2f}x of it "
-              f"(the most a compute-bound phase can speed up now); new pages {host[2]:.2f} GiB/s", flush=True)
+              f"(the most a compute-bound phase can speed up now); new pages {host[2]:.2f} GiB/s; "
+              f"{benchmark._num(host[3], '.1f')} GiB free", flush=True)
         r = run_one(world, args, config_path, workdir)
         r["host"] = host
         r["source"] = args.source
