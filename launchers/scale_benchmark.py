@@ -15,9 +15,10 @@ benchmarks/scale.csv (device, versions, date, load average); benchmarks/scale.pn
 
 Before each world size the machine itself is measured (host_* columns): one process's float32 GEMM rate, the
 speed-up of `world` such processes at once over it (on 2 cores, the most a compute-bound phase can gain from a
-second rank at that moment), and the rate at which one process gets new memory pages. On a shared virtual machine
-the last two move by several times from one hour to the next; a world's rows taken while they were low measure the
-host, not the trainer.
+second rank at that moment), the rate at which one process gets new memory pages, and the free memory (the page
+cache not counted: once a run has used the free memory up, every new page waits on reclaim). On a shared virtual
+machine the speed-up and the page rate move by several times from one hour to the next; a world's rows taken while
+they were low, or with little memory free, measure the host, not the trainer.
 """
 from __future__ import annotations
 
