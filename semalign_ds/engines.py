@@ -196,7 +196,8 @@ def sharded_source(spec, gguf_file, dtype, seed, ds, shared=False):
         # deepspeed.initialize (random-init models are small test models)
         model = models.load_model(spec, gguf_file, dtype, seed)
     elif files and (model := partitioned_from_safetensors(spec, files, dtype, ds)) is not None:
-        pass
+        distributed.barrier()  # every rank has read its partitions: the files' pages serve nothing any more
+        models.drop_from_page_cache(files)
     else:
         # (GGUF, .bin, hub ids) while this object lives, from_pretrained builds the model partitioned
         # (zero.Init), but rank 0 reads the whole checkpoint and every parameter is gathered whole on every rank

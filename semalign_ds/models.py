@@ -493,6 +493,27 @@ def safetensors_files(path, gguf_file=None):
     return sorted(glob.glob(os.path.join(path, "*.safetensors")))
 
 
+def drop_from_page_cache(files):
+    """Ask the kernel to drop the files' cached pages (posix_fadvise DONTNEED; pages another process maps or
+    has dirtied stay), where the platform has it. For a checkpoint read once into partitions: its pages would
+    otherwise fill free memory for the rest of the run (5.6 GB at a 1.5B float32 source, 140 GB at a 70B bfloat16
+    one), and once free memory is gone every new page a phase allocates waits on reclaim."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    for file in files:
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 _LAYER_KEY = re.compile(r"(^|\.)(layers|h)\.(\d+)\.")
 
 

@@ -236,3 +236,25 @@ def test_a_random_init_model_in_bfloat16_is_the_float32_one_rounded(release, mon
     assert not torch.equal(got["model.layers.0.mlp.up_proj.weight"],
                            models.load_model(spec, dtype="bfloat16", seed=4).state_dict()[
                                "model.layers.0.mlp.up_proj.weight"])  # the seed is used
+
+
+def test_a_checkpoint_read_into_partitions_is_dropped_from_the_page_cache(tmp_path, monkeypatch):
+    """drop_from_page_cache advises the kernel to drop every file given (whole, DONTNEED), skips one that cannot be
+    opened, and leaves no descriptor open."""
+    files = []
+    for i, size in enumerate((4099, 7, 65537)):
+        path = tmp_path / f"model-{i:05d}.safetensors"
+        path.write_bytes(os.urandom(size))
+        files.append(str(path))
+    advised = []
+
+    def record(fd, offset, length, advice):
+        advised.append((os.path.realpath(os.readlink(f"/proc/self/fd/{fd}")), offset, length, advice))
+
+    monkeypatch.setattr(os, "posix_fadvise", record, raising=False)
+    before = len(os.listdir("/proc/self/fd"))
+    models.drop_from_page_cache([files[0], str(tmp_path / "missing.safetensors"), files[1], files[2]])
+    assert advised == [(os.path.realpath(f), 0, 0, os.POSIX_FADV_DONTNEED) for f in files]
+    assert len(os.listdir("/proc/self/fd")) == before
+    monkeypatch.delattr(os, "posix_fadvise")  # a platform without it: nothing to do, no error
+    models.drop_from_page_cache(files)
