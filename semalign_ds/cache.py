@@ -227,9 +227,9 @@ def write_source_head(s, head_s):
 def phase(s, src, runner, plan, m, tgt=None, head_t=None):
     """Run the source over the transfer set once and write the cache's shards (the source head: write_source_head);
     shards already written and intact are kept. Every rank writes its own shards (data.deal by their cost); where
-    its forwards need no other rank (engines.forwards_apart) it runs them at its own pace and ranks agree on a stop at the
-    end, else every rank issues the same number of forwards (ZeRO-3 gathers collectively) and they agree on a stop
-    after each."""
+    its forwards need no other rank (engines.forwards_apart) it runs them at its own pace and ranks agree on a stop
+    at the end, else every rank issues the same number of forwards (ZeRO-3 gathers collectively) and they agree on a
+    stop after each."""
     import contextlib
 
     from semalign_ds import engines
