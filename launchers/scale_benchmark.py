@@ -53,6 +53,7 @@ COLUMNS = ["date", "device", "cores", "load_1m", "source", "target", "settings",
            "tokens_per_s_total", "peak_rss_mib_per_rank", "peak_rss_mib_max", "rank0_phase_peak_mib_run",
            "dryrun_peak_mib_per_rank", "torch", "deepspeed", "transformers", "python", "commit", "host_gflops_alone",
            "host_speedup_ceiling", "host_new_pages_gib_s", "host_free_gib"]
+PLOTTED = {"plan": "o-", "cache": "s--", "stages": "^:"}  # phases drawn in scale.png, with their line styles
 
 
 # --- sampling every rank's memory from outside -----------------------------------------------------------------
@@ -229,8 +230,33 @@ def run_one(world, args, config_path, workdir):
         tag = str(line.get("tag"))
         if tag.startswith("memory/") and "rss_phase_peak_mib" in line:
             rank0[tag.removeprefix("memory/")] = line["rss_phase_peak_mib"]
+    sampled = sampler.by_phase()
+    stages_together(phases, sampled, rank0)
     return {"world": world, "wall": wall, "load": os.getloadavg()[0], "phases": phases,
-            "sampled": sampler.by_phase(), "rank0": rank0, "log": log_path}
+            "sampled": sampled, "rank0": rank0, "log": log_path}
+
+
+def stages_together(phases, sampled, rank0):
+    """Adds the phase "stages": every frontier stage of the run as one (their seconds and loss tokens summed, each
+    rank's peak over them): one stage's few steps are too short a measure of the stages' rate. In place."""
+    names = [n for n in phases if n.startswith("stage_") and n.removeprefix("stage_").isdigit()]
+    timed = [phases[n] for n in names if phases[n].get("seconds") and phases[n].get("tokens")]
+    if not names or len(timed) < len(names):
+        return
+    seconds, tokens = sum(p["seconds"] for p in timed), sum(p["tokens"] for p in timed)
+    phases["stages"] = {"seconds": seconds, "tokens": tokens, "tokens_per_s_total": tokens / seconds}
+    peaks = [sampled[n] for n in names if n in sampled]
+    if peaks:
+        sampled["stages"] = [max(p[i] for p in peaks if i < len(p)) for i in range(max(map(len, peaks)))]
+    if any(n in rank0 for n in names):
+        rank0["stages"] = max(rank0[n] for n in names if n in rank0)
+
+
+def drop_earlier_runs(workdir):
+    """Every file under workdir (the earlier world sizes' runs, which no later run reads) advised out of the page
+    cache: without it, world 2 starts with world 1's files filling memory that world 1 had free."""
+    from semalign_ds import models
+    models.drop_from_page_cache([os.path.join(d, f) for d, _, files in os.walk(workdir) for f in files])
 
 
 def predicted(config_path, world):
@@ -310,13 +336,13 @@ def _dry_peak(r, name):
 
 def plot_csv(path, results_csv):
     """Draw every source's rows of the results file: rank 0's own peak (rank0_phase_peak_mib_run) and tokens/s of
-    attribution and the cache against ranks, the newest row of each point measured more than once. Returns what it
-    drew: {(source, phase): [(world, MiB, tokens/s)]}."""
+    attribution, the cache and the stages together against ranks, the newest row of each point measured more than
+    once. Returns what it drew: {(source, phase): [(world, MiB, tokens/s)]}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     with open(results_csv) as f:
-        rows = [r for r in csv.DictReader(f) if r["phase"] in ("plan", "cache")]
+        rows = [r for r in csv.DictReader(f) if r["phase"] in PLOTTED]
     series = {}
     for r in rows:
         source = " ".join(filter(None, (r["source"], r.get("settings"))))  # a setting makes its own series
@@ -326,7 +352,7 @@ def plot_csv(path, results_csv):
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4 + 0.15 * len(series)))
     for (source, phase), points in series.items():
         label = textwrap.fill(f"{source.split(':')[-1]} {'attribution' if phase == 'plan' else phase}", 90)
-        style = "o-" if phase == "plan" else "s--"
+        style = PLOTTED[phase]
         a.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
         b.plot([p[0] for p in points], [p[2] for p in points], style, label=label)
     worlds = sorted({p[0] for points in series.values() for p in points})
@@ -374,6 +400,7 @@ def main(argv=None):
     info = benchmark.versions()  # now: the code the runs will import, whatever is edited while they run
     results = []
     for world in args.world:
+        drop_earlier_runs(workdir)
         host = host_ceiling(world)  # how fast this machine is just before the run, alone and `world` at once
         print(f"[world {world}] host: one process {host[0]:.1f} GFLOP/s; {world} at once {host[1]:.2f}x of it "
               f"(the most a compute-bound phase can speed up now); new pages {host[2]:.2f} GiB/s; "

@@ -425,10 +425,12 @@ def held_stages(cfg, src, tgt, tokens, b, world, keys):
 
 def phase_of(phases, run_phase):
     """The row of `phases` that estimates a run's phase as state.json names it (plan, cache, stage_K, joint,
-    stage_output_kd, ...), or None."""
+    stage_output_kd, ...; "stages": all frontier stages), or None."""
     def first(prefix):
         return next((ph for ph in phases if ph.name.startswith(prefix)), None)
 
+    if run_phase == "stages":  # every frontier stage together (the scale benchmark's sum of them)
+        return next((ph for ph in phases if ph.name.startswith("all ") and ph.name.endswith(" stages")), None)
     stage = run_phase.removeprefix("stage_")
     if stage.isdigit():  # the output stage's own row, else the row of every stage below it
         return first(f"stage {stage} (output)") or first("stage k < ")

@@ -199,6 +199,7 @@ def test_one_process_holds_no_deepspeed_terms(tmp_path):
     assert dryrun.phase_of(p.phases, "cache").name == "activation cache"
     assert [dryrun.phase_of(p.phases, f"stage_{k}").name for k in (1, 2, 3)] == \
         ["stage k < 3 (each)", "stage k < 3 (each)", "stage 3 (output)"]
+    assert dryrun.phase_of(p.phases, "stages").name == "all 3 stages"
     assert dryrun.phase_of(p.phases, "export") is None
 
 
@@ -242,14 +243,12 @@ def test_the_dry_run_predicts_the_measured_scale_rows():
             settings = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in r["settings"].split())}
             cfg = config_mod.from_dict({**scale.REDUCED, "source": r["source"], **target, **settings})
             plans[key] = dryrun.plan(cfg, int(r["world"]))
-        phase = "stages" if r["phase"].startswith("stage_") else r["phase"]
+        phase = "stages" if r["phase"].startswith("stage") else r["phase"]  # stage_K, and "stages" (their sum)
         measured[key + (phase,)] = max(measured.get(key + (phase,), 0), float(r["rank0_phase_peak_mib_run"]))
     misses = []
     for (*key, phase), got in measured.items():
         phases = plans[tuple(key)].phases
-        row = (next(ph for ph in phases if ph.name.startswith("all ") and ph.name.endswith(" stages"))
-               if phase == "stages" else dryrun.phase_of(phases, phase))
-        predicted = row.peak_bytes / 2**20
+        predicted = dryrun.phase_of(phases, phase).peak_bytes / 2**20
         if not _within(predicted, got):
             misses.append(f"{key[0]} {key[2]} world {key[3]} {phase}: {predicted:.0f} MiB predicted, "
                           f"{got:.0f} measured")
@@ -332,14 +331,14 @@ def test_gpt2_conv1d_shapes():
 
 
 def test_the_scale_plot_draws_every_row_of_the_results(tmp_path):
-    """scale.png is drawn from scale.csv: every source's attribution and cache rows, rank 0's peak and tokens/s;
-    of rows measured again (the same source, settings, phase and world size) the newest."""
+    """scale.png is drawn from scale.csv: every source's attribution, cache and stages-together rows, rank 0's peak
+    and tokens/s; of rows measured again (the same source, settings, phase and world size) the newest."""
     scale = _scale_benchmark()
     series = scale.plot_csv(str(tmp_path / "scale.png"), SCALE_CSV)
     assert (tmp_path / "scale.png").stat().st_size > 10_000
     with open(SCALE_CSV) as f:
         newest = {(r["source"], r["settings"], r["phase"], r["world"]): r for r in csv.DictReader(f)
-                  if r["phase"] in ("plan", "cache")}
+                  if r["phase"] in ("plan", "cache", "stages")}
     rows = list(newest.values())
     assert sum(len(points) for points in series.values()) == len(rows)
     for r in rows:
@@ -368,3 +367,36 @@ def test_the_plan_names_attribution_recompute_when_activations_dominate(tmp_path
                                 f"{dryrun._bytes(attr.peak_bytes)} per rank; attribution_recompute: true would hold "
                                 f"{dryrun._bytes(lean.activation_bytes)} (peak {dryrun._bytes(lean.peak_bytes)}) "
                                 "for one more forward"]
+
+
+def test_the_scale_benchmark_adds_the_stages_together(tmp_path, monkeypatch):
+    """The "stages" phase: the frontier stages' seconds and loss tokens summed, each rank's peak over them; none
+    where a stage has no time; and before each world size every earlier run's file leaves the page cache."""
+    scale = _scale_benchmark()
+    rng = random.Random(11)
+    phases = {"attribution": {"seconds": 3.0, "tokens": 50}}
+    sampled, rank0 = {"plan": [900.0, 800.0]}, {"plan": 905.0}
+    for k in range(1, 6):
+        phases[f"stage_{k}"] = {"seconds": rng.uniform(0.5, 2.0), "tokens": rng.randint(30, 300)}
+        sampled[f"stage_{k}"] = [rng.uniform(1000, 2000), rng.uniform(1000, 2000)]
+        rank0[f"stage_{k}"] = rng.uniform(1000, 2000)
+    phases["stage_output_kd"] = {"seconds": 9.0, "tokens": 7}  # not a frontier stage
+    scale.stages_together(phases, sampled, rank0)
+    stages = [f"stage_{k}" for k in range(1, 6)]
+    seconds, tokens = sum(phases[s]["seconds"] for s in stages), sum(phases[s]["tokens"] for s in stages)
+    assert phases["stages"] == {"seconds": seconds, "tokens": tokens, "tokens_per_s_total": tokens / seconds}
+    assert sampled["stages"] == [max(sampled[s][0] for s in stages), max(sampled[s][1] for s in stages)]
+    assert rank0["stages"] == max(rank0[s] for s in stages)
+    phases = {"stage_1": {"seconds": 1.0, "tokens": 9}, "stage_2": {"seconds": None, "tokens": 9}}
+    scale.stages_together(phases, {}, {})
+    assert "stages" not in phases
+
+    (tmp_path / "world1" / "cache").mkdir(parents=True)
+    files = {str(tmp_path / "world1" / "cache" / "shard_00000.safetensors"), str(tmp_path / "world1.log"),
+             str(tmp_path / "config.yaml")}
+    for f in files:
+        open(f, "w").write("x")
+    advised = []
+    monkeypatch.setattr(models, "drop_from_page_cache", lambda fs: advised.extend(fs))
+    scale.drop_earlier_runs(str(tmp_path))
+    assert sorted(advised) == sorted(files)
