@@ -288,7 +288,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", default=os.path.join(ROOT, "launchers", "configs", "acl.yaml"),
-                   help="config file (default: the embedded default, %(default)s)")
+                   help="config file (default: the ACL recipe on the embedded pair, %(default)s)")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="config override (repeatable)")
     p.add_argument("--world", type=int, nargs="+", default=[1, 2], help="world sizes to run (default: 1 2)")
     p.add_argument("--threads", type=int, default=None, help="threads per rank (default: cores / world)")
