@@ -368,16 +368,15 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
         name = {"output_kd": "output KD", "finetune": "fine-tuning"}[cfg.method]
         out.append(Phase(f"{name} ({steps} steps)", tgt.params * b, training(trainable, steps), every_layer,
                          predicted["whole"], "all target layers trained at once",
-                         held={**held_stages(cfg, src, tgt, tokens, b, world, recipe.keys(last, True)),
-                               **_file_pages(tgt, b, zero_tgt, last)}))
+                         held=held_stages(cfg, src, tgt, tokens, b, world, recipe.keys(last, True))))
     if "stages" in predicted:
         trainable = tgt.lora_params or tgt.layer_params
         stages = predicted["stages"]
         held, act = tgt.params * b, _activations(micro, seq, tgt.width, tgt.heads, b) + loss_memory(micro_loss)
         train = training(trainable, cfg.stage_steps)
         frontier = {"frontier, this rank's (the old and the next)": 2 * tokens.tokens / world * tgt.width * 4}
-        held_k, held_last = ({**held_stages(cfg, src, tgt, tokens, b, world, recipe.keys(k, k == last)), **frontier,
-                              **_file_pages(tgt, b, zero_tgt, k if k == last else last - 1)} for k in (1, last))
+        held_k, held_last = ({**held_stages(cfg, src, tgt, tokens, b, world, recipe.keys(k, k == last)), **frontier}
+                             for k in (1, last))
         held_all = max(held_k, held_last, key=lambda h: sum(h.values()))
         if tgt.layers > 1:
             out.append(Phase(f"stage k < {tgt.layers} (each)", held, train, act, stages[0],
@@ -389,22 +388,12 @@ def phases(cfg: Config, src: Shapes, tgt: Shapes, tokens: Tokens, world: int) ->
                          "each stage then runs its layer over the data (the next frontier)", held=held_all))
     if "joint" in predicted:
         trainable = tgt.layers * (tgt.lora_params or tgt.layer_params)
-        held_j = {**held_stages(cfg, src, tgt, tokens, b, world, recipe.joint_keys(last)),
-                  **_file_pages(tgt, b, zero_tgt, last)}
+        held_j = held_stages(cfg, src, tgt, tokens, b, world, recipe.joint_keys(last))
         if "stages" in predicted:  # the frontier after the last stage is still held
             held_j["frontier, this rank's"] = tokens.tokens / world * tgt.width * 4
         out.append(Phase(f"joint ({cfg.joint_steps} steps)", tgt.params * b, training(trainable, cfg.joint_steps),
                          every_layer, predicted["joint"], "all target layers trainable", held=held_j))
     return out
-
-
-def _file_pages(tgt, b, zero_tgt, layers):
-    """The target's file pages of `layers` trained layers, when a ZeRO engine trains them: the target is read
-    from its safetensors files mapped, and ZeRO-1/2 copies each trained layer into a flat buffer of its own, so the
-    pages the copy read stay resident (clean, reclaimable, but counted) beside the copy; measured, a 0.34B target's
-    layer of 70 MiB added 70 MiB of file pages and 70 MiB of anonymous memory. One process trains the mapped
-    tensors themselves."""
-    return {"target file pages read by ZeRO's copies": layers * tgt.layer_params * b} if zero_tgt else {}
 
 
 def held_stages(cfg, src, tgt, tokens, b, world, keys):

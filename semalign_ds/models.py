@@ -514,6 +514,45 @@ def drop_from_page_cache(files):
             os.close(fd)
 
 
+def release_file_pages(tensor) -> int:
+    """Unmap from this process the pages under a tensor that are still a mapped file's own, for a tensor whose
+    values were copied elsewhere and are not read through it again; returns the bytes unmapped. A page counts when
+    /proc/self/pagemap says present and file-backed: in a private mapping a page the process wrote has become
+    anonymous and is left alone, and a clean one holds exactly the file's bytes, so unmapping it (madvise
+    DONTNEED) loses nothing: a later read maps it from the file again. Only pages wholly inside the tensor's bytes
+    are touched (its neighbours in the file share the first and last). Such pages are reclaimable page cache, but
+    counted in the process's resident memory while mapped: a ZeRO stage's copy of each trained layer read 70 MiB
+    of them a stage from a 0.34B target. 0 where the platform has no pagemap or madvise, for a tensor not in host
+    memory, and for one that is not contiguous."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.numel() == 0:
+        return 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    first, last = -(-start // page), end // page  # the page numbers wholly inside
+    if last <= first:
+        return 0
+    try:
+        import ctypes
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(first * 8)
+            entries = memoryview(f.read((last - first) * 8)).cast("Q")
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    mask = (1 << 63) | (1 << 61)  # present, file page (or shared anonymous: not in a file's private mapping)
+    released, run = 0, None  # run: the first page of the current stretch of file pages
+    for i in range(len(entries) + 1):
+        clean = i < len(entries) and entries[i] & mask == mask
+        if clean and run is None:
+            run = i
+        elif not clean and run is not None:
+            if madvise((first + run) * page, (i - run) * page, 4) == 0:  # MADV_DONTNEED
+                released += (i - run) * page
+            run = None
+    return released
+
+
 _LAYER_KEY = re.compile(r"(^|\.)(layers|h)\.(\d+)\.")
 
 

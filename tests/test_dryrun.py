@@ -112,7 +112,7 @@ def test_numbers_match_a_hand_computation(tmp_path):
     assert phases["all 3 stages"].flops == pytest.approx(2 * (stage + frontier) + final + frontier, rel=1e-12)
     # the cached rows a stage reads: aligned.k for a Fisher stage; the last also source_final (KL) and aligned.3
     # (fisher_weight > 0)
-    for name, row_width, copied in (("stage k < 3 (each)", dt, 2), ("stage 3 (output)", dt + ds, 3)):
+    for name, row_width in (("stage k < 3 (each)", dt), ("stage 3 (output)", dt + ds)):
         ph = phases[name]
         assert ph.param_bytes == p.target.params * b
         # ZeRO-2: the layer's gradients whole in the reduce bucket (5e7 values), this rank's half of the fp32
@@ -122,9 +122,7 @@ def test_numbers_match_a_hand_computation(tmp_path):
         # the source is released; the source head for the KL, this rank's cached rows and frontiers
         assert ph.held == {"runtime": 490 * MiB, "DeepSpeed": 380 * MiB, "tokenised data": N * 9,
                            "source head": V * ds * b, "cached rows, this rank's": N / W * row_width * 4,
-                           "frontier, this rank's (the old and the next)": 2 * N / W * dt * 4,
-                           # ZeRO-2 copies each trained layer out of the mapped file, whose pages stay resident
-                           "target file pages read by ZeRO's copies": copied * lp_t * b}
+                           "frontier, this rank's (the old and the next)": 2 * N / W * dt * 4}
 
     # LoRA and top-k change what they should
     lora = dryrun.plan(config_mod.from_dict({**cfg.to_dict(), "lora_rank": 3, "fisher_topk": 7}), world=2)
@@ -215,6 +213,11 @@ def _scale_benchmark():
     return scale
 
 
+# rows measured before ZeRO's stages released the target's file pages they had read (engines.own_copies): their
+# stages held those pages too, one trained layer's worth a stage at world > 1, which the dry run no longer counts
+PAGES_RELEASED = "2026-12-06T05:40"
+
+
 def _within(predicted, measured, tolerance=0.25):
     return abs(predicted - measured) <= tolerance * measured
 
@@ -234,7 +237,7 @@ def test_the_dry_run_predicts_the_measured_scale_rows():
     assert len(rows) >= 8
     written = {r["source"]: os.path.isdir(synthetic.folder(r["source"].split(":", 1)[1]))
                for r in rows if r["source"].startswith("synthetic:")}
-    plans, measured = {}, {}
+    plans, measured, pages = {}, {}, {}
     for r in rows:  # the stages as one phase: their peak
         key = (r["source"], r["target"], r["settings"], int(r["world"]))
         if key not in plans:
@@ -245,10 +248,14 @@ def test_the_dry_run_predicts_the_measured_scale_rows():
             plans[key] = dryrun.plan(cfg, int(r["world"]))
         phase = "stages" if r["phase"].startswith("stage") else r["phase"]  # stage_K, and "stages" (their sum)
         measured[key + (phase,)] = max(measured.get(key + (phase,), 0), float(r["rank0_phase_peak_mib_run"]))
+        pages[key + (phase,)] = r["date"] < PAGES_RELEASED and phase == "stages" and int(r["world"]) > 1
     misses = []
     for (*key, phase), got in measured.items():
         phases = plans[tuple(key)].phases
         predicted = dryrun.phase_of(phases, phase).peak_bytes / 2**20
+        if pages[(*key, phase)]:
+            tgt = plans[tuple(key)].target
+            predicted += tgt.layers * tgt.layer_params * 4 / 2**20  # float32 rows only
         if not _within(predicted, got):
             misses.append(f"{key[0]} {key[2]} world {key[3]} {phase}: {predicted:.0f} MiB predicted, "
                           f"{got:.0f} measured")

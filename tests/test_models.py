@@ -258,3 +258,61 @@ def test_a_checkpoint_read_into_partitions_is_dropped_from_the_page_cache(tmp_pa
     assert len(os.listdir("/proc/self/fd")) == before
     monkeypatch.delattr(os, "posix_fadvise")  # a platform without it: nothing to do, no error
     models.drop_from_page_cache(files)
+
+
+def _pages(tensor):
+    """(present file pages, present anonymous pages) wholly inside the tensor's bytes, from /proc/self/pagemap."""
+    import struct
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = tensor.data_ptr()
+    first, last = -(-start // page), (start + tensor.numel() * tensor.element_size()) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = struct.unpack(f"{last - first}Q", f.read((last - first) * 8))
+    present = [e for e in entries if e >> 63 & 1]
+    return sum(e >> 61 & 1 for e in present), sum(not e >> 61 & 1 for e in present)
+
+
+@pytest.mark.skipif(not os.access("/proc/self/pagemap", os.R_OK), reason="needs Linux's /proc/self/pagemap")
+def test_a_copied_tensor_gives_back_its_file_pages(tmp_path):
+    """release_file_pages unmaps the clean pages of a tensor read mapped from a safetensors file, and only those: a
+    page the process wrote stays, and so do the values (a released page maps the file again when read)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    gen = torch.Generator().manual_seed(5)
+    path = str(tmp_path / "w.safetensors")
+    save_file({"a": torch.randn(7, generator=gen), "w": torch.randn(37, 9001, generator=gen)}, path)
+    with safe_open(path, "pt") as f:
+        w = f.get_tensor("w")
+    want = w.double().clone()  # every page read
+    w[20, 5] = 3.25  # one page written: now the process's own
+    want[20, 5] = 3.25
+    file_pages, anon = _pages(w)
+    assert file_pages > 50 and anon == 1
+    assert models.release_file_pages(w) == file_pages * os.sysconf("SC_PAGE_SIZE")
+    assert _pages(w) == (0, 1)
+    assert torch.equal(w.double(), want)  # the file's pages read again, the written one kept
+    assert models.release_file_pages(w[:, ::2]) == 0  # not contiguous: left alone
+    assert models.release_file_pages(torch.empty(0)) == 0
+
+
+@pytest.mark.skipif(not os.access("/proc/self/pagemap", os.R_OK), reason="needs Linux's /proc/self/pagemap")
+def test_a_zero_stage_trains_copies_of_the_mapped_layer(tmp_path):
+    """engines.own_copies: each parameter moved into its own memory, the same values to the bit, the file pages
+    it was read from no longer mapped by this process."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from semalign_ds import engines
+    gen = torch.Generator().manual_seed(6)
+    path = str(tmp_path / "layer.safetensors")
+    save_file({"up": torch.randn(113, 2049, generator=gen), "down": torch.randn(2049, 113, generator=gen)}, path)
+    with safe_open(path, "pt") as f:
+        mapped = [f.get_tensor(k) for k in ("up", "down")]
+    params = [torch.nn.Parameter(t) for t in mapped]
+    want = [t.double().clone() for t in mapped]
+    assert all(_pages(t)[0] > 50 for t in mapped)
+    engines.own_copies(params)
+    for p, t, w in zip(params, mapped, want):
+        assert p.data_ptr() != t.data_ptr() and torch.equal(p.data.double(), w)
+        assert _pages(t)[0] == 0
