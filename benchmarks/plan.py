@@ -35,8 +35,8 @@ cached rows and frontiers); the marked rows exceed 80 GB in that sum.
 - The frontier stages' device part fits at every size (the whole target, one layer's training state, one layer's
   activations), but each rank holds its share of the frontier (float32, the current one and the next while a
   stage advances it) and of the cached rows a stage reads in host memory: 254 GiB per rank for 13B -> 7B at 8 ranks,
-  32 GiB at 64. The held column also counts, in host memory, the target file's pages that ZeRO-2 read when it
-  copied each trained layer (12.6 GiB for the 7B target by the last stage): clean pages the kernel can drop.
+  32 GiB at 64. (ZeRO-2 trains a copy of each layer; the target file's pages it was read from are unmapped, where
+  before they stayed: 12.6 GiB for the 7B target by the last stage.)
 - Weights scale out as they should: the source's per-rank share falls with the world size (3.0 -> 0.4 GiB for 13B,
   16.4 -> 2.1 GiB for 70B from 8 to 64 ranks), and the alignment map costs a few GiB at V = 128,256."""
 
