@@ -316,3 +316,25 @@ def test_a_zero_stage_trains_copies_of_the_mapped_layer(tmp_path):
     for p, t, w in zip(params, mapped, want):
         assert p.data_ptr() != t.data_ptr() and torch.equal(p.data.double(), w)
         assert _pages(t)[0] == 0
+
+
+@pytest.mark.parametrize("arch, grad", [("llama", False), ("llama", True), ("gemma3_text", False), ("gpt2", False)])
+def test_hidden_states_never_run_the_head(arch, grad):
+    """A plain forward for the states does not project on the vocabulary (its output was never used), the states
+    are those of the model's own forward, and the head is the model's again afterwards (tied or not)."""
+    model = random_model(arch, layers=3, seed=8)
+    ad = models.Adapter(model)
+    head = model.get_output_embeddings()
+    calls = []
+    hook = head.register_forward_hook(lambda *_: calls.append(1))
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, 97, (3, 13), generator=gen)
+    attn = torch.ones_like(ids)
+    states = ad.hidden_states(ids, attn, grad=grad)
+    assert calls == []
+    assert model.get_output_embeddings() is head
+    ref = model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+    assert calls == [1]  # the hook is live: the model's own forward runs the head
+    hook.remove()
+    for l in range(ad.num_layers):
+        torch.testing.assert_close(states[l].detach(), ref.hidden_states[l], rtol=1e-10, atol=1e-10)
