@@ -537,6 +537,8 @@ def release_file_pages(tensor) -> int:
         return 0
     try:
         import ctypes
+        import mmap
+        dontneed = mmap.MADV_DONTNEED
         madvise = ctypes.CDLL(None, use_errno=True).madvise
         with open("/proc/self/pagemap", "rb") as f:
             f.seek(first * 8)
@@ -551,7 +553,7 @@ def release_file_pages(tensor) -> int:
         if clean and run is None:
             run = i
         elif not clean and run is not None:
-            if madvise((first + run) * page, (i - run) * page, 4) == 0:  # MADV_DONTNEED
+            if madvise((first + run) * page, (i - run) * page, dontneed) == 0:
                 released += (i - run) * page
             run = None
     return released
